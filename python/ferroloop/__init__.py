@@ -1,0 +1,83 @@
+"""ferroloop: a fast drop-in asyncio event loop written in Rust.
+
+Use it with ``ferroloop.run(main())``, ``asyncio.Runner(loop_factory=ferroloop.new_event_loop)``,
+``asyncio.run(main(), loop_factory=ferroloop.new_event_loop)`` (Python 3.12+), or run an
+unmodified program with ``python -m ferroloop app.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio as _asyncio
+import sys as _sys
+import warnings as _warnings
+
+from ._ferroloop import __version__
+from ._handles import Handle, TimerHandle
+from ._loop import Loop, new_event_loop
+
+__all__ = [
+    "Loop",
+    "Handle",
+    "TimerHandle",
+    "new_event_loop",
+    "run",
+    "install",
+    "EventLoopPolicy",
+    "__version__",
+]
+
+
+def run(main, *, debug=None):
+    """Run a coroutine on a new ferroloop loop, as :func:`asyncio.run` does."""
+    if _sys.version_info >= (3, 12):
+        return _asyncio.run(main, debug=debug, loop_factory=new_event_loop)
+    if _sys.version_info >= (3, 11):
+        with _asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
+            return runner.run(main)
+    from ._compat import run as _run_310
+
+    return _run_310(main, debug=debug)
+
+
+def _base_policy():
+    events = _asyncio.events
+    return getattr(events, "_BaseDefaultEventLoopPolicy", None) or getattr(
+        events, "BaseDefaultEventLoopPolicy", None
+    )
+
+
+_BasePolicy = _base_policy()
+
+if _BasePolicy is not None:
+
+    class EventLoopPolicy(_BasePolicy):
+        """An asyncio event loop policy whose loops are ferroloop loops."""
+
+        def _loop_factory(self):
+            return new_event_loop()
+
+        def __repr__(self):
+            return f"<{self.__class__.__name__}>"
+
+
+def _set_policy_quietly(policy) -> None:
+    setter = getattr(_asyncio.events, "_set_event_loop_policy", None)
+    if setter is not None:  # Python 3.14+: the public setter is deprecated
+        setter(policy)
+    else:
+        _asyncio.set_event_loop_policy(policy)
+
+
+def install() -> None:
+    """Make ferroloop the loop behind ``asyncio.new_event_loop()`` and ``asyncio.run()``
+    by installing :class:`EventLoopPolicy` (Pythons that still have policies)."""
+    if _BasePolicy is None:
+        raise RuntimeError("this Python has no event loop policies; use ferroloop.run()")
+    if _sys.version_info >= (3, 12):
+        _warnings.warn(
+            "ferroloop.install() is deprecated in favor of ferroloop.run() "
+            "starting with Python 3.12.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    _asyncio.set_event_loop_policy(EventLoopPolicy())

@@ -1,0 +1,385 @@
+"""The ``Loop`` class: the Rust core combined with :class:`asyncio.AbstractEventLoop`.
+
+Only cold, coroutine-shaped code lives here; every hot path (scheduling, timers, the run
+loop, file descriptors, signals) is implemented by ``ferroloop._ferroloop.LoopCore``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sys
+import threading
+import traceback
+import warnings
+import weakref
+from asyncio import base_events, coroutines, events, futures, tasks
+
+from . import _handles  # noqa: F401  (installs the handle classes)
+from ._ferroloop import LoopCore
+
+__all__ = ["Loop", "new_event_loop"]
+
+_logger = asyncio.log.logger
+
+# asyncio.constants.DEBUG_STACK_DEPTH
+_DEBUG_STACK_DEPTH = 10
+
+
+def _not_implemented(name: str, is_async: bool):
+    message = f"ferroloop does not implement loop.{name}() yet"
+
+    if is_async:
+
+        async def method(self, *args, **kwargs):
+            raise NotImplementedError(message)
+
+    else:
+
+        def method(self, *args, **kwargs):
+            raise NotImplementedError(message)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"Not implemented yet: raises NotImplementedError. ({name})"
+    return method
+
+
+# Networking, pipe and subprocess methods land with their own issues; until then each
+# one raises NotImplementedError naming itself rather than misbehaving.
+_PENDING_ASYNC = (
+    "create_connection",
+    "create_server",
+    "create_unix_connection",
+    "create_unix_server",
+    "create_datagram_endpoint",
+    "connect_accepted_socket",
+    "start_tls",
+    "sendfile",
+    "sock_recv",
+    "sock_recv_into",
+    "sock_recvfrom",
+    "sock_recvfrom_into",
+    "sock_sendall",
+    "sock_sendto",
+    "sock_connect",
+    "sock_accept",
+    "sock_sendfile",
+    "getaddrinfo",
+    "getnameinfo",
+    "connect_read_pipe",
+    "connect_write_pipe",
+    "subprocess_exec",
+    "subprocess_shell",
+)
+
+
+class Loop(LoopCore, asyncio.AbstractEventLoop):
+    """An asyncio event loop implemented in Rust."""
+
+    def __init__(self) -> None:
+        self._exception_handler = None
+        self._default_executor = None
+        self._executor_shutdown_called = False
+        self._asyncgens = weakref.WeakSet()
+        self._asyncgens_shutdown_called = False
+        self._coroutine_origin_tracking_enabled = False
+        self._coroutine_origin_tracking_saved_depth = None
+        self.set_debug(coroutines._is_debug_mode())
+
+    def __repr__(self) -> str:
+        return (
+            f"<{self.__class__.__name__} running={self.is_running()} "
+            f"closed={self.is_closed()} debug={self.get_debug()}>"
+        )
+
+    def __del__(self, _warn=warnings.warn) -> None:
+        try:
+            closed = self.is_closed()
+        except Exception:
+            return
+        if not closed:
+            _warn(f"unclosed event loop {self!r}", ResourceWarning, source=self)
+            if not self.is_running():
+                self.close()
+
+    # ---- running and stopping ------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self.is_running():
+            raise RuntimeError("This event loop is already running")
+        if events._get_running_loop() is not None:
+            raise RuntimeError("Cannot run the event loop while another loop is running")
+
+    def run_forever(self) -> None:
+        """Run until stop() is called."""
+        self._check_closed()
+        self._check_running()
+        self._set_coroutine_origin_tracking(self.get_debug())
+        old_agen_hooks = sys.get_asyncgen_hooks()
+        try:
+            sys.set_asyncgen_hooks(
+                firstiter=self._asyncgen_firstiter_hook,
+                finalizer=self._asyncgen_finalizer_hook,
+            )
+            events._set_running_loop(self)
+            self._run_forever_core()
+        finally:
+            events._set_running_loop(None)
+            self._set_coroutine_origin_tracking(False)
+            sys.set_asyncgen_hooks(*old_agen_hooks)
+
+    def run_until_complete(self, future):
+        """Run until the future (or coroutine) is done and return its result."""
+        self._check_closed()
+        self._check_running()
+        new_task = not futures.isfuture(future)
+        future = tasks.ensure_future(future, loop=self)
+        if new_task:
+            # An exception is raised if the future didn't complete, so there is no need
+            # to log the "destroy pending task" message.
+            future._log_destroy_pending = False
+        future.add_done_callback(base_events._run_until_complete_cb)
+        try:
+            self.run_forever()
+        except BaseException:
+            if new_task and future.done() and not future.cancelled():
+                # The coroutine raised a BaseException: consume it so it is not logged.
+                future.exception()
+            raise
+        finally:
+            future.remove_done_callback(base_events._run_until_complete_cb)
+        if not future.done():
+            raise RuntimeError("Event loop stopped before Future completed.")
+        return future.result()
+
+    def close(self) -> None:
+        """Close the loop: drop pending callbacks, release the reactor, shut the
+        default executor down without waiting. Idempotent."""
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
+        if self.is_closed():
+            return
+        if self.get_debug():
+            _logger.debug("Close %r", self)
+        super().close()
+        self._executor_shutdown_called = True
+        executor = self._default_executor
+        if executor is not None:
+            self._default_executor = None
+            executor.shutdown(wait=False)
+
+    def _set_coroutine_origin_tracking(self, enabled: bool) -> None:
+        if bool(enabled) == bool(self._coroutine_origin_tracking_enabled):
+            return
+        if enabled:
+            self._coroutine_origin_tracking_saved_depth = sys.get_coroutine_origin_tracking_depth()
+            sys.set_coroutine_origin_tracking_depth(_DEBUG_STACK_DEPTH)
+        else:
+            sys.set_coroutine_origin_tracking_depth(self._coroutine_origin_tracking_saved_depth)
+        self._coroutine_origin_tracking_enabled = enabled
+
+    # ---- async generators ----------------------------------------------------------
+
+    def _asyncgen_finalizer_hook(self, agen) -> None:
+        self._asyncgens.discard(agen)
+        if not self.is_closed():
+            self.call_soon_threadsafe(self.create_task, agen.aclose())
+
+    def _asyncgen_firstiter_hook(self, agen) -> None:
+        if self._asyncgens_shutdown_called:
+            warnings.warn(
+                f"asynchronous generator {agen!r} was scheduled after "
+                f"loop.shutdown_asyncgens() call",
+                ResourceWarning,
+                source=self,
+            )
+        self._asyncgens.add(agen)
+
+    async def shutdown_asyncgens(self) -> None:
+        """Shutdown all active asynchronous generators."""
+        self._asyncgens_shutdown_called = True
+        if not len(self._asyncgens):
+            return
+        closing_agens = list(self._asyncgens)
+        self._asyncgens.clear()
+        results = await tasks.gather(
+            *[ag.aclose() for ag in closing_agens], return_exceptions=True
+        )
+        for result, agen in zip(results, closing_agens):
+            if isinstance(result, Exception):
+                self.call_exception_handler(
+                    {
+                        "message": f"an error occurred during closing of "
+                        f"asynchronous generator {agen!r}",
+                        "exception": result,
+                        "asyncgen": agen,
+                    }
+                )
+
+    # ---- executors -----------------------------------------------------------------
+
+    def _check_callback(self, callback, method: str) -> None:
+        if coroutines.iscoroutine(callback) or coroutines.iscoroutinefunction(callback):
+            raise TypeError(f"coroutines cannot be used with {method}()")
+        if not callable(callback):
+            raise TypeError(f"a callable object was expected by {method}(), got {callback!r}")
+
+    def _check_default_executor(self) -> None:
+        if self._executor_shutdown_called:
+            raise RuntimeError("Executor shutdown has been called")
+
+    def run_in_executor(self, executor, func, *args):
+        """Run ``func(*args)`` in ``executor`` (the default thread pool if None)."""
+        self._check_closed()
+        if self.get_debug():
+            self._check_callback(func, "run_in_executor")
+        if executor is None:
+            executor = self._default_executor
+            self._check_default_executor()
+            if executor is None:
+                executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
+                self._default_executor = executor
+        return futures.wrap_future(executor.submit(func, *args), loop=self)
+
+    def set_default_executor(self, executor) -> None:
+        if not isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+            raise TypeError("executor must be ThreadPoolExecutor instance")
+        self._default_executor = executor
+
+    async def shutdown_default_executor(self, timeout=None) -> None:
+        """Schedule the shutdown of the default executor; wait at most ``timeout``
+        seconds for its threads to join (Python 3.12 semantics)."""
+        self._executor_shutdown_called = True
+        if self._default_executor is None:
+            return
+        future = self.create_future()
+        thread = threading.Thread(target=self._do_shutdown, args=(future,))
+        thread.start()
+        try:
+            await _wait_with_timeout(future, timeout)
+        except TimeoutError:
+            warnings.warn(
+                "The executor did not finishing joining "
+                f"its threads within {timeout} seconds.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._default_executor.shutdown(wait=False)
+        else:
+            thread.join()
+
+    def _do_shutdown(self, future) -> None:
+        try:
+            self._default_executor.shutdown(wait=True)
+            if not self.is_closed():
+                self.call_soon_threadsafe(futures._set_result_unless_cancelled, future, None)
+        except Exception as ex:
+            if not self.is_closed() and not future.cancelled():
+                self.call_soon_threadsafe(future.set_exception, ex)
+
+    # ---- error handling ------------------------------------------------------------
+
+    def get_exception_handler(self):
+        return self._exception_handler
+
+    def set_exception_handler(self, handler) -> None:
+        if handler is not None and not callable(handler):
+            raise TypeError(f"A callable object or None is expected, got {handler!r}")
+        self._exception_handler = handler
+
+    def default_exception_handler(self, context) -> None:
+        """Log ``context`` on the ``asyncio`` logger, as asyncio's default handler does."""
+        message = context.get("message")
+        if not message:
+            message = "Unhandled exception in event loop"
+        exception = context.get("exception")
+        if exception is not None:
+            exc_info = (type(exception), exception, exception.__traceback__)
+        else:
+            exc_info = False
+        current = self._current_handle
+        if (
+            "source_traceback" not in context
+            and current is not None
+            and current._source_traceback
+        ):
+            context["handle_traceback"] = current._source_traceback
+        log_lines = [message]
+        for key in sorted(context):
+            if key in {"message", "exception"}:
+                continue
+            value = context[key]
+            if key == "source_traceback":
+                tb = "".join(traceback.format_list(value))
+                value = "Object created at (most recent call last):\n" + tb.rstrip()
+            elif key == "handle_traceback":
+                tb = "".join(traceback.format_list(value))
+                value = "Handle created at (most recent call last):\n" + tb.rstrip()
+            else:
+                value = repr(value)
+            log_lines.append(f"{key}: {value}")
+        _logger.error("\n".join(log_lines), exc_info=exc_info)
+
+    def call_exception_handler(self, context) -> None:
+        """Call the current exception handler (Python 3.12+ semantics: a custom handler
+        runs in the context of the task or handle the error came from)."""
+        if self._exception_handler is None:
+            try:
+                self.default_exception_handler(context)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException:
+                _logger.error("Exception in default exception handler", exc_info=True)
+            return
+        try:
+            ctx = None
+            thing = context.get("task")
+            if thing is None:
+                thing = context.get("handle")
+            get_context = getattr(thing, "get_context", None)
+            if get_context is not None:
+                ctx = get_context()
+            if ctx is None:
+                self._exception_handler(self, context)
+            else:
+                ctx.run(self._exception_handler, self, context)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            try:
+                self.default_exception_handler(
+                    {
+                        "message": "Unhandled error in exception handler",
+                        "exception": exc,
+                        "context": context,
+                    }
+                )
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException:
+                _logger.error(
+                    "Exception in default exception handler while handling an "
+                    "unexpected error in custom exception handler",
+                    exc_info=True,
+                )
+
+    # ---- not implemented yet -------------------------------------------------------
+
+    for _name in _PENDING_ASYNC:
+        locals()[_name] = _not_implemented(_name, True)
+    del _name
+
+
+async def _wait_with_timeout(future, timeout):
+    if timeout is None:
+        await future
+    elif hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout):
+            await future
+    else:  # Python 3.10
+        await asyncio.wait_for(future, timeout)
+
+
+def new_event_loop() -> Loop:
+    """Return a new ferroloop event loop."""
+    return Loop()

@@ -1,0 +1,754 @@
+//! The event loop core. Mirrors asyncio.base_events.BaseEventLoop with the selector loop
+//! (selector_events.BaseSelectorEventLoop) and the Unix signal handling of unix_events.
+//!
+//! `LoopCore` holds all loop state; the Python `ferroloop.Loop` class combines it with
+//! `asyncio.AbstractEventLoop` and adds the cold, coroutine-shaped methods.
+
+mod exception_handler;
+mod run;
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::Mutex;
+
+use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyInt, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::errors;
+use crate::py::handle::types;
+use crate::py::{self, GilCell, import_attr};
+use crate::reactor::{Poller, Registrar};
+use crate::ready::ReadyQueue;
+use crate::signals::SignalState;
+use crate::timers::TimerQueue;
+
+/// asyncio's `MAXIMUM_SELECT_TIMEOUT`: 24 hours.
+const MAXIMUM_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
+
+/// The reader and writer handles registered for one file descriptor.
+#[derive(Default)]
+pub(crate) struct IoHandles {
+    pub reader: Option<Py<PyAny>>,
+    pub writer: Option<Py<PyAny>>,
+}
+
+/// Everything the loop mutates. Owned by whichever thread holds the GIL (see `GilCell`).
+pub(crate) struct State {
+    pub ready: ReadyQueue<Py<PyAny>>,
+    pub timers: TimerQueue<Py<PyAny>>,
+    pub stopping: bool,
+    pub closed: bool,
+    /// `threading.get_ident()` of the thread running the loop, if it is running.
+    pub thread_id: Option<u64>,
+    pub debug: bool,
+    pub slow_callback_duration: f64,
+    pub task_factory: Option<Py<PyAny>>,
+    /// add_reader / add_writer registrations, by fd.
+    pub io: HashMap<RawFd, IoHandles>,
+    pub signals: SignalState,
+    /// The handle being run, in debug mode (for the default exception handler).
+    pub current_handle: Option<Py<PyAny>>,
+    /// `None` once the loop is closed.
+    pub registrar: Option<Registrar>,
+    /// True while the loop thread is blocked in poll with the GIL released: a
+    /// cross-thread `call_soon_threadsafe` must then wake it.
+    pub polling: bool,
+    /// A wake-up was sent and not yet consumed (coalesces wake-ups).
+    pub wake_pending: bool,
+}
+
+#[pyclass(
+    subclass,
+    weakref,
+    frozen,
+    name = "LoopCore",
+    module = "ferroloop._ferroloop"
+)]
+pub struct LoopCore {
+    pub(crate) state: GilCell<State>,
+    /// The blocking half of the reactor. Only the thread running the loop locks it, for
+    /// the duration of one poll (the GIL is released meanwhile); `close` takes it.
+    pub(crate) poller: Mutex<Option<Poller>>,
+    /// `time.get_clock_info('monotonic').resolution`.
+    clock_resolution: f64,
+}
+
+fn closed_error() -> PyErr {
+    PyRuntimeError::new_err("Event loop is closed")
+}
+
+impl LoopCore {
+    #[inline]
+    pub(crate) fn debug(&self, py: Python<'_>) -> bool {
+        self.state.with(py, |s| s.debug)
+    }
+
+    /// asyncio's `_timer_handle_cancelled`: counts cancelled timers still in the heap.
+    pub(crate) fn timer_handle_cancelled(&self, h: &Bound<'_, PyAny>) {
+        let py = h.py();
+        if let Ok(t) = types()
+            && t.is_scheduled(h)
+        {
+            self.state.with(py, |s| s.timers.note_cancelled());
+        }
+    }
+
+    #[inline]
+    fn check_closed(&self, py: Python<'_>) -> PyResult<()> {
+        if self.state.with(py, |s| s.closed) {
+            return Err(closed_error());
+        }
+        Ok(())
+    }
+
+    /// asyncio's `_check_thread` (debug mode only).
+    fn check_thread(&self, py: Python<'_>) -> PyResult<()> {
+        if let Some(tid) = self.state.with(py, |s| s.thread_id)
+            && tid != py::thread_ident()
+        {
+            return Err(PyRuntimeError::new_err(
+                "Non-thread-safe operation invoked on an event loop other than the current one",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks `call_soon` & co. make: closed loop always; thread and callback in debug mode.
+    /// Returns the creation traceback to store in debug mode.
+    #[inline]
+    fn check_call<'py>(
+        &self,
+        py: Python<'py>,
+        callback: &Bound<'py, PyAny>,
+        method: &str,
+        check_thread: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let (closed, debug) = self.state.with(py, |s| (s.closed, s.debug));
+        if closed {
+            return Err(closed_error());
+        }
+        if !debug {
+            return Ok(None);
+        }
+        if check_thread {
+            self.check_thread(py)?;
+        }
+        check_callback(callback, method)?;
+        Ok(Some(extract_stack(py)?))
+    }
+
+    #[inline]
+    fn new_handle<'py>(
+        slf: &Bound<'py, Self>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+        source_traceback: Option<Bound<'py, PyAny>>,
+        when: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let context = match context {
+            Some(c) if !c.is_none() => c,
+            _ => py::copy_context(py)?,
+        };
+        types()?.new_handle(
+            callback,
+            args,
+            slf.as_any(),
+            context,
+            source_traceback,
+            when,
+        )
+    }
+
+    /// Schedules a timer handle at `when` (seconds on the loop clock).
+    fn schedule_timer<'py>(
+        slf: &Bound<'py, Self>,
+        when: f64,
+        when_obj: Bound<'py, PyAny>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+        method: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let core = slf.get();
+        let tb = core.check_call(py, callback, method, true)?;
+        let handle = Self::new_handle(slf, callback, args, context, tb, Some(when_obj))?;
+        types()?.set_scheduled(&handle, true);
+        let item = handle.clone().unbind();
+        core.state.with(py, |s| s.timers.push(when, item));
+        Ok(handle)
+    }
+
+    fn registrar_error() -> PyErr {
+        closed_error()
+    }
+}
+
+/// asyncio's `_check_callback`.
+fn check_callback(callback: &Bound<'_, PyAny>, method: &str) -> PyResult<()> {
+    let py = callback.py();
+    let iscoro = import_attr!(py, "asyncio.coroutines", "iscoroutine")?;
+    let iscorofn = import_attr!(py, "asyncio.coroutines", "iscoroutinefunction")?;
+    if iscoro.call1((callback,))?.is_truthy()? || iscorofn.call1((callback,))?.is_truthy()? {
+        return Err(PyTypeError::new_err(format!(
+            "coroutines cannot be used with {method}()"
+        )));
+    }
+    if !py::is_callable(callback) {
+        return Err(PyTypeError::new_err(format!(
+            "a callable object was expected by {method}(), got {}",
+            callback.repr()?
+        )));
+    }
+    Ok(())
+}
+
+/// `format_helpers.extract_stack()` of the calling Python frame (debug mode).
+fn extract_stack(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let getframe = import_attr!(py, "sys", "_getframe")?;
+    let extract = import_attr!(py, "asyncio.format_helpers", "extract_stack")?;
+    extract.call1((getframe.call1((0,))?,))
+}
+
+/// The integer behind a file object, as asyncio's `_ensure_fd_no_transport` and
+/// `selectors._fileobj_to_fd` find it: an int, or `int(fileobj.fileno())`.
+fn fileobj_to_int(fileobj: &Bound<'_, PyAny>) -> PyResult<i64> {
+    let py = fileobj.py();
+    if fileobj.is_instance_of::<PyInt>() {
+        return fileobj.extract::<i64>();
+    }
+    let res = fileobj
+        .call_method0(pyo3::intern!(py, "fileno"))
+        .and_then(|f| py.get_type::<PyInt>().call1((f,)))
+        .and_then(|f| f.extract::<i64>());
+    match res {
+        Ok(fd) => Ok(fd),
+        Err(e)
+            if e.is_instance_of::<PyAttributeError>(py)
+                || e.is_instance_of::<PyTypeError>(py)
+                || e.is_instance_of::<PyValueError>(py) =>
+        {
+            Err(PyValueError::new_err(format!(
+                "Invalid file object: {}",
+                fileobj.repr()?
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A non-negative descriptor, or asyncio's ValueError.
+fn checked_fd(fd: i64) -> PyResult<RawFd> {
+    if fd < 0 {
+        return Err(PyValueError::new_err(format!(
+            "Invalid file descriptor: {fd}"
+        )));
+    }
+    RawFd::try_from(fd).map_err(|_| PyValueError::new_err(format!("Invalid file descriptor: {fd}")))
+}
+
+#[pymethods]
+impl LoopCore {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let (poller, registrar) = Poller::new().map_err(errors::from_io)?;
+        let signals = SignalState::new(&registrar).map_err(errors::from_io)?;
+        Ok(LoopCore {
+            state: GilCell::new(State {
+                ready: ReadyQueue::new(),
+                timers: TimerQueue::new(),
+                stopping: false,
+                closed: false,
+                thread_id: None,
+                debug: false,
+                slow_callback_duration: 0.1,
+                task_factory: None,
+                io: HashMap::new(),
+                signals,
+                current_handle: None,
+                registrar: Some(registrar),
+                polling: false,
+                wake_pending: false,
+            }),
+            poller: Mutex::new(Some(poller)),
+            clock_resolution: crate::sys::monotonic_resolution(),
+        })
+    }
+
+    /// The loop clock: `time.monotonic()`.
+    fn time(&self) -> f64 {
+        crate::sys::monotonic()
+    }
+
+    #[getter]
+    fn _clock_resolution(&self) -> f64 {
+        self.clock_resolution
+    }
+
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon<'py>(
+        slf: &Bound<'py, Self>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let core = slf.get();
+        let tb = core.check_call(py, callback, "call_soon", true)?;
+        let handle = Self::new_handle(slf, callback, args, context, tb, None)?;
+        let item = handle.clone().unbind();
+        core.state.with(py, |s| s.ready.push(item));
+        Ok(handle)
+    }
+
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon_threadsafe<'py>(
+        slf: &Bound<'py, Self>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let core = slf.get();
+        let tb = core.check_call(py, callback, "call_soon_threadsafe", false)?;
+        let handle = Self::new_handle(slf, callback, args, context, tb, None)?;
+        let item = handle.clone().unbind();
+        // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
+        //       loop sets `polling` under the GIL right before it releases it to block,
+        //       so a push that sees `polling == false` is seen by the loop before it
+        //       blocks. One wake-up is sent per poll at most.
+        let wake = core.state.with(py, |s| {
+            s.ready.push(item);
+            if s.polling && !s.wake_pending {
+                s.wake_pending = true;
+                s.registrar.as_ref().map(|r| r.wake())
+            } else {
+                None
+            }
+        });
+        if let Some(Err(e)) = wake {
+            return Err(errors::from_io(e));
+        }
+        Ok(handle)
+    }
+
+    #[pyo3(signature = (delay, callback, *args, context=None))]
+    fn call_later<'py>(
+        slf: &Bound<'py, Self>,
+        delay: &Bound<'py, PyAny>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if delay.is_none() {
+            return Err(PyTypeError::new_err("delay must not be None"));
+        }
+        let py = slf.py();
+        let now = crate::sys::monotonic();
+        let delay: f64 = delay.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "unsupported operand type(s) for +: 'float' and '{}'",
+                delay
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        let when = now + delay;
+        let when_obj = pyo3::types::PyFloat::new(py, when).into_any();
+        Self::schedule_timer(slf, when, when_obj, callback, args, context, "call_later")
+    }
+
+    #[pyo3(signature = (when, callback, *args, context=None))]
+    fn call_at<'py>(
+        slf: &Bound<'py, Self>,
+        when: &Bound<'py, PyAny>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        context: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if when.is_none() {
+            return Err(PyTypeError::new_err("when cannot be None"));
+        }
+        let w: f64 = when.extract()?;
+        Self::schedule_timer(slf, w, when.clone(), callback, args, context, "call_at")
+    }
+
+    fn _timer_handle_cancelled(&self, handle: &Bound<'_, PyAny>) {
+        self.timer_handle_cancelled(handle);
+    }
+
+    /// Runs callbacks until `stop()`; the Python `run_forever` wraps it with the
+    /// running-loop and async-generator bookkeeping.
+    fn _run_forever_core(slf: &Bound<'_, Self>) -> PyResult<()> {
+        run::run_forever(slf)
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        self.state.with(py, |s| s.stopping = true);
+    }
+
+    fn is_running(&self, py: Python<'_>) -> bool {
+        self.state.with(py, |s| s.thread_id.is_some())
+    }
+
+    fn is_closed(&self, py: Python<'_>) -> bool {
+        self.state.with(py, |s| s.closed)
+    }
+
+    fn _check_closed(&self, py: Python<'_>) -> PyResult<()> {
+        self.check_closed(py)
+    }
+
+    #[getter]
+    fn _thread_id(&self, py: Python<'_>) -> Option<u64> {
+        self.state.with(py, |s| s.thread_id)
+    }
+
+    #[getter]
+    fn _stopping(&self, py: Python<'_>) -> bool {
+        self.state.with(py, |s| s.stopping)
+    }
+
+    #[getter]
+    fn _current_handle(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let h = self
+            .state
+            .with(py, |s| s.current_handle.as_ref().map(|h| h.as_ptr()));
+        // SAFETY: the pointer is kept alive by `current_handle` while the GIL is held.
+        h.map(|p| unsafe { Bound::from_borrowed_ptr(py, p) }.unbind())
+    }
+
+    /// Releases the reactor, the queues and the signal handlers. The Python `close`
+    /// adds the executor shutdown.
+    fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (running, closed) = core.state.with(py, |s| (s.thread_id.is_some(), s.closed));
+        if running {
+            return Err(PyRuntimeError::new_err("Cannot close a running event loop"));
+        }
+        if closed {
+            return Ok(());
+        }
+        crate::signals::remove_all(slf)?;
+        let (ready, timers, io, factory, registrar) = core.state.with(py, |s| {
+            s.closed = true;
+            (
+                s.ready.drain(),
+                s.timers.drain(),
+                std::mem::take(&mut s.io),
+                s.task_factory.take(),
+                s.registrar.take(),
+            )
+        });
+        let t = types()?;
+        for h in &timers {
+            t.set_scheduled(h.bind(py), false);
+        }
+        if let Some(r) = &registrar {
+            for fd in io.keys() {
+                let _ = r.deregister(*fd);
+            }
+        }
+        for (_, h) in io {
+            for h in [h.reader, h.writer].into_iter().flatten() {
+                crate::handles::cancel(h.bind(py))?;
+            }
+        }
+        let poller = core.poller.lock().map(|mut p| p.take()).unwrap_or(None);
+        let signals = core.state.with(py, |s| s.signals.close());
+        drop((ready, timers, factory, registrar, poller, signals));
+        Ok(())
+    }
+
+    fn get_debug(&self, py: Python<'_>) -> bool {
+        self.debug(py)
+    }
+
+    fn set_debug(slf: &Bound<'_, Self>, enabled: bool) -> PyResult<()> {
+        let py = slf.py();
+        let running = slf.get().state.with(py, |s| {
+            s.debug = enabled;
+            s.thread_id.is_some()
+        });
+        if running {
+            let cb = slf.getattr("_set_coroutine_origin_tracking")?;
+            Self::call_soon_threadsafe(slf, &cb, PyTuple::new(py, [enabled])?, None)?;
+        }
+        Ok(())
+    }
+
+    #[getter]
+    fn get_slow_callback_duration(&self, py: Python<'_>) -> f64 {
+        self.state.with(py, |s| s.slow_callback_duration)
+    }
+
+    #[setter]
+    fn set_slow_callback_duration(&self, py: Python<'_>, value: f64) {
+        self.state.with(py, |s| s.slow_callback_duration = value);
+    }
+
+    // ---- futures and tasks -------------------------------------------------------------
+
+    fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let future = import_attr!(py, "asyncio.futures", "Future")?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(pyo3::intern!(py, "loop"), slf)?;
+        future.call((), Some(&kwargs))
+    }
+
+    /// `create_task(coro, *, name=None, context=None, eager_start=None, **kwargs)` with
+    /// Python 3.14 semantics: keyword arguments reach the task factory unchanged.
+    #[pyo3(signature = (coro, **kwargs))]
+    fn create_task<'py>(
+        slf: &Bound<'py, Self>,
+        coro: &Bound<'py, PyAny>,
+        kwargs: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let core = slf.get();
+        core.check_closed(py)?;
+        let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
+        let factory = core
+            .state
+            .with(py, |s| s.task_factory.as_ref().map(|f| f.as_ptr()));
+        if let Some(f) = factory {
+            // SAFETY: `task_factory` keeps the object alive; a new reference is taken.
+            let f = unsafe { Bound::from_borrowed_ptr(py, f) };
+            return f.call((slf, coro), Some(&kwargs));
+        }
+        let task_cls = import_attr!(py, "asyncio.tasks", "Task")?;
+        // NOTE: Python 3.12 added Task(eager_start=). On older Pythons the loop emulates it:
+        //       Task.__init__ schedules exactly one step with call_soon; the loop takes that
+        //       handle back and runs it now, with the current task swapped out, as 3.12's
+        //       Task.__eager_start does.
+        let mut emulate_eager = false;
+        if py.version_info() < (3, 12)
+            && let Some(eager) = kwargs.get_item("eager_start")?
+        {
+            kwargs.del_item("eager_start")?;
+            emulate_eager = eager.is_truthy()? && core.is_running(py);
+        }
+        kwargs.set_item(pyo3::intern!(py, "loop"), slf)?;
+        if !emulate_eager {
+            return task_cls.call((coro,), Some(&kwargs));
+        }
+        let before = core.state.with(py, |s| s.ready.len());
+        let task = task_cls.call((coro,), Some(&kwargs))?;
+        let step = core.state.with(py, |s| {
+            if s.ready.len() == before + 1 {
+                s.ready.pop_last()
+            } else {
+                None
+            }
+        });
+        if let Some(step) = step {
+            run::run_eager_step(slf, step.bind(py))?;
+        }
+        Ok(task)
+    }
+
+    fn set_task_factory(&self, py: Python<'_>, factory: Py<PyAny>) -> PyResult<()> {
+        let factory = if factory.is_none(py) {
+            None
+        } else {
+            if !py::is_callable(factory.bind(py)) {
+                return Err(PyTypeError::new_err(
+                    "task factory must be a callable or None",
+                ));
+            }
+            Some(factory)
+        };
+        let old = self
+            .state
+            .with(py, |s| std::mem::replace(&mut s.task_factory, factory));
+        drop(old);
+        Ok(())
+    }
+
+    fn get_task_factory(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let f = self
+            .state
+            .with(py, |s| s.task_factory.as_ref().map(|f| f.as_ptr()));
+        // SAFETY: kept alive by `task_factory` while the GIL is held.
+        f.map(|p| unsafe { Bound::from_borrowed_ptr(py, p) }.unbind())
+    }
+
+    // ---- file descriptors --------------------------------------------------------------
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_reader<'py>(
+        slf: &Bound<'py, Self>,
+        fd: &Bound<'py, PyAny>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+    ) -> PyResult<()> {
+        Self::add_io(slf, fd, callback, args, true)
+    }
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_writer<'py>(
+        slf: &Bound<'py, Self>,
+        fd: &Bound<'py, PyAny>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+    ) -> PyResult<()> {
+        Self::add_io(slf, fd, callback, args, false)
+    }
+
+    fn remove_reader(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Self::remove_io(slf, fd, true)
+    }
+
+    fn remove_writer(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Self::remove_io(slf, fd, false)
+    }
+
+    // ---- signals -----------------------------------------------------------------------
+
+    #[pyo3(signature = (sig, callback, *args))]
+    fn add_signal_handler<'py>(
+        slf: &Bound<'py, Self>,
+        sig: &Bound<'py, PyAny>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+    ) -> PyResult<()> {
+        crate::signals::add_signal_handler(slf, sig, callback, args)
+    }
+
+    fn remove_signal_handler(slf: &Bound<'_, Self>, sig: &Bound<'_, PyAny>) -> PyResult<bool> {
+        crate::signals::remove_signal_handler(slf, sig)
+    }
+
+    // ---- garbage collector -------------------------------------------------------------
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // SAFETY: the collector runs with the GIL held and never inside `GilCell::with`.
+        let s = unsafe { self.state.get_unchecked() };
+        for h in s.ready.iter() {
+            visit.call(h)?;
+        }
+        for h in s.timers.iter() {
+            visit.call(h)?;
+        }
+        for io in s.io.values() {
+            visit.call(&io.reader)?;
+            visit.call(&io.writer)?;
+        }
+        for h in s.signals.handles() {
+            visit.call(h)?;
+        }
+        visit.call(&s.task_factory)?;
+        visit.call(&s.current_handle)?;
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        // SAFETY: called by the collector with the GIL held, outside any `with`.
+        let py = unsafe { Python::assume_attached() };
+        let taken = self.state.with(py, |s| {
+            (
+                s.ready.drain(),
+                s.timers.drain(),
+                std::mem::take(&mut s.io),
+                s.signals.take_handles(),
+                s.task_factory.take(),
+                s.current_handle.take(),
+            )
+        });
+        drop(taken);
+    }
+}
+
+impl LoopCore {
+    fn add_io<'py>(
+        slf: &Bound<'py, Self>,
+        fd: &Bound<'py, PyAny>,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        read: bool,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let fd = fileobj_to_int(fd)?;
+        core.check_closed(py)?;
+        let fd = checked_fd(fd)?;
+        let handle = Self::new_handle(slf, callback, args, None, None, None)?;
+        let item = handle.unbind();
+        let res = core.state.with(py, |s| {
+            let Some(reg) = s.registrar.as_ref() else {
+                return Err(None);
+            };
+            let entry = s.io.get(&fd);
+            let (had_r, had_w) =
+                entry.map_or((false, false), |e| (e.reader.is_some(), e.writer.is_some()));
+            let (want_r, want_w) = if read { (true, had_w) } else { (had_r, true) };
+            let r = if entry.is_none() {
+                reg.register(fd, want_r, want_w)
+            } else {
+                reg.modify(fd, want_r, want_w)
+            };
+            if let Err(e) = r {
+                return Err(Some(e));
+            }
+            let e = s.io.entry(fd).or_default();
+            let slot = if read { &mut e.reader } else { &mut e.writer };
+            Ok(std::mem::replace(slot, Some(item)))
+        });
+        match res {
+            Ok(Some(old)) => crate::handles::cancel(old.bind(py)),
+            Ok(None) => Ok(()),
+            Err(None) => Err(Self::registrar_error()),
+            Err(Some(e)) => Err(errors::from_io(e)),
+        }
+    }
+
+    fn remove_io(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>, read: bool) -> PyResult<bool> {
+        let py = slf.py();
+        let core = slf.get();
+        let fd = fileobj_to_int(fd)?;
+        if core.state.with(py, |s| s.closed) {
+            return Ok(false);
+        }
+        let fd = checked_fd(fd)?;
+        let res = core.state.with(py, |s| {
+            let Some(entry) = s.io.get_mut(&fd) else {
+                return Ok(None);
+            };
+            let old = if read {
+                entry.reader.take()
+            } else {
+                entry.writer.take()
+            };
+            let (r, w) = (entry.reader.is_some(), entry.writer.is_some());
+            let reg = s.registrar.as_ref();
+            let res = if !r && !w {
+                s.io.remove(&fd);
+                // NOTE: as selectors' unregister, a failure (fd already closed) is ignored.
+                if let Some(reg) = reg {
+                    let _ = reg.deregister(fd);
+                }
+                Ok(())
+            } else {
+                reg.map_or(Ok(()), |reg| reg.modify(fd, r, w))
+            };
+            res.map(|_| old)
+        });
+        match res {
+            Ok(Some(old)) => {
+                crate::handles::cancel(old.bind(py))?;
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(errors::from_io(e)),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! run_forever / stop / _run_once. Mirrors asyncio.base_events.BaseEventLoop._run_once:
+//! "This is the only place where callbacks are actually *called*. All other places just
+//! add them to ready."
+
+use std::io;
+use std::time::Duration;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+
+use super::{LoopCore, MAXIMUM_SELECT_TIMEOUT, State, closed_error, exception_handler};
+use crate::errors;
+use crate::py::handle::{HandleTypes, types};
+use crate::py::{self, import_attr};
+use crate::reactor::{Readiness, SIGNAL_TOKEN, WAKER_TOKEN};
+use crate::signals;
+
+/// Runs iterations until `stop()`. The Python `run_forever` has already checked that the
+/// loop may run and set the running loop and async-generator hooks.
+pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+    let py = slf.py();
+    let core = slf.get();
+    core.check_closed(py)?;
+    if core.is_running(py) {
+        return Err(PyRuntimeError::new_err(
+            "This event loop is already running",
+        ));
+    }
+    let tid = py::thread_ident();
+    core.state.with(py, |s| s.thread_id = Some(tid));
+    let mut result = signals::enter_run(slf);
+    if result.is_ok() {
+        result = loop {
+            if let Err(e) = run_once(slf) {
+                break Err(e);
+            }
+            if core.state.with(py, |s| s.stopping) {
+                break Ok(());
+            }
+        };
+    }
+    core.state.with(py, |s| {
+        s.stopping = false;
+        s.thread_id = None;
+    });
+    let restored = signals::leave_run(slf);
+    result.and(restored)
+}
+
+/// One iteration: purge cancelled timers, poll, queue I/O and due timers, run the batch.
+fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+    let py = slf.py();
+    let core = slf.get();
+    let t = types()?;
+
+    let mut removed: Vec<Py<PyAny>> = Vec::new();
+    core.state.with(py, |s| {
+        s.timers
+            .purge_cancelled(|h| t.is_cancelled(h.bind(py)), &mut removed)
+    });
+    for h in &removed {
+        t.set_scheduled(h.bind(py), false);
+    }
+    drop(removed);
+
+    let timeout = core.state.with(py, |s| {
+        let timeout = if !s.ready.is_empty() || s.stopping {
+            Some(0.0)
+        } else {
+            s.timers.peek().map(|(when, _)| {
+                (when - crate::sys::monotonic()).clamp(0.0, MAXIMUM_SELECT_TIMEOUT)
+            })
+        };
+        s.polling = timeout != Some(0.0);
+        timeout
+    });
+
+    let mut events: Vec<Readiness> = Vec::new();
+    let polled = {
+        let mut guard = core
+            .poller
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("event loop poller is poisoned"))?;
+        match guard.as_mut() {
+            None => Err(None),
+            Some(poller) => {
+                let res = match timeout {
+                    // NOTE: a zero-timeout poll cannot block, so it keeps the GIL: releasing
+                    //       and re-taking it would cost more than the syscall.
+                    Some(t) if t == 0.0 => poller.poll(Some(Duration::ZERO)),
+                    other => {
+                        let d = other.map(Duration::from_secs_f64);
+                        py.detach(|| poller.poll(d))
+                    }
+                };
+                match res {
+                    Ok(()) => {
+                        poller.collect(&mut events);
+                        Ok(false)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+                    Err(e) => Err(Some(e)),
+                }
+            }
+        }
+    };
+    core.state.with(py, |s| {
+        s.polling = false;
+        s.wake_pending = false;
+    });
+    let interrupted = match polled {
+        Ok(i) => i,
+        Err(None) => return Err(closed_error()),
+        Err(Some(e)) => return Err(errors::from_io(e)),
+    };
+    if interrupted {
+        // A signal arrived during the poll: run Python-level handlers (Ctrl+C raises here).
+        py::check_signals(py)?;
+    }
+
+    let mut signalled = false;
+    let mut released: Vec<Py<PyAny>> = Vec::new();
+    for ev in &events {
+        match ev.token {
+            WAKER_TOKEN => {}
+            SIGNAL_TOKEN => signalled = true,
+            fd => core
+                .state
+                .with(py, |s| process_io(py, s, t, fd as i32, ev, &mut released)),
+        }
+    }
+    for h in &released {
+        crate::handles::cancel(h.bind(py))?;
+    }
+    drop(released);
+    if signalled {
+        signals::dispatch(slf)?;
+    }
+
+    let end = crate::sys::monotonic() + core.clock_resolution;
+    while let Some(h) = core.state.with(py, |s| s.timers.pop_due(end)) {
+        t.set_scheduled(h.bind(py), false);
+        core.state.with(py, |s| s.ready.push(h));
+    }
+
+    let ntodo = core.state.with(py, |s| s.ready.len());
+    for _ in 0..ntodo {
+        let Some(h) = core.state.with(py, |s| s.ready.pop()) else {
+            break;
+        };
+        let h = h.into_bound(py);
+        if t.is_cancelled(&h) {
+            continue;
+        }
+        if core.debug(py) {
+            run_debug(slf, t, &h)?;
+        } else if let Err(e) = t.call(&h) {
+            exception_handler::callback_error(slf, &h, e)?;
+        }
+    }
+    Ok(())
+}
+
+/// asyncio's `_process_events` for one descriptor, plus the re-arm that gives mio's
+/// edge-triggered registrations level-triggered behaviour. Cancelled handles found here
+/// are unregistered and handed back in `released`.
+fn process_io(
+    py: Python<'_>,
+    s: &mut State,
+    t: &HandleTypes,
+    fd: i32,
+    ev: &Readiness,
+    released: &mut Vec<Py<PyAny>>,
+) {
+    let Some(entry) = s.io.get_mut(&fd) else {
+        return;
+    };
+    if ev.readable
+        && let Some(r) = &entry.reader
+    {
+        if t.is_cancelled(r.bind(py)) {
+            released.extend(entry.reader.take());
+        } else {
+            s.ready.push(r.clone_ref(py));
+        }
+    }
+    if ev.writable
+        && let Some(w) = &entry.writer
+    {
+        if t.is_cancelled(w.bind(py)) {
+            released.extend(entry.writer.take());
+        } else {
+            s.ready.push(w.clone_ref(py));
+        }
+    }
+    let (r, w) = (entry.reader.is_some(), entry.writer.is_some());
+    if !r && !w {
+        s.io.remove(&fd);
+    }
+    if let Some(reg) = s.registrar.as_ref() {
+        // NOTE: failures (fd closed behind the loop's back) surface as they do with
+        //       asyncio: on the next add/remove of that fd.
+        let _ = reg.modify(fd, r, w);
+    }
+}
+
+/// Debug-mode run of one handle: `_current_handle` and the slow-callback warning.
+fn run_debug(slf: &Bound<'_, LoopCore>, t: &HandleTypes, h: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = slf.py();
+    let core = slf.get();
+    let item = h.clone().unbind();
+    let prev = core.state.with(py, |s| s.current_handle.replace(item));
+    drop(prev);
+    let t0 = crate::sys::monotonic();
+    let res = match t.call(h) {
+        Ok(()) => Ok(true),
+        Err(e) => exception_handler::callback_error(slf, h, e).map(|_| false),
+    };
+    let dt = crate::sys::monotonic() - t0;
+    let prev = core.state.with(py, |s| s.current_handle.take());
+    drop(prev);
+    if res? && dt >= core.state.with(py, |s| s.slow_callback_duration) {
+        let format_handle = import_attr!(py, "asyncio.base_events", "_format_handle")?;
+        let logger = import_attr!(py, "asyncio.log", "logger")?;
+        logger.call_method1(
+            "warning",
+            (
+                "Executing %s took %.3f seconds",
+                format_handle.call1((h,))?,
+                dt,
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs a task's first step now (eager start emulation), with the caller's current
+/// task swapped out as Python 3.12's `Task.__eager_start` does.
+pub(super) fn run_eager_step(slf: &Bound<'_, LoopCore>, step: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = slf.py();
+    let t = types()?;
+    let current_task = import_attr!(py, "asyncio.tasks", "current_task")?;
+    let enter = import_attr!(py, "asyncio.tasks", "_enter_task")?;
+    let leave = import_attr!(py, "asyncio.tasks", "_leave_task")?;
+    let cur = current_task.call1((slf,))?;
+    if !cur.is_none() {
+        leave.call1((slf, &cur))?;
+    }
+    let res = if t.is_cancelled(step) {
+        Ok(())
+    } else {
+        match t.call(step) {
+            Ok(()) => Ok(()),
+            Err(e) => exception_handler::callback_error(slf, step, e),
+        }
+    };
+    if !cur.is_none() {
+        enter.call1((slf, &cur))?;
+    }
+    res
+}

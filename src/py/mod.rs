@@ -1,0 +1,96 @@
+//! CPython glue. The only place raw `pyo3::ffi` is used.
+
+pub mod handle;
+
+use std::cell::UnsafeCell;
+
+use pyo3::prelude::*;
+
+// NOTE: the extension module is declared `gil_used` (PyO3's default), so importing it on
+//       a free-threaded build turns the GIL back on; `GilCell` relies on that.
+
+/// A value that only the thread holding the GIL may touch.
+///
+/// Loop state is mutated by Python-visible methods that may be called from any thread
+/// (`call_soon_threadsafe`, `is_running`, ...), always with the GIL held: the GIL is the
+/// lock, as it is for asyncio's own deque. Closures passed to [`GilCell::with`] must do
+/// pure Rust work only: no Python calls, no Python allocation, and no dropping of Python
+/// references (return them instead), so no other thread and no re-entrant call can run
+/// while the borrow is alive.
+pub struct GilCell<T>(UnsafeCell<T>);
+
+// SAFETY: access requires a `Python` token (the GIL is held; free-threaded builds are
+// see the module note) and the closure contract above rules out re-entrancy, so at most one
+// `&mut T` exists at a time, on whichever thread holds the GIL. `T: Send` because that
+// thread may differ between calls.
+unsafe impl<T: Send> Sync for GilCell<T> {}
+
+impl<T> GilCell<T> {
+    pub fn new(value: T) -> Self {
+        GilCell(UnsafeCell::new(value))
+    }
+
+    /// Runs `f` with exclusive access. See the type's contract on what `f` may do.
+    #[inline(always)]
+    pub fn with<R>(&self, _py: Python<'_>, f: impl FnOnce(&mut T) -> R) -> R {
+        // SAFETY: the GIL is held (token) and `f` cannot re-enter (contract above).
+        f(unsafe { &mut *self.0.get() })
+    }
+
+    /// Shared access for the cycle collector's `__traverse__`, which runs with the GIL
+    /// held but without a token.
+    ///
+    /// # Safety
+    /// The caller must hold the GIL and must not be inside [`GilCell::with`]; the garbage
+    /// collector only runs from Python allocations, which `with` closures never make.
+    pub unsafe fn get_unchecked(&self) -> &T {
+        // SAFETY: guaranteed by the caller (see above).
+        unsafe { &*self.0.get() }
+    }
+}
+
+/// `PyErr_CheckSignals`: runs pending Python-level signal handlers (on the main thread)
+/// and returns the exception one of them raised (KeyboardInterrupt for Ctrl+C).
+pub fn check_signals(py: Python<'_>) -> PyResult<()> {
+    // SAFETY: called with the GIL held (token).
+    if unsafe { pyo3::ffi::PyErr_CheckSignals() } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    Ok(())
+}
+
+/// `threading.get_ident()` of the calling thread.
+#[inline]
+pub fn thread_ident() -> u64 {
+    // SAFETY: no preconditions; returns the current thread's identifier.
+    unsafe { pyo3::ffi::PyThread_get_thread_ident() as u64 }
+}
+
+/// `contextvars.copy_context()`.
+#[inline]
+pub fn copy_context(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    // SAFETY: GIL held; a NULL return means an exception is set and is fetched.
+    unsafe {
+        let ctx = pyo3::ffi::PyContext_CopyCurrent();
+        Bound::from_owned_ptr_or_err(py, ctx)
+    }
+}
+
+/// `callable(obj)`.
+#[inline]
+pub fn is_callable(obj: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: `obj` is a live object and the GIL is held (it is bound).
+    unsafe { pyo3::ffi::PyCallable_Check(obj.as_ptr()) != 0 }
+}
+
+/// A module attribute imported once and cached: `import_attr!(py, "asyncio.events", "Handle")`.
+macro_rules! import_attr {
+    ($py:expr, $module:literal, $attr:literal) => {{
+        static CELL: pyo3::sync::PyOnceLock<pyo3::Py<pyo3::PyAny>> = pyo3::sync::PyOnceLock::new();
+        CELL.get_or_try_init($py, || -> pyo3::PyResult<pyo3::Py<pyo3::PyAny>> {
+            Ok($py.import($module)?.getattr($attr)?.unbind())
+        })
+        .map(|o| o.bind($py))
+    }};
+}
+pub(crate) use import_attr;
