@@ -327,12 +327,11 @@ pub(crate) fn dispatch(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             continue;
         }
         let signum = signum as i32;
-        let handle = core
-            .state
-            .with(py, |s| s.signals.handlers.get(&signum).map(|h| h.as_ptr()));
+        let handle = core.state.with(py, |s| {
+            s.signals.handlers.get(&signum).map(|h| h.clone_ref(py))
+        });
         let Some(handle) = handle else { continue };
-        // SAFETY: the handler map keeps the handle alive while the GIL is held.
-        let handle = unsafe { Bound::from_borrowed_ptr(py, handle) };
+        let handle = handle.into_bound(py);
         if t.is_cancelled(&handle) {
             remove_signal_handler(slf, &signum.into_pyobject(py)?.into_any())?;
         } else {

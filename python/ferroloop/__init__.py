@@ -16,14 +16,14 @@ from ._handles import Handle, TimerHandle
 from ._loop import Loop, new_event_loop
 
 __all__ = [
-    "Loop",
+    "EventLoopPolicy",
     "Handle",
+    "Loop",
     "TimerHandle",
+    "__version__",
+    "install",
     "new_event_loop",
     "run",
-    "install",
-    "EventLoopPolicy",
-    "__version__",
 ]
 
 

@@ -50,4 +50,4 @@ def run(main, *, debug=None):
             loop.close()
 
 
-__all__ = ["run", "asyncio"]
+__all__ = ["asyncio", "run"]

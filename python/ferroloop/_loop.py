@@ -187,7 +187,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
 
     def _asyncgen_firstiter_hook(self, agen) -> None:
         if self._asyncgens_shutdown_called:
-            warnings.warn(
+            warnings.warn(  # noqa: B028 (asyncio gives no stacklevel here)
                 f"asynchronous generator {agen!r} was scheduled after "
                 f"loop.shutdown_asyncgens() call",
                 ResourceWarning,
@@ -202,10 +202,8 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
             return
         closing_agens = list(self._asyncgens)
         self._asyncgens.clear()
-        results = await tasks.gather(
-            *[ag.aclose() for ag in closing_agens], return_exceptions=True
-        )
-        for result, agen in zip(results, closing_agens):
+        results = await tasks.gather(*[ag.aclose() for ag in closing_agens], return_exceptions=True)
+        for result, agen in zip(results, closing_agens, strict=True):
             if isinstance(result, Exception):
                 self.call_exception_handler(
                     {
@@ -259,8 +257,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
             await _wait_with_timeout(future, timeout)
         except TimeoutError:
             warnings.warn(
-                "The executor did not finishing joining "
-                f"its threads within {timeout} seconds.",
+                f"The executor did not finishing joining its threads within {timeout} seconds.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -298,11 +295,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
         else:
             exc_info = False
         current = self._current_handle
-        if (
-            "source_traceback" not in context
-            and current is not None
-            and current._source_traceback
-        ):
+        if "source_traceback" not in context and current is not None and current._source_traceback:
             context["handle_traceback"] = current._source_traceback
         log_lines = [message]
         for key in sorted(context):

@@ -418,11 +418,8 @@ impl LoopCore {
 
     #[getter]
     fn _current_handle(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        let h = self
-            .state
-            .with(py, |s| s.current_handle.as_ref().map(|h| h.as_ptr()));
-        // SAFETY: the pointer is kept alive by `current_handle` while the GIL is held.
-        h.map(|p| unsafe { Bound::from_borrowed_ptr(py, p) }.unbind())
+        self.state
+            .with(py, |s| s.current_handle.as_ref().map(|h| h.clone_ref(py)))
     }
 
     /// Releases the reactor, the queues and the signal handlers. The Python `close`
@@ -519,10 +516,9 @@ impl LoopCore {
         let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
         let factory = core
             .state
-            .with(py, |s| s.task_factory.as_ref().map(|f| f.as_ptr()));
+            .with(py, |s| s.task_factory.as_ref().map(|f| f.clone_ref(py)));
         if let Some(f) = factory {
-            // SAFETY: `task_factory` keeps the object alive; a new reference is taken.
-            let f = unsafe { Bound::from_borrowed_ptr(py, f) };
+            let f = f.into_bound(py);
             return f.call((slf, coro), Some(&kwargs));
         }
         let task_cls = import_attr!(py, "asyncio.tasks", "Task")?;
@@ -575,11 +571,8 @@ impl LoopCore {
     }
 
     fn get_task_factory(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        let f = self
-            .state
-            .with(py, |s| s.task_factory.as_ref().map(|f| f.as_ptr()));
-        // SAFETY: kept alive by `task_factory` while the GIL is held.
-        f.map(|p| unsafe { Bound::from_borrowed_ptr(py, p) }.unbind())
+        self.state
+            .with(py, |s| s.task_factory.as_ref().map(|f| f.clone_ref(py)))
     }
 
     // ---- file descriptors --------------------------------------------------------------
@@ -701,7 +694,7 @@ impl LoopCore {
             }
             let e = s.io.entry(fd).or_default();
             let slot = if read { &mut e.reader } else { &mut e.writer };
-            Ok(std::mem::replace(slot, Some(item)))
+            Ok(slot.replace(item))
         });
         match res {
             Ok(Some(old)) => crate::handles::cancel(old.bind(py)),

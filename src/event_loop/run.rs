@@ -87,7 +87,7 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                 let res = match timeout {
                     // NOTE: a zero-timeout poll cannot block, so it keeps the GIL: releasing
                     //       and re-taking it would cost more than the syscall.
-                    Some(t) if t == 0.0 => poller.poll(Some(Duration::ZERO)),
+                    Some(0.0) => poller.poll(Some(Duration::ZERO)),
                     other => {
                         let d = other.map(Duration::from_secs_f64);
                         py.detach(|| poller.poll(d))

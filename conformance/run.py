@@ -1,0 +1,731 @@
+#!/usr/bin/env python3
+"""Run CPython's own ``test.test_asyncio`` suite against ferroloop.
+
+Each test module runs in its own subprocess (``run.py --child ...``) under a small unittest
+harness that records, for every test id, its outcome and which event loops the test created
+and ran.  The parent compares the outcomes with ``expected_failures.txt`` and prints a
+summary.  ``--stdlib`` runs the very same harness on the stdlib loop (the oracle).
+
+See conformance/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import fnmatch
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+EXPECTED_FILE = HERE / "expected_failures.txt"
+PACKAGE = "test.test_asyncio"
+
+# Longest first, so that --jobs 2 balances well.
+MODULES = [
+    "test_events",
+    "test_tasks",
+    "test_locks",
+    "test_futures",
+    "test_taskgroups",
+    "test_queues",
+    "test_runners",
+    "test_waitfor",
+    "test_timeouts",
+    "test_futures2",
+    "test_threads",
+    "test_pep492",
+    "test_context",
+]
+
+FAILING = {"fail", "error", "crash", "hang"}
+MAX_RESTARTS = 25  # per module: restarts after a crashed or hung test
+
+# Loop usage categories recorded per test (see Harness.loop_category).
+CAT_TARGET = "target"  # a loop under test (ferroloop; stdlib SelectorEventLoop with --stdlib) ran
+CAT_MIXED = "mixed"  # the loop under test ran, and so did another loop
+CAT_OTHER = "other"  # only another loop ran (test_utils.TestLoop, a mocked BaseEventLoop, ...)
+CAT_TARGET_IDLE = "target-idle"  # a loop under test was created but never ran
+CAT_OTHER_IDLE = "other-idle"  # only another loop was created, none ran
+CAT_NONE = "none"  # no event loop was created
+
+
+# =====================================================================================
+# Child side: runs one module in-process and streams JSON lines to a file.
+# =====================================================================================
+
+
+def _child_main(config_path: str) -> int:
+    import faulthandler
+    import functools
+    import importlib
+    import unittest
+
+    with open(config_path) as f:
+        cfg = json.load(f)
+    mode = cfg["mode"]
+    out = open(cfg["out"], "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    def emit(**record):
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+
+    import asyncio
+    from asyncio import base_events, unix_events
+
+    if mode == "ferroloop":
+        import ferroloop
+
+        target_types: tuple[type, ...] = (ferroloop.Loop,)
+
+        # ferroloop's own policy, plus the Unix child-watcher API that 3.11's test suite
+        # (and asyncio.set_child_watcher) expects of the default policy.
+        class ConformancePolicy(ferroloop.EventLoopPolicy, unix_events._UnixDefaultEventLoopPolicy):
+            pass
+
+        # test_asyncio modules reset the policy to None in tearDownModule(); a fresh default
+        # policy is built from asyncio.DefaultEventLoopPolicy, so it must be ours too.
+        asyncio.DefaultEventLoopPolicy = ConformancePolicy
+        unix_events.DefaultEventLoopPolicy = ConformancePolicy
+        asyncio.set_event_loop_policy(ConformancePolicy())
+
+        def new_target_loop():
+            return ferroloop.new_event_loop()
+
+        loop_classes = [base_events.BaseEventLoop, ferroloop.Loop]
+    else:
+        target_types = (asyncio.SelectorEventLoop,)
+
+        def new_target_loop():
+            return asyncio.SelectorEventLoop()
+
+        loop_classes = [base_events.BaseEventLoop]
+
+    # ---- record which loops each test creates and runs ------------------------------
+    usage: dict[str, set[str]] = {"ran": set(), "created": set()}
+    usage_lock = threading.Lock()
+
+    def note(kind, loop):
+        is_target = isinstance(loop, target_types)
+        name = ("T:" if is_target else "O:") + type(loop).__qualname__
+        with usage_lock:
+            usage[kind].add(name)
+
+    for cls in loop_classes:
+        orig_run_forever = cls.run_forever
+        orig_init = cls.__init__
+
+        def make(orig_run_forever=orig_run_forever, orig_init=orig_init):
+            @functools.wraps(orig_run_forever)
+            def run_forever(self):
+                note("ran", self)
+                return orig_run_forever(self)
+
+            @functools.wraps(orig_init)
+            def __init__(self, *args, **kwargs):  # noqa: N807
+                note("created", self)
+                return orig_init(self, *args, **kwargs)
+
+            return run_forever, __init__
+
+        cls.run_forever, cls.__init__ = make()
+
+    # ---- import the module and adapt the stdlib-loop-only fixtures ------------------
+    from test.test_asyncio import utils as test_utils
+
+    adapt = cfg["adapt"]
+    if adapt:
+        orig_new_test_loop = test_utils.TestCase.new_test_loop
+
+        def new_test_loop(self, gen=None):
+            # TestLoop with a time generator drives a virtual clock: keep it.  Without one
+            # it is just a loop: use the loop under test.
+            if gen is not None:
+                return orig_new_test_loop(self, gen)
+            loop = new_target_loop()
+            self.set_event_loop(loop)
+            return loop
+
+        test_utils.TestCase.new_test_loop = new_test_loop
+
+    modname = cfg["module"]
+    try:
+        module = importlib.import_module(f"{PACKAGE}.{modname}")
+    except unittest.SkipTest as exc:
+        emit(event="result", id=f"{modname} (import)", outcome="skip", detail=str(exc), loops=[])
+        emit(event="done")
+        return 0
+
+    if modname == "test_events":
+        # Replace the stdlib selector-loop classes with one class testing the loop under test,
+        # built exactly like test_events' own SelectEventLoopTests.
+        for name in ("SelectEventLoopTests", "PollEventLoopTests", "EPollEventLoopTests"):
+            if hasattr(module, name):
+                delattr(module, name)
+        if hasattr(module, "KqueueEventLoopTests"):
+            delattr(module, "KqueueEventLoopTests")
+
+        class FerroloopEventLoopTests(
+            module.UnixEventLoopTestsMixin, module.SubprocessTestsMixin, test_utils.TestCase
+        ):
+            def create_event_loop(self):
+                return new_target_loop()
+
+        FerroloopEventLoopTests.__module__ = module.__name__
+        FerroloopEventLoopTests.__qualname__ = "FerroloopEventLoopTests"
+        module.FerroloopEventLoopTests = FerroloopEventLoopTests
+
+    if adapt and modname == "test_runners":
+        # BaseTest.new_loop builds a BaseEventLoop with a mocked selector; use the loop under
+        # test instead, keeping the shutdown_asyncgens() bookkeeping tearDown checks.
+        def new_loop(self):
+            loop = new_target_loop()
+            loop.shutdown_ag_run = False
+            orig_shutdown_asyncgens = loop.shutdown_asyncgens
+
+            async def shutdown_asyncgens():
+                loop.shutdown_ag_run = True
+                await orig_shutdown_asyncgens()
+
+            loop.shutdown_asyncgens = shutdown_asyncgens
+            return loop
+
+        module.BaseTest.new_loop = new_loop
+
+    if adapt and modname == "test_pep492":
+        # BaseTest.setUp builds a BaseEventLoop with a mocked selector.
+        def setUp(self):  # noqa: N802
+            test_utils.TestCase.setUp(self)
+            self.loop = new_target_loop()
+            self.set_event_loop(self.loop)
+
+        module.BaseTest.setUp = setUp
+
+    suite = unittest.defaultTestLoader.loadTestsFromModule(module)
+
+    def flatten(s):
+        for t in s:
+            if isinstance(t, unittest.TestSuite):
+                yield from flatten(t)
+            else:
+                yield t
+
+    skip_ids = set(cfg["skip"])
+    patterns = cfg["patterns"]
+
+    def short(test_id: str) -> str:
+        prefix = PACKAGE + "."
+        return test_id[len(prefix) :] if test_id.startswith(prefix) else test_id
+
+    selected = []
+    for t in flatten(suite):
+        tid = short(t.id())
+        if tid in skip_ids:
+            continue
+        if patterns and not any(fnmatch.fnmatchcase(tid, p) for p in patterns):
+            continue
+        selected.append(t)
+    emit(event="loaded", count=len(selected))
+
+    test_timeout = cfg["test_timeout"]
+    err_file = sys.__stderr__
+
+    class Result(unittest.TestResult):
+        def __init__(self):
+            super().__init__()
+            self.cur = None
+
+        def _tb(self, err, test):
+            text = self._exc_info_to_string(err, test)
+            return text if len(text) < 8000 else text[:2000] + "\n[...]\n" + text[-5000:]
+
+        def startTest(self, test):  # noqa: N802
+            super().startTest(test)
+            with usage_lock:
+                usage["ran"].clear()
+                usage["created"].clear()
+            tid = short(test.id())
+            self.cur = {"id": tid, "outcome": None, "detail": "", "t0": time.monotonic()}
+            emit(event="start", id=tid)
+            if test_timeout:
+                faulthandler.dump_traceback_later(test_timeout, exit=True, file=err_file)
+
+        def _set(self, test, outcome, detail=""):
+            tid = short(test.id())
+            if self.cur is None or self.cur["id"] != tid:
+                # An error outside a test (setUpClass, setUpModule, tearDownModule, ...).
+                emit(event="result", id=tid, outcome=outcome, detail=detail, loops=[])
+                return
+            rank = {"pass": 0, "skip": 1, "xfail": 2, "uxpass": 2, "fail": 3, "error": 3}
+            cur = self.cur
+            if cur["outcome"] is None or rank[outcome] > rank[cur["outcome"]]:
+                cur["outcome"] = outcome
+            if detail:
+                cur["detail"] = (cur["detail"] + "\n" + detail).strip("\n")
+
+        def addSuccess(self, test):  # noqa: N802
+            self._set(test, "pass")
+
+        def addFailure(self, test, err):  # noqa: N802
+            self._set(test, "fail", self._tb(err, test))
+
+        def addError(self, test, err):  # noqa: N802
+            self._set(test, "error", self._tb(err, test))
+
+        def addSkip(self, test, reason):  # noqa: N802
+            if isinstance(test, unittest.case._SubTest):
+                return  # a skipped subtest does not make the test skipped
+            self._set(test, "skip", reason)
+
+        def addExpectedFailure(self, test, err):  # noqa: N802
+            self._set(test, "xfail", self._tb(err, test))
+
+        def addUnexpectedSuccess(self, test):  # noqa: N802
+            self._set(test, "uxpass", "unexpected success (@expectedFailure in CPython)")
+
+        def addSubTest(self, test, subtest, err):  # noqa: N802
+            if err is not None:
+                kind = "fail" if issubclass(err[0], test.failureException) else "error"
+                self._set(test, kind, f"{subtest.id()}:\n" + self._tb(err, test))
+
+        def stopTest(self, test):  # noqa: N802
+            if test_timeout:
+                faulthandler.cancel_dump_traceback_later()
+            cur, self.cur = self.cur, None
+            if cur is not None:
+                with usage_lock:
+                    loops = sorted(usage["ran"]) + ["created " + n for n in sorted(usage["created"])]
+                emit(
+                    event="result",
+                    id=cur["id"],
+                    outcome=cur["outcome"] or "pass",
+                    detail=cur["detail"],
+                    loops=loops,
+                    secs=round(time.monotonic() - cur["t0"], 3),
+                )
+            super().stopTest(test)
+
+    result = Result()
+    unittest.TestSuite(selected).run(result)
+    emit(event="done")
+    out.close()
+    # Skip interpreter teardown: a crash in a loop's finalizer at exit is not a test result.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# =====================================================================================
+# Parent side.
+# =====================================================================================
+
+
+def loop_category(loops: list[str]) -> str:
+    ran = [x for x in loops if not x.startswith("created ")]
+    created = [x[len("created ") :] for x in loops if x.startswith("created ")]
+    ran_t = any(x.startswith("T:") for x in ran)
+    ran_o = any(x.startswith("O:") for x in ran)
+    if ran_t and ran_o:
+        return CAT_MIXED
+    if ran_t:
+        return CAT_TARGET
+    if ran_o:
+        return CAT_OTHER
+    if any(x.startswith("T:") for x in created):
+        return CAT_TARGET_IDLE
+    if created:
+        return CAT_OTHER_IDLE
+    return CAT_NONE
+
+
+def load_expected(path: Path) -> dict[str, str]:
+    expected: dict[str, str] = {}
+    if not path.exists():
+        return expected
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        tid, sep, reason = line.partition(" # ")
+        tid = tid.strip()
+        if not sep or not reason.strip():
+            sys.exit(f"{path}:{lineno}: expected '<test id> # <reason>', got {raw!r}")
+        if tid in expected:
+            sys.exit(f"{path}:{lineno}: duplicate entry {tid}")
+        expected[tid] = reason.strip()
+    return expected
+
+
+class ModuleRun:
+    """Drives the child process(es) for one module; restarts after a crashed test."""
+
+    def __init__(self, module: str, args, workdir: Path):
+        self.module = module
+        self.args = args
+        self.workdir = workdir
+        self.results: dict[str, dict] = {}
+        self.module_error: str | None = None  # timed out / could not run at all
+        self.restarts = 0
+        self.secs = 0.0
+        self.log = workdir / f"{module}.log"
+
+    def run(self) -> ModuleRun:
+        t0 = time.monotonic()
+        deadline = t0 + self.args.timeout
+        jsonl = self.workdir / f"{self.module}.jsonl"
+        cfg_path = self.workdir / f"{self.module}.json"
+        patterns = [p if any(c in p for c in "*?[") else f"*{p}*" for p in self.args.k]
+        with open(self.log, "w") as log:
+            while True:
+                jsonl.write_text("")
+                cfg = {
+                    "mode": self.args.mode,
+                    "module": self.module,
+                    "out": str(jsonl),
+                    "skip": sorted(self.results),
+                    "patterns": patterns,
+                    "test_timeout": self.args.test_timeout,
+                    "adapt": not self.args.no_adapt,
+                }
+                cfg_path.write_text(json.dumps(cfg))
+                cwd = tempfile.mkdtemp(prefix=f"{self.module}-", dir=self.workdir)
+                env = dict(os.environ)
+                env.pop("PYTHONASYNCIODEBUG", None)
+                env["PYTHONFAULTHANDLER"] = "1"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(cfg_path)]
+                log.write(f"$ {' '.join(cmd)}   (cwd {cwd})\n")
+                log.flush()
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+                timed_out = False
+                try:
+                    rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    rc = proc.wait()
+                shutil.rmtree(cwd, ignore_errors=True)
+
+                started = None
+                done = False
+                for line in jsonl.read_text().splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short by a crash
+                    if rec["event"] == "start":
+                        started = rec["id"]
+                    elif rec["event"] == "result":
+                        self.results[rec["id"]] = rec
+                        if rec["id"] == started:
+                            started = None
+                    elif rec["event"] == "done":
+                        done = True
+                if done and rc == 0:
+                    break
+                if timed_out:
+                    self.module_error = (
+                        f"module timed out after {self.args.timeout:.0f}s"
+                        + (f" (in {started})" if started else "")
+                    )
+                    if started:
+                        self.results[started] = {
+                            "id": started,
+                            "outcome": "hang",
+                            "detail": "module timeout reached while this test ran",
+                            "loops": [],
+                        }
+                    break
+                if started is None:
+                    self.module_error = f"child exited with status {rc} outside any test"
+                    break
+                if rc < 0:
+                    try:
+                        signame = signal.Signals(-rc).name
+                    except ValueError:
+                        signame = str(-rc)
+                    outcome, detail = "crash", f"process killed by {signame} during this test"
+                else:
+                    # faulthandler.dump_traceback_later(exit=True) exits with status 1.
+                    outcome = "hang"
+                    detail = (
+                        f"no result after {self.args.test_timeout:.0f}s (per-test timeout), "
+                        f"or process exited with status {rc}"
+                    )
+                detail += f"; see {self.log.relative_to(HERE.parent)}"
+                self.results[started] = {
+                    "id": started,
+                    "outcome": outcome,
+                    "detail": detail,
+                    "loops": [],
+                }
+                self.restarts += 1
+                if self.restarts > MAX_RESTARTS:
+                    self.module_error = f"gave up after {MAX_RESTARTS} restarts"
+                    break
+                log.write(f"\n### restarting after {outcome} in {started}\n")
+                log.flush()
+        self.secs = time.monotonic() - t0
+        return self
+
+
+def tb_summary(detail: str, max_lines: int = 4) -> list[str]:
+    """The innermost frame and the exception line(s) of a traceback text."""
+    lines = [x for x in detail.splitlines() if x.strip()]
+    if not lines:
+        return []
+    last_file = None
+    for i, x in enumerate(lines):
+        if x.lstrip().startswith('File "'):
+            last_file = i
+    if last_file is None:
+        return lines[:max_lines]
+    frame = lines[last_file : last_file + 2]
+    rest = lines[last_file + 2 :]
+    # Skip the "~~~^^^" markers 3.11 prints below the code line.
+    rest = [x for x in rest if set(x.strip()) - set("~^")]
+    return [x.strip() for x in frame] + rest[: max(1, max_lines - len(frame))]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run CPython's test.test_asyncio against ferroloop (or, --stdlib, "
+        "against the stdlib loop as an oracle)."
+    )
+    parser.add_argument("--stdlib", action="store_true", help="run on the stdlib loop (oracle)")
+    parser.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only this module (repeatable), e.g. test_tasks or tasks",
+    )
+    parser.add_argument(
+        "-k",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only tests whose id matches (substring, or fnmatch pattern if it has *?[; "
+        "repeatable)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300, help="per-module timeout in seconds (300)"
+    )
+    parser.add_argument(
+        "--test-timeout",
+        type=float,
+        default=60,
+        help="per-test timeout in seconds; a hung test is recorded and the module resumes (60)",
+    )
+    parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel modules (2)")
+    parser.add_argument(
+        "--list-failures",
+        action="store_true",
+        help="print unexpected failures/passes in paste-ready expected_failures.txt form",
+    )
+    parser.add_argument(
+        "--expected",
+        type=Path,
+        default=EXPECTED_FILE,
+        help="expected-failure list (default: conformance/expected_failures.txt)",
+    )
+    parser.add_argument(
+        "--no-adapt",
+        action="store_true",
+        help="do not swap the loop under test into TestLoop()/mocked-BaseEventLoop fixtures",
+    )
+    parser.add_argument("--json", type=Path, help="also write all per-test results to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="list every failing test")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        return _child_main(args.child)
+
+    args.mode = "stdlib" if args.stdlib else "ferroloop"
+    modules = MODULES
+    if args.module:
+        modules = []
+        for name in args.module:
+            name = name if name.startswith("test_") else f"test_{name}"
+            if name not in MODULES:
+                print(f"note: {name} is not in the default module list", file=sys.stderr)
+            modules.append(name)
+    expected = load_expected(args.expected) if args.mode == "ferroloop" else {}
+
+    WORK.mkdir(exist_ok=True)
+    workdir = WORK / args.mode
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+
+    target = "ferroloop" if args.mode == "ferroloop" else "stdlib SelectorEventLoop"
+    print(f"test.test_asyncio on {target}: {len(modules)} modules, {args.jobs} jobs", flush=True)
+    t0 = time.monotonic()
+    runs: dict[str, ModuleRun] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futs = [pool.submit(ModuleRun(m, args, workdir).run) for m in modules]
+        for fut in concurrent.futures.as_completed(futs):
+            r = fut.result()
+            runs[r.module] = r
+            bad = sum(1 for x in r.results.values() if x["outcome"] in FAILING)
+            extra = f", {r.restarts} restart(s)" if r.restarts else ""
+            err = f"  [{r.module_error}]" if r.module_error else ""
+            print(
+                f"  {r.module:<16} {len(r.results):5d} tests {bad:4d} failing  "
+                f"{r.secs:6.1f}s{extra}{err}",
+                flush=True,
+            )
+    wall = time.monotonic() - t0
+
+    # ---- classify ----------------------------------------------------------------------
+    columns = ["tests", "pass", "fail", "xfail", "xpass", "skip", "crash", "on-other", "secs"]
+    table: dict[str, dict[str, float]] = {}
+    unexpected_fail: list[dict] = []
+    unexpected_pass: list[dict] = []
+    cats_pass: dict[str, int] = {}
+    all_results: dict[str, dict] = {}
+    seen_ids: set[str] = set()
+    for m in modules:
+        r = runs[m]
+        row = dict.fromkeys(columns, 0)
+        row["secs"] = r.secs
+        for tid, rec in sorted(r.results.items()):
+            seen_ids.add(tid)
+            outcome = rec["outcome"]
+            cat = loop_category(rec.get("loops", []))
+            rec["category"] = cat
+            all_results[tid] = rec
+            row["tests"] += 1
+            if outcome in ("crash", "hang"):
+                row["crash"] += 1
+            listed = tid in expected
+            if outcome in FAILING:
+                if listed:
+                    row["xfail"] += 1
+                    rec["verdict"] = "expected failure"
+                else:
+                    row["fail"] += 1
+                    rec["verdict"] = "UNEXPECTED FAILURE"
+                    unexpected_fail.append(rec)
+            elif outcome == "skip":
+                row["skip"] += 1
+                rec["verdict"] = "skip"
+            elif listed:
+                row["xpass"] += 1
+                rec["verdict"] = "UNEXPECTED PASS"
+                unexpected_pass.append(rec)
+            else:
+                # pass, or CPython's own @expectedFailure / unexpected success
+                row["pass"] += 1
+                rec["verdict"] = "pass"
+                cats_pass[cat] = cats_pass.get(cat, 0) + 1
+                if cat in (CAT_OTHER, CAT_OTHER_IDLE):
+                    row["on-other"] += 1
+        table[m] = row
+
+    # ---- report ------------------------------------------------------------------------
+    print()
+    header = f"{'module':<16}" + "".join(f"{c:>9}" for c in columns)
+    print(header)
+    print("-" * len(header))
+    totals = dict.fromkeys(columns, 0)
+    for m in modules:
+        row = table[m]
+        print(
+            f"{m:<16}"
+            + "".join(f"{row[c]:>9.1f}" if c == "secs" else f"{row[c]:>9d}" for c in columns)
+            + (f"  {runs[m].module_error}" if runs[m].module_error else "")
+        )
+        for c in columns:
+            totals[c] += row[c]
+    print("-" * len(header))
+    print(
+        f"{'total':<16}"
+        + "".join(f"{totals[c]:>9.1f}" if c == "secs" else f"{totals[c]:>9d}" for c in columns)
+    )
+    other = "stdlib TestLoop/mocked loop" if args.mode == "ferroloop" else "TestLoop/mocked loop"
+    print(
+        "columns: pass = passed and not listed; fail = unexpected failures (incl. crashes); "
+        "xfail = listed in expected_failures.txt and failed; xpass = listed but passed; "
+        f"crash = crashed or hung tests (also in fail/xfail); on-other = passes that ran on "
+        f"{other} only"
+    )
+
+    names = {
+        CAT_TARGET: f"ran on {target}",
+        CAT_MIXED: f"ran on {target} and on another loop",
+        CAT_TARGET_IDLE: f"created a {target} loop, never ran it",
+        CAT_OTHER: f"ran on {other} only (virtual time / mocks)",
+        CAT_OTHER_IDLE: f"created a {other} only, never ran it",
+        CAT_NONE: "used no event loop",
+    }
+    print("\nloop used by the passing tests:")
+    for cat in (CAT_TARGET, CAT_MIXED, CAT_TARGET_IDLE, CAT_OTHER, CAT_OTHER_IDLE, CAT_NONE):
+        print(f"  {cats_pass.get(cat, 0):6d}  {names[cat]}")
+
+    crashed_modules = [m for m in modules if runs[m].module_error]
+    if unexpected_fail:
+        print(f"\nUNEXPECTED FAILURES ({len(unexpected_fail)}):")
+        for rec in unexpected_fail:
+            print(f"  {rec['id']}  [{rec['outcome']}, {names[rec['category']]}]")
+            for line in tb_summary(rec.get("detail", "")):
+                print(f"      {line[:200]}")
+    if unexpected_pass:
+        print(f"\nUNEXPECTED PASSES ({len(unexpected_pass)}) - remove from {args.expected.name}:")
+        for rec in unexpected_pass:
+            print(f"  {rec['id']}  # {expected[rec['id']]}")
+    for m in crashed_modules:
+        print(f"\nMODULE {m}: {runs[m].module_error} (log: {runs[m].log})")
+
+    full_run = not args.k and set(modules) == set(MODULES)
+    if full_run and expected:
+        stale = sorted(set(expected) - seen_ids)
+        if stale:
+            print(f"\nwarning: {len(stale)} entries of {args.expected.name} match no test:")
+            for tid in stale:
+                print(f"  {tid}")
+
+    if args.list_failures and (unexpected_fail or unexpected_pass):
+        print("\n# ---- paste into expected_failures.txt (fill in the reasons) ----")
+        for rec in unexpected_fail:
+            last = tb_summary(rec.get("detail", ""), 3)
+            hint = last[-1][:80] if last else rec["outcome"]
+            print(f"{rec['id']} # TODO ({hint})")
+        for rec in unexpected_pass:
+            print(f"# remove (passes now): {rec['id']}")
+
+    if args.json:
+        args.json.write_text(json.dumps(all_results, indent=1, sort_keys=True))
+
+    ferro_passes = cats_pass.get(CAT_TARGET, 0) + cats_pass.get(CAT_MIXED, 0)
+    n_failed = len(unexpected_fail) + len(unexpected_pass) + len(crashed_modules)
+    print(
+        f"\n{target}: {ferro_passes} passes ran on it, {totals['pass'] - ferro_passes} other "
+        f"passes, {totals['xfail']} expected failures, {totals['skip']} skipped; "
+        f"wall time {wall:.0f}s; logs in {workdir.relative_to(HERE.parent)}/"
+    )
+    print(f"{ferro_passes} passed, {n_failed} failed")
+    return 1 if n_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import ferroloop
+import pytest
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "ferroloop": ferroloop.new_event_loop,
+}
+
+PY312 = sys.version_info >= (3, 12)
+
+
+def run_briefly(loop, iterations: int = 1) -> None:
+    """Run ``iterations`` loop iterations (as test_asyncio.utils.run_briefly)."""
+    for _ in range(iterations):
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+
+
+def run_until(loop, predicate, timeout: float = 5.0) -> None:
+    """Run the loop until ``predicate()`` is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        loop.call_later(0.005, loop.stop)
+        loop.run_forever()
+
+
+def python_subprocess(
+    args: list[str], *, env_extra: dict[str, str] | None = None, **kwargs
+) -> subprocess.Popen:
+    """Start ``sys.executable`` with ``args``; ferroloop importable, asyncio debug off
+    unless ``env_extra`` turns it on."""
+    env = dict(os.environ)
+    env.pop("PYTHONASYNCIODEBUG", None)
+    env.pop("PYTHONDEVMODE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    if env_extra:
+        env.update(env_extra)
+    return subprocess.Popen(
+        [sys.executable, *args],
+        stdout=kwargs.pop("stdout", subprocess.PIPE),
+        stderr=kwargs.pop("stderr", subprocess.PIPE),
+        env=env,
+        text=True,
+        **kwargs,
+    )

@@ -1,0 +1,283 @@
+"""call_later / call_at: ordering, TimerHandle, cancellation, the loop clock."""
+
+from __future__ import annotations
+
+import asyncio
+import decimal
+import random
+import threading
+import time
+
+import pytest
+from _util import run_briefly, run_until
+
+
+def test_call_later_returns_timer_handle(loop):
+    h = loop.call_later(10, print)
+    assert isinstance(h, asyncio.TimerHandle)
+    assert type(h).__name__ == "TimerHandle"
+    h2 = loop.call_at(loop.time() + 10, print)
+    assert isinstance(h2, asyncio.TimerHandle)
+    h.cancel()
+    h2.cancel()
+
+
+def test_timers_fire_in_deadline_order(loop):
+    order = []
+    for delay in (0.03, 0.01, 0.02, 0.0):
+        loop.call_later(delay, order.append, delay)
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert order == [0.0, 0.01, 0.02, 0.03]
+
+
+def test_zero_and_negative_delays_vs_call_soon(loop):
+    """Due timers are appended to the ready queue after the callbacks already there,
+    in deadline order, and run in the same iteration."""
+    order = []
+    loop.call_soon(order.append, "soon1")
+    loop.call_later(0, order.append, "later0")
+    loop.call_later(-1, order.append, "later-1")
+    loop.call_soon(order.append, "soon2")
+    loop.call_at(loop.time() - 5, order.append, "at-5")
+    loop.call_later(-0.5, order.append, "later-0.5")
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    assert order == ["soon1", "soon2", "at-5", "later-1", "later-0.5", "later0"]
+
+
+def test_zero_delay_scheduled_from_callback(loop):
+    order = []
+
+    def cb():
+        order.append("cb")
+        loop.call_later(0, order.append, "later0")
+        loop.call_soon(order.append, "soon")
+
+    loop.call_soon(cb)
+    loop.call_soon(order.append, "batch")
+    run_briefly(loop)
+    assert order == ["cb", "batch"]
+    run_briefly(loop)
+    assert order == ["cb", "batch", "soon", "later0"]
+
+
+def test_stop_does_not_wait_for_future_timers(loop):
+    order = []
+    loop.call_later(10, order.append, "late")
+    t0 = time.monotonic()
+    run_briefly(loop)
+    assert time.monotonic() - t0 < 1
+    assert order == []
+
+
+def test_timer_handle_when(loop):
+    before = loop.time()
+    h = loop.call_later(5, print)
+    after = loop.time()
+    assert before + 5 <= h.when() <= after + 5
+    assert isinstance(h.when(), float)
+    h_at = loop.call_at(1234.5, print)
+    assert h_at.when() == 1234.5
+    h_int = loop.call_at(5, print)
+    assert h_int.when() == 5
+    assert type(h_int.when()) is int
+    for x in (h, h_at, h_int):
+        x.cancel()
+
+
+def test_timer_handle_repr(loop):
+    loop.set_debug(False)
+    h = loop.call_at(5, print, 1)
+    assert repr(h) == "<TimerHandle when=5 print(1)>"
+    h.cancel()
+    assert repr(h) == "<TimerHandle cancelled when=5>"
+
+
+def test_timer_handle_ordering_and_equality(loop):
+    h1 = loop.call_at(10, print)
+    h2 = loop.call_at(20, print)
+    h1_same = loop.call_at(10, print)
+    h1_other_args = loop.call_at(10, print, 1)
+    assert h1 < h2
+    assert h1 <= h2
+    assert h2 > h1
+    assert h2 >= h1
+    assert h1 <= h1_same
+    assert h1 >= h1_same
+    assert not h1 < h1_same
+    assert h1 == h1_same
+    assert h1 != h2
+    assert h1 != h1_other_args
+    assert hash(h1) == hash(h1_same) == hash(10)
+    assert sorted([h2, h1]) == [h1, h2]
+    h1_same.cancel()
+    assert h1 != h1_same
+    for h in (h1, h2, h1_other_args):
+        h.cancel()
+
+
+def test_cancelled_timer_does_not_fire(loop):
+    called = []
+    h = loop.call_later(0.01, called.append, "cancelled")
+    loop.call_later(0.02, called.append, "kept")
+    assert not h.cancelled()
+    h.cancel()
+    assert h.cancelled()
+    h.cancel()
+    loop.call_later(0.03, loop.stop)
+    loop.run_forever()
+    assert called == ["kept"]
+
+
+def test_cancel_timer_from_earlier_timer(loop):
+    called = []
+    victim = None
+
+    def killer():
+        called.append("killer")
+        victim.cancel()
+
+    loop.call_later(0.01, killer)
+    victim = loop.call_later(0.01, called.append, "victim")
+    run_until(loop, lambda: called)
+    loop.call_later(0.02, loop.stop)
+    loop.run_forever()
+    assert called == ["killer"]
+
+
+def test_many_timers_half_cancelled(loop):
+    """10k timers, every other one cancelled (lazy cancel: they stay in the queue)."""
+    n = 10_000
+    fired = []
+    now = loop.time()
+    handles = []
+    for i in range(n):
+        handles.append(loop.call_at(now + 0.001 + i * 1e-5, fired.append, i))
+    for h in handles[::2]:
+        h.cancel()
+    last = handles[-1]
+    run_until(loop, lambda: len(fired) == n // 2)
+    assert fired == list(range(1, n, 2))
+    assert last.when() <= loop.time() + 1e-6
+
+
+def test_many_timers_mostly_cancelled_in_random_order(loop):
+    """More than half cancelled: the queue is compacted; the survivors still fire in
+    deadline order."""
+    n = 10_000
+    rng = random.Random(42)
+    whens = [rng.uniform(0.001, 0.1) for _ in range(n)]
+    now = loop.time()
+    fired = []
+    handles = [loop.call_at(now + w, fired.append, i) for i, w in enumerate(whens)]
+    cancelled = set(rng.sample(range(n), 7_000))
+    for i in cancelled:
+        handles[i].cancel()
+    survivors = sorted(set(range(n)) - cancelled, key=lambda i: whens[i])
+    run_until(loop, lambda: len(fired) >= len(survivors))
+    run_briefly(loop)
+    assert fired == survivors
+
+
+def test_timers_cancelled_while_running(loop):
+    n = 2_000
+    fired = []
+    now = loop.time()
+    handles = []
+
+    def cb(i):
+        fired.append(i)
+        # Each timer cancels the one three places after it.
+        if i + 3 < n:
+            handles[i + 3].cancel()
+
+    for i in range(n):
+        handles.append(loop.call_at(now + 0.001 + i * 1e-5, cb, i))
+    expected = []
+    cancelled = set()
+    for i in range(n):
+        if i in cancelled:
+            continue
+        expected.append(i)
+        cancelled.add(i + 3)
+    run_until(loop, lambda: fired and fired[-1] >= expected[-1])
+    assert fired == expected
+
+
+def test_timer_does_not_fire_early(loop):
+    seen = []
+    h = loop.call_later(0.05, lambda: seen.append(loop.time()))
+    t0 = time.monotonic()
+    run_until(loop, lambda: seen)
+    assert time.monotonic() - t0 >= 0.05 - 0.002
+    assert seen[0] >= h.when() - 0.001
+
+
+def test_sleep_duration(loop):
+    async def main():
+        t0 = loop.time()
+        await asyncio.sleep(0.05)
+        return loop.time() - t0
+
+    elapsed = loop.run_until_complete(main())
+    assert 0.049 <= elapsed < 0.5
+
+
+def test_loop_time_is_monotonic_clock(loop):
+    for _ in range(100):
+        a = time.monotonic()
+        t = loop.time()
+        b = time.monotonic()
+        assert a <= t <= b
+
+
+@pytest.mark.parametrize(
+    ("delay", "exc_type", "message"),
+    [
+        (None, TypeError, "delay must not be None"),
+        ("1", TypeError, "unsupported operand type(s) for +: 'float' and 'str'"),
+        (
+            decimal.Decimal("0.1"),
+            TypeError,
+            "unsupported operand type(s) for +: 'float' and 'decimal.Decimal'",
+        ),
+        (10**400, OverflowError, "int too large to convert to float"),
+    ],
+    ids=["None", "str", "Decimal", "huge-int"],
+)
+def test_call_later_bad_delay(loop, delay, exc_type, message):
+    with pytest.raises(exc_type) as info:
+        loop.call_later(delay, print)
+    assert type(info.value) is exc_type
+    assert str(info.value) == message
+
+
+def test_call_at_none(loop):
+    with pytest.raises(TypeError, match="^when cannot be None$"):
+        loop.call_at(None, print)
+
+
+def test_far_future_timers_do_not_block_stop(loop):
+    hs = [loop.call_later(d, print) for d in (1e9, float("inf"))]
+    hs.append(loop.call_at(1e300, print))
+    t0 = time.monotonic()
+    loop.call_later(0.01, loop.stop)
+    loop.run_forever()
+    assert time.monotonic() - t0 < 1
+    for h in hs:
+        h.cancel()
+
+
+@pytest.mark.timeout(10)
+def test_nan_delay(loop):
+    """asyncio treats a NaN deadline as due (it never compares >= the end time)."""
+    fired = []
+    loop.call_later(float("nan"), fired.append, "nan")
+    stopper = threading.Timer(0.3, loop.call_soon_threadsafe, (loop.stop,))
+    stopper.start()
+    try:
+        loop.run_forever()
+    finally:
+        stopper.join()
+    assert fired == ["nan"]
