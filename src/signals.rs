@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyInt, PyTuple};
 
 use crate::event_loop::LoopCore;
-use crate::py::handle::types;
+use crate::py::handle::{OwnedHandle, types};
 use crate::py::{self, import_attr};
 use crate::reactor::{Registrar, SIGNAL_TOKEN};
 
@@ -27,7 +27,7 @@ pub(crate) struct SignalState {
     read: Option<UnixStream>,
     /// Write end, given to `signal.set_wakeup_fd`.
     write: Option<UnixStream>,
-    handlers: HashMap<i32, Py<PyAny>>,
+    handlers: HashMap<i32, OwnedHandle>,
     /// `set_wakeup_fd`'s previous value while `run_forever` has ours installed.
     saved_wakeup_fd: Option<i64>,
 }
@@ -50,11 +50,11 @@ impl SignalState {
         self.write.as_ref().map(|w| w.as_raw_fd())
     }
 
-    pub fn handles(&self) -> impl Iterator<Item = &Py<PyAny>> {
+    pub fn handles(&self) -> impl Iterator<Item = &OwnedHandle> {
         self.handlers.values()
     }
 
-    pub fn take_handles(&mut self) -> HashMap<i32, Py<PyAny>> {
+    pub fn take_handles(&mut self) -> HashMap<i32, OwnedHandle> {
         std::mem::take(&mut self.handlers)
     }
 
@@ -157,7 +157,7 @@ pub(crate) fn add_signal_handler<'py>(
         None,
         None,
     )?;
-    let item = handle.unbind();
+    let item = OwnedHandle::new(&handle);
     let old = core
         .state
         .with(py, |s| s.signals.handlers.insert(signum, item));
@@ -331,12 +331,11 @@ pub(crate) fn dispatch(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             s.signals.handlers.get(&signum).map(|h| h.clone_ref(py))
         });
         let Some(handle) = handle else { continue };
-        let handle = handle.into_bound(py);
-        if t.is_cancelled(&handle) {
+        if t.is_cancelled(handle.bind(py)) {
+            drop(handle);
             remove_signal_handler(slf, &signum.into_pyobject(py)?.into_any())?;
         } else {
-            let item = handle.unbind();
-            core.state.with(py, |s| s.ready.push(item));
+            core.state.with(py, |s| s.ready.push(handle));
         }
     }
     py::check_signals(py)

@@ -9,12 +9,19 @@ from typing_extensions import disjoint_base
 
 _T = TypeVar("_T")
 
-__all__ = ["LoopCore", "__version__", "_install_handle_types", "_sighandler_noop"]
+__all__ = ["Handle", "LoopCore", "TimerHandle", "__version__", "_sighandler_noop"]
 
 __version__: str
 
-def _install_handle_types(handle: type[asyncio.Handle], timer: type[asyncio.TimerHandle]) -> None:
-    """Register the handle classes the loop instantiates."""
+class Handle(asyncio.Handle):
+    """A callback scheduled with call_soon() (an asyncio.Handle)."""
+
+    def get_context(self) -> contextvars.Context: ...
+
+class TimerHandle(asyncio.TimerHandle):
+    """A callback scheduled with call_later() / call_at() (an asyncio.TimerHandle)."""
+
+    def get_context(self) -> contextvars.Context: ...
 
 def _sighandler_noop(_signum: Any, _frame: Any) -> None:
     """Dummy Python-level signal handler used with add_signal_handler()."""

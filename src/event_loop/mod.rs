@@ -17,7 +17,7 @@ use pyo3::types::{PyDict, PyInt, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors;
-use crate::py::handle::types;
+use crate::py::handle::{OwnedHandle, types};
 use crate::py::{self, GilCell, import_attr};
 use crate::reactor::{Poller, Registrar};
 use crate::ready::ReadyQueue;
@@ -30,14 +30,14 @@ const MAXIMUM_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
 /// The reader and writer handles registered for one file descriptor.
 #[derive(Default)]
 pub(crate) struct IoHandles {
-    pub reader: Option<Py<PyAny>>,
-    pub writer: Option<Py<PyAny>>,
+    pub reader: Option<OwnedHandle>,
+    pub writer: Option<OwnedHandle>,
 }
 
 /// Everything the loop mutates. Owned by whichever thread holds the GIL (see `GilCell`).
 pub(crate) struct State {
-    pub ready: ReadyQueue<Py<PyAny>>,
-    pub timers: TimerQueue<Py<PyAny>>,
+    pub ready: ReadyQueue<OwnedHandle>,
+    pub timers: TimerQueue<OwnedHandle>,
     pub stopping: bool,
     pub closed: bool,
     /// `threading.get_ident()` of the thread running the loop, if it is running.
@@ -49,7 +49,7 @@ pub(crate) struct State {
     pub io: HashMap<RawFd, IoHandles>,
     pub signals: SignalState,
     /// The handle being run, in debug mode (for the default exception handler).
-    pub current_handle: Option<Py<PyAny>>,
+    pub current_handle: Option<OwnedHandle>,
     /// `None` once the loop is closed.
     pub registrar: Option<Registrar>,
     /// True while the loop thread is blocked in poll with the GIL released: a
@@ -178,7 +178,7 @@ impl LoopCore {
         let tb = core.check_call(py, callback, method, true)?;
         let handle = Self::new_handle(slf, callback, args, context, tb, Some(when_obj))?;
         types()?.set_scheduled(&handle, true);
-        let item = handle.clone().unbind();
+        let item = OwnedHandle::new(&handle);
         core.state.with(py, |s| s.timers.push(when, item));
         Ok(handle)
     }
@@ -301,7 +301,7 @@ impl LoopCore {
         let core = slf.get();
         let tb = core.check_call(py, callback, "call_soon", true)?;
         let handle = Self::new_handle(slf, callback, args, context, tb, None)?;
-        let item = handle.clone().unbind();
+        let item = OwnedHandle::new(&handle);
         core.state.with(py, |s| s.ready.push(item));
         Ok(handle)
     }
@@ -317,7 +317,7 @@ impl LoopCore {
         let core = slf.get();
         let tb = core.check_call(py, callback, "call_soon_threadsafe", false)?;
         let handle = Self::new_handle(slf, callback, args, context, tb, None)?;
-        let item = handle.clone().unbind();
+        let item = OwnedHandle::new(&handle);
         // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
         //       loop sets `polling` under the GIL right before it releases it to block,
         //       so a push that sees `polling == false` is seen by the loop before it
@@ -419,7 +419,7 @@ impl LoopCore {
     #[getter]
     fn _current_handle(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.state
-            .with(py, |s| s.current_handle.as_ref().map(|h| h.clone_ref(py)))
+            .with(py, |s| s.current_handle.as_ref().map(|h| h.bind(py).clone().unbind()))
     }
 
     /// Releases the reactor, the queues and the signal handlers. The Python `close`
@@ -626,21 +626,18 @@ impl LoopCore {
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         // SAFETY: the collector runs with the GIL held and never inside `GilCell::with`.
         let s = unsafe { self.state.get_unchecked() };
-        for h in s.ready.iter() {
-            visit.call(h)?;
-        }
-        for h in s.timers.iter() {
-            visit.call(h)?;
-        }
-        for io in s.io.values() {
-            visit.call(&io.reader)?;
-            visit.call(&io.writer)?;
-        }
-        for h in s.signals.handles() {
-            visit.call(h)?;
+        let Ok(t) = types() else { return Ok(()) };
+        let handles = s
+            .ready
+            .iter()
+            .chain(s.timers.iter())
+            .chain(s.io.values().flat_map(|io| io.reader.iter().chain(io.writer.iter())))
+            .chain(s.signals.handles())
+            .chain(s.current_handle.iter());
+        for h in handles {
+            t.traverse_owned(h, |p| visit.call(p))?;
         }
         visit.call(&s.task_factory)?;
-        visit.call(&s.current_handle)?;
         Ok(())
     }
 
@@ -675,7 +672,7 @@ impl LoopCore {
         core.check_closed(py)?;
         let fd = checked_fd(fd)?;
         let handle = Self::new_handle(slf, callback, args, None, None, None)?;
-        let item = handle.unbind();
+        let item = OwnedHandle::new(&handle);
         let res = core.state.with(py, |s| {
             let Some(reg) = s.registrar.as_ref() else {
                 return Err(None);

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 
 use super::{LoopCore, MAXIMUM_SELECT_TIMEOUT, State, closed_error, exception_handler};
 use crate::errors;
-use crate::py::handle::{HandleTypes, types};
+use crate::py::handle::{HandleTypes, OwnedHandle, types};
 use crate::py::{self, import_attr};
 use crate::reactor::{Readiness, SIGNAL_TOKEN, WAKER_TOKEN};
 use crate::signals;
@@ -53,7 +53,7 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     let core = slf.get();
     let t = types()?;
 
-    let mut removed: Vec<Py<PyAny>> = Vec::new();
+    let mut removed: Vec<OwnedHandle> = Vec::new();
     core.state.with(py, |s| {
         s.timers
             .purge_cancelled(|h| t.is_cancelled(h.bind(py)), &mut removed)
@@ -119,7 +119,7 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     }
 
     let mut signalled = false;
-    let mut released: Vec<Py<PyAny>> = Vec::new();
+    let mut released: Vec<OwnedHandle> = Vec::new();
     for ev in &events {
         match ev.token {
             WAKER_TOKEN => {}
@@ -148,14 +148,14 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let Some(h) = core.state.with(py, |s| s.ready.pop()) else {
             break;
         };
-        let h = h.into_bound(py);
-        if t.is_cancelled(&h) {
+        let hb = h.bind(py);
+        if t.is_cancelled(hb) {
             continue;
         }
         if core.debug(py) {
-            run_debug(slf, t, &h)?;
-        } else if let Err(e) = t.call(&h) {
-            exception_handler::callback_error(slf, &h, e)?;
+            run_debug(slf, t, hb)?;
+        } else if let Err(e) = t.call(hb) {
+            exception_handler::callback_error(slf, hb, e)?;
         }
     }
     Ok(())
@@ -170,7 +170,7 @@ fn process_io(
     t: &HandleTypes,
     fd: i32,
     ev: &Readiness,
-    released: &mut Vec<Py<PyAny>>,
+    released: &mut Vec<OwnedHandle>,
 ) {
     let Some(entry) = s.io.get_mut(&fd) else {
         return;
@@ -208,7 +208,7 @@ fn process_io(
 fn run_debug(slf: &Bound<'_, LoopCore>, t: &HandleTypes, h: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = slf.py();
     let core = slf.get();
-    let item = h.clone().unbind();
+    let item = OwnedHandle::new(h);
     let prev = core.state.with(py, |s| s.current_handle.replace(item));
     drop(prev);
     let t0 = crate::sys::monotonic();
