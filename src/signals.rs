@@ -156,6 +156,7 @@ pub(crate) fn add_signal_handler<'py>(
         py::copy_context(py)?,
         None,
         None,
+        !core.state.with(py, |s| s.thread_id.is_some()),
     )?;
     let item = OwnedHandle::new(&handle);
     let old = core

@@ -87,10 +87,18 @@ impl<T> TimerQueue<T> {
         self.heap.pop().map(|e| (e.when, e.item))
     }
 
-    /// Pops the head if its deadline is before `end`.
+    /// Pops the head unless its deadline is at or after `end` (asyncio's test, so a NaN
+    /// deadline is due at once, as it is there).
     pub fn pop_due(&mut self, end: f64) -> Option<T> {
         match self.heap.peek() {
-            Some(e) if e.when < end => self.heap.pop().map(|e| e.item),
+            Some(e)
+                if !matches!(
+                    e.when.partial_cmp(&end),
+                    Some(Ordering::Greater | Ordering::Equal)
+                ) =>
+            {
+                self.heap.pop().map(|e| e.item)
+            }
             _ => None,
         }
     }
@@ -211,6 +219,13 @@ mod tests {
             assert!(i >= 600);
             last = w;
         }
+    }
+
+    #[test]
+    fn nan_deadline_is_due_at_once() {
+        let mut q = TimerQueue::new();
+        q.push(f64::NAN, "nan");
+        assert_eq!(q.pop_due(0.0), Some("nan"));
     }
 
     #[test]

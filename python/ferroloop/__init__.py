@@ -29,6 +29,9 @@ __all__ = [
 
 def run(main, *, debug=None):
     """Run a coroutine on a new ferroloop loop, as :func:`asyncio.run` does."""
+    if _asyncio.events._get_running_loop() is not None:
+        # Checked before the runner exists, with asyncio.run's message.
+        raise RuntimeError("asyncio.run() cannot be called from a running event loop")
     if _sys.version_info >= (3, 12):
         return _asyncio.run(main, debug=debug, loop_factory=new_event_loop)
     if _sys.version_info >= (3, 11):

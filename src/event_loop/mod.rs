@@ -11,7 +11,9 @@ use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::Mutex;
 
-use pyo3::exceptions::{PyAttributeError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyAttributeError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyInt, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
@@ -153,6 +155,7 @@ impl LoopCore {
             Some(c) if !c.is_none() => c,
             _ => py::copy_context(py)?,
         };
+        let track = !slf.get().is_running(py);
         types()?.new_handle(
             callback,
             args,
@@ -160,6 +163,7 @@ impl LoopCore {
             context,
             source_traceback,
             when,
+            track,
         )
     }
 
@@ -216,15 +220,14 @@ fn extract_stack(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 
 /// The integer behind a file object, as asyncio's `_ensure_fd_no_transport` and
 /// `selectors._fileobj_to_fd` find it: an int, or `int(fileobj.fileno())`.
-fn fileobj_to_int(fileobj: &Bound<'_, PyAny>) -> PyResult<i64> {
+fn fileobj_to_int<'py>(fileobj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = fileobj.py();
     if fileobj.is_instance_of::<PyInt>() {
-        return fileobj.extract::<i64>();
+        return Ok(fileobj.clone());
     }
     let res = fileobj
         .call_method0(pyo3::intern!(py, "fileno"))
-        .and_then(|f| py.get_type::<PyInt>().call1((f,)))
-        .and_then(|f| f.extract::<i64>());
+        .and_then(|f| py.get_type::<PyInt>().call1((f,)));
     match res {
         Ok(fd) => Ok(fd),
         Err(e)
@@ -241,14 +244,51 @@ fn fileobj_to_int(fileobj: &Bound<'_, PyAny>) -> PyResult<i64> {
     }
 }
 
-/// A non-negative descriptor, or asyncio's ValueError.
-fn checked_fd(fd: i64) -> PyResult<RawFd> {
-    if fd < 0 {
-        return Err(PyValueError::new_err(format!(
-            "Invalid file descriptor: {fd}"
-        )));
+/// A descriptor number as the selector sees it.
+enum FdNum {
+    Fd(RawFd),
+    /// Larger than a C int: epoll cannot take it (asyncio raises OverflowError on add).
+    TooLarge,
+}
+
+/// asyncio's ValueError for negative descriptors; C-int range otherwise.
+fn classify_fd(n: &Bound<'_, PyAny>) -> PyResult<FdNum> {
+    if n.lt(0)? {
+        return Err(PyValueError::new_err(format!("Invalid file descriptor: {n}")));
     }
-    RawFd::try_from(fd).map_err(|_| PyValueError::new_err(format!("Invalid file descriptor: {fd}")))
+    Ok(match n.extract::<i32>() {
+        Ok(fd) => FdNum::Fd(fd),
+        Err(_) => FdNum::TooLarge,
+    })
+}
+
+/// Calls a custom task factory. Python 3.14 passes every keyword argument through; older
+/// Pythons call `factory(loop, coro)` (adding `context=` only when one is given) and
+/// apply `name` with `set_name`, so factories written for them keep working. Keyword
+/// arguments those Pythons did not have (`eager_start`, ...) are passed through.
+fn call_task_factory<'py>(
+    slf: &Bound<'py, LoopCore>,
+    factory: &Bound<'py, PyAny>,
+    coro: &Bound<'py, PyAny>,
+    kwargs: Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = slf.py();
+    if py.version_info() >= (3, 14) {
+        return factory.call((slf, coro), Some(&kwargs));
+    }
+    let name = kwargs.get_item("name")?;
+    if name.is_some() {
+        kwargs.del_item("name")?;
+    }
+    if kwargs.get_item("context")?.is_some_and(|c| c.is_none()) {
+        kwargs.del_item("context")?;
+    }
+    let kwargs = (!kwargs.is_empty()).then_some(kwargs);
+    let task = factory.call((slf, coro), kwargs.as_ref())?;
+    if let Some(name) = name.filter(|n| !n.is_none()) {
+        task.call_method1("set_name", (name,))?;
+    }
+    Ok(task)
 }
 
 #[pymethods]
@@ -362,7 +402,8 @@ impl LoopCore {
         })?;
         let when = now + delay;
         let when_obj = pyo3::types::PyFloat::new(py, when).into_any();
-        Self::schedule_timer(slf, when, when_obj, callback, args, context, "call_later")
+        // NOTE: asyncio's call_later delegates to call_at, so its debug checks name call_at.
+        Self::schedule_timer(slf, when, when_obj, callback, args, context, "call_at")
     }
 
     #[pyo3(signature = (when, callback, *args, context=None))]
@@ -418,8 +459,11 @@ impl LoopCore {
 
     #[getter]
     fn _current_handle(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.state
-            .with(py, |s| s.current_handle.as_ref().map(|h| h.bind(py).clone().unbind()))
+        self.state.with(py, |s| {
+            s.current_handle
+                .as_ref()
+                .map(|h| h.bind(py).clone().unbind())
+        })
     }
 
     /// Releases the reactor, the queues and the signal handlers. The Python `close`
@@ -518,8 +562,7 @@ impl LoopCore {
             .state
             .with(py, |s| s.task_factory.as_ref().map(|f| f.clone_ref(py)));
         if let Some(f) = factory {
-            let f = f.into_bound(py);
-            return f.call((slf, coro), Some(&kwargs));
+            return call_task_factory(slf, &f.into_bound(py), coro, kwargs);
         }
         let task_cls = import_attr!(py, "asyncio.tasks", "Task")?;
         // NOTE: Python 3.12 added Task(eager_start=). On older Pythons the loop emulates it:
@@ -631,7 +674,10 @@ impl LoopCore {
             .ready
             .iter()
             .chain(s.timers.iter())
-            .chain(s.io.values().flat_map(|io| io.reader.iter().chain(io.writer.iter())))
+            .chain(
+                s.io.values()
+                    .flat_map(|io| io.reader.iter().chain(io.writer.iter())),
+            )
             .chain(s.signals.handles())
             .chain(s.current_handle.iter());
         for h in handles {
@@ -670,7 +716,11 @@ impl LoopCore {
         let core = slf.get();
         let fd = fileobj_to_int(fd)?;
         core.check_closed(py)?;
-        let fd = checked_fd(fd)?;
+        let FdNum::Fd(fd) = classify_fd(&fd)? else {
+            return Err(PyOverflowError::new_err(
+                "Python int too large to convert to C int",
+            ));
+        };
         let handle = Self::new_handle(slf, callback, args, None, None, None)?;
         let item = OwnedHandle::new(&handle);
         let res = core.state.with(py, |s| {
@@ -708,7 +758,9 @@ impl LoopCore {
         if core.state.with(py, |s| s.closed) {
             return Ok(false);
         }
-        let fd = checked_fd(fd)?;
+        let FdNum::Fd(fd) = classify_fd(&fd)? else {
+            return Ok(false);
+        };
         let res = core.state.with(py, |s| {
             let Some(entry) = s.io.get_mut(&fd) else {
                 return Ok(None);

@@ -6,6 +6,7 @@ use std::io;
 use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
+use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 
 use super::{LoopCore, MAXIMUM_SELECT_TIMEOUT, State, closed_error, exception_handler};
@@ -31,7 +32,11 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     let mut result = signals::enter_run(slf);
     if result.is_ok() {
         result = loop {
-            if let Err(e) = run_once(slf) {
+            // NOTE: a Rust panic must not leave the loop marked running with the signal
+            //       wake-up fd installed: it becomes a PanicException after the clean-up.
+            let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_once(slf)))
+                .unwrap_or_else(|payload| Err(panic_error(payload)));
+            if let Err(e) = once {
                 break Err(e);
             }
             if core.state.with(py, |s| s.stopping) {
@@ -42,6 +47,10 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     core.state.with(py, |s| {
         s.stopping = false;
         s.thread_id = None;
+        // Outside run_forever every shared handle is tracked (see `OwnedHandle`).
+        for h in s.ready.iter() {
+            h.track_if_shared();
+        }
     });
     let restored = signals::leave_run(slf);
     result.and(restored)
@@ -67,9 +76,9 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let timeout = if !s.ready.is_empty() || s.stopping {
             Some(0.0)
         } else {
-            s.timers.peek().map(|(when, _)| {
-                (when - crate::sys::monotonic()).clamp(0.0, MAXIMUM_SELECT_TIMEOUT)
-            })
+            s.timers
+                .peek()
+                .map(|(when, _)| select_timeout(when - crate::sys::monotonic()))
         };
         s.polling = timeout != Some(0.0);
         timeout
@@ -159,6 +168,27 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         }
     }
     Ok(())
+}
+
+/// A caught Rust panic as a Python `PanicException` carrying the panic message.
+fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
+    let msg = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "Rust panic in the event loop".to_string());
+    PanicException::new_err(msg)
+}
+
+/// `min(max(0, delta), MAXIMUM_SELECT_TIMEOUT)` as asyncio computes it: NaN gives 0.
+fn select_timeout(delta: f64) -> f64 {
+    if delta > MAXIMUM_SELECT_TIMEOUT {
+        MAXIMUM_SELECT_TIMEOUT
+    } else if delta > 0.0 {
+        delta
+    } else {
+        0.0
+    }
 }
 
 /// asyncio's `_process_events` for one descriptor, plus the re-arm that gives mio's

@@ -434,8 +434,10 @@ unsafe extern "C" fn handle_dealloc(slf: *mut ffi::PyObject) {
 
 impl HandleTypes {
     /// Allocates a handle (a timer handle when `when` is given) with asyncio's slots set
-    /// as `Handle.__init__` / `TimerHandle.__init__` would set them.
+    /// as `Handle.__init__` / `TimerHandle.__init__` would set them. `track`: whether a
+    /// plain handle starts tracked by the cycle collector (see the note below).
     #[inline]
+    #[allow(clippy::too_many_arguments)] // asyncio's slots, one argument each
     pub fn new_handle<'py>(
         &self,
         callback: &Bound<'py, PyAny>,
@@ -444,6 +446,7 @@ impl HandleTypes {
         context: Bound<'py, PyAny>,
         source_traceback: Option<Bound<'py, PyAny>>,
         when: Option<Bound<'py, PyAny>>,
+        track: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = callback.py();
         let kind = if when.is_some() {
@@ -484,17 +487,19 @@ impl HandleTypes {
                 *slot_ptr(o, self.off.when) = when.into_ptr();
                 *slot_ptr(o, self.off.scheduled) = new_ref(ffi::Py_False());
             }
-            // NOTE: call_soon handles stay untracked by the cycle collector while the loop
-            //       owns them: the loop visits what they reference on their behalf
-            //       (`traverse_owned`), and one still referenced elsewhere when the loop
-            //       lets go of it is tracked then (`OwnedHandle::drop`). Short-lived
-            //       handles thus never enter a collection: tracked, they cost ~30 ns of the
-            //       ~250 ns per call_soon callback measured with perf (1M callbacks).
-            //       Timer handles are usually kept by their caller (asyncio.sleep,
-            //       timeouts) for as long as they are scheduled, so they stay tracked.
-            match (kind, recycled.is_some()) {
-                (KIND_HANDLE, false) => ffi::PyObject_GC_UnTrack(o.cast()),
-                (KIND_TIMER, true) => ffi::PyObject_GC_Track(o.cast()),
+            // NOTE: handles created while the loop runs stay untracked by the cycle
+            //       collector while the loop owns them: the loop visits what they reference
+            //       on their behalf (`traverse_owned`), and one still referenced elsewhere
+            //       when the loop lets go of it, or when run_forever returns, is tracked
+            //       then (`OwnedHandle`). Short-lived handles thus never enter a collection:
+            //       tracked, they cost 2806 instead of 2271 instructions per call_soon
+            //       callback (callgrind, benchmark loop included; rloop: 2252). Timer
+            //       handles are usually kept by their caller (asyncio.sleep, timeouts) for
+            //       as long as they are scheduled, so they are always tracked.
+            let want_tracked = track || kind == KIND_TIMER;
+            match (recycled.is_some(), want_tracked) {
+                (false, false) => ffi::PyObject_GC_UnTrack(o.cast()),
+                (true, true) => ffi::PyObject_GC_Track(o.cast()),
                 _ => {}
             }
             Ok(obj)
@@ -668,10 +673,9 @@ unsafe fn new_ref(p: *mut ffi::PyObject) -> *mut ffi::PyObject {
 /// `new_handle`). While the loop is the only owner of an untracked handle, `HandleTypes::traverse_owned` reports the handle's
 /// references as the loop's own; when the loop lets go of a handle that something else
 /// still references, dropping the `OwnedHandle` starts tracking it, so cycles through it
-/// are collected from then on. Known limit: a cycle through a call_soon handle that is
-/// still queued *and* referenced elsewhere is not collected while the loop holds it (the
-/// loop must then be dropped without being closed, which asyncio warns about anyway).
-/// Must be dropped with the GIL held (every loop method holds it).
+/// are collected from then on; `run_forever` does the same for every queued handle when
+/// it returns, so outside `run_forever` a shared handle is always tracked. Must be dropped
+/// with the GIL held (every loop method holds it).
 pub struct OwnedHandle(Py<PyAny>);
 
 impl OwnedHandle {
@@ -691,17 +695,25 @@ impl OwnedHandle {
     }
 }
 
-impl Drop for OwnedHandle {
+impl OwnedHandle {
+    /// Starts tracking the handle if something besides the loop references it.
     #[inline]
-    fn drop(&mut self) {
+    pub fn track_if_shared(&self) {
         let p = self.0.as_ptr();
-        // SAFETY: dropped with the GIL held (type contract); `p` is live until the field
-        // drop that follows releases this reference.
+        // SAFETY: called with the GIL held (type contract) on a live object; tracking an
+        // untracked GC object runs no Python code.
         unsafe {
             if ffi::Py_REFCNT(p) > 1 && ffi::PyObject_GC_IsTracked(p) == 0 {
                 ffi::PyObject_GC_Track(p.cast());
             }
         }
+    }
+}
+
+impl Drop for OwnedHandle {
+    #[inline]
+    fn drop(&mut self) {
+        self.track_if_shared();
     }
 }
 
