@@ -279,6 +279,13 @@ pub(crate) fn enter_run(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         return Ok(());
     };
     match set_wakeup_fd(py, wfd as i64) {
+        Ok(prev) if prev != -1 && prev != wfd as i64 => {
+            // NOTE: another wake-up fd is installed (another loop's signal handlers, or the
+            //       application's): keep it, so its signals still reach it. Ctrl+C still
+            //       interrupts this loop's poll through EINTR on the main thread.
+            set_wakeup_fd(py, prev)?;
+            Ok(())
+        }
         Ok(prev) => {
             slf.get()
                 .state

@@ -25,6 +25,10 @@ _logger = asyncio.log.logger
 # asyncio.constants.DEBUG_STACK_DEPTH
 _DEBUG_STACK_DEPTH = 10
 
+# asyncio runs a custom exception handler in the failing task's or handle's context from
+# Python 3.12 on; before, in the loop's. ferroloop follows the running Python's asyncio.
+_HANDLER_IN_CONTEXT = sys.version_info >= (3, 12)
+
 
 def _not_implemented(name: str, is_async: bool):
     message = f"ferroloop does not implement loop.{name}() yet"
@@ -161,12 +165,14 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
             return
         if self.get_debug():
             _logger.debug("Close %r", self)
-        super().close()
-        self._executor_shutdown_called = True
-        executor = self._default_executor
-        if executor is not None:
-            self._default_executor = None
-            executor.shutdown(wait=False)
+        try:
+            super().close()
+        finally:
+            self._executor_shutdown_called = True
+            executor = self._default_executor
+            if executor is not None:
+                self._default_executor = None
+                executor.shutdown(wait=False)
 
     def _set_coroutine_origin_tracking(self, enabled: bool) -> None:
         if bool(enabled) == bool(self._coroutine_origin_tracking_enabled):
@@ -314,8 +320,8 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
         _logger.error("\n".join(log_lines), exc_info=exc_info)
 
     def call_exception_handler(self, context) -> None:
-        """Call the current exception handler (Python 3.12+ semantics: a custom handler
-        runs in the context of the task or handle the error came from)."""
+        """Call the current exception handler. From Python 3.12 on (as asyncio there), a
+        custom handler runs in the context of the task or handle the error came from."""
         if self._exception_handler is None:
             try:
                 self.default_exception_handler(context)
@@ -326,12 +332,13 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
             return
         try:
             ctx = None
-            thing = context.get("task")
-            if thing is None:
-                thing = context.get("handle")
-            get_context = getattr(thing, "get_context", None)
-            if get_context is not None:
-                ctx = get_context()
+            if _HANDLER_IN_CONTEXT:
+                thing = context.get("task")
+                if thing is None:
+                    thing = context.get("handle")
+                get_context = getattr(thing, "get_context", None)
+                if get_context is not None:
+                    ctx = get_context()
             if ctx is None:
                 self._exception_handler(self, context)
             else:

@@ -15,7 +15,7 @@ use pyo3::exceptions::{
     PyAttributeError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyInt, PyTuple};
+use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors;
@@ -254,7 +254,9 @@ enum FdNum {
 /// asyncio's ValueError for negative descriptors; C-int range otherwise.
 fn classify_fd(n: &Bound<'_, PyAny>) -> PyResult<FdNum> {
     if n.lt(0)? {
-        return Err(PyValueError::new_err(format!("Invalid file descriptor: {n}")));
+        return Err(PyValueError::new_err(format!(
+            "Invalid file descriptor: {n}"
+        )));
     }
     Ok(match n.extract::<i32>() {
         Ok(fd) => FdNum::Fd(fd),
@@ -390,18 +392,15 @@ impl LoopCore {
         }
         let py = slf.py();
         let now = crate::sys::monotonic();
-        let delay: f64 = delay.extract().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "unsupported operand type(s) for +: 'float' and '{}'",
-                delay
-                    .get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            ))
-        })?;
-        let when = now + delay;
-        let when_obj = pyo3::types::PyFloat::new(py, when).into_any();
+        // NOTE: asyncio computes `self.time() + delay`; floats and ints take the fast path,
+        //       anything else goes through Python's `+` for identical results and errors.
+        let when =
+            if delay.is_exact_instance_of::<PyFloat>() || delay.is_exact_instance_of::<PyInt>() {
+                now + delay.extract::<f64>()?
+            } else {
+                PyFloat::new(py, now).add(delay)?.extract::<f64>()?
+            };
+        let when_obj = PyFloat::new(py, when).into_any();
         // NOTE: asyncio's call_later delegates to call_at, so its debug checks name call_at.
         Self::schedule_timer(slf, when, when_obj, callback, args, context, "call_at")
     }
@@ -478,7 +477,6 @@ impl LoopCore {
         if closed {
             return Ok(());
         }
-        crate::signals::remove_all(slf)?;
         let (ready, timers, io, factory, registrar) = core.state.with(py, |s| {
             s.closed = true;
             (
@@ -506,7 +504,9 @@ impl LoopCore {
         let poller = core.poller.lock().map(|mut p| p.take()).unwrap_or(None);
         let signals = core.state.with(py, |s| s.signals.close());
         drop((ready, timers, factory, registrar, poller, signals));
-        Ok(())
+        // As asyncio's unix loop: handlers are removed once the loop itself is closed, so
+        // a failure here (e.g. closing from another thread) leaves a closed loop.
+        crate::signals::remove_all(slf)
     }
 
     fn get_debug(&self, py: Python<'_>) -> bool {

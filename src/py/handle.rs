@@ -621,17 +621,17 @@ impl HandleTypes {
             ffi::Py_INCREF(cb);
             ffi::Py_INCREF(args);
             ffi::Py_INCREF(ctx);
-            let res = if ffi::PyContext_Enter(ctx) < 0 {
+            let res = if ffi::PyContext_CheckExact(ctx) == 0 || ffi::PyTuple_CheckExact(args) == 0 {
+                // Not a Context (asyncio stores what it is given): `context.run(cb, *args)`
+                // exactly as asyncio spells it, errors included.
+                call_context_run(py, ctx, cb, args)
+            } else if ffi::PyContext_Enter(ctx) < 0 {
                 ptr::null_mut()
             } else {
-                let r = if ffi::PyTuple_CheckExact(args) != 0 {
-                    let n = ffi::PyTuple_GET_SIZE(args);
-                    let items = ptr::addr_of_mut!((*(args as *mut ffi::PyTupleObject)).ob_item)
-                        as *const *mut ffi::PyObject;
-                    ffi::PyObject_Vectorcall(cb, items, n as usize, ptr::null_mut())
-                } else {
-                    ffi::PyObject_Call(cb, args, ptr::null_mut())
-                };
+                let n = ffi::PyTuple_GET_SIZE(args);
+                let items = ptr::addr_of_mut!((*(args as *mut ffi::PyTupleObject)).ob_item)
+                    as *const *mut ffi::PyObject;
+                let r = ffi::PyObject_Vectorcall(cb, items, n as usize, ptr::null_mut());
                 exit_context(ctx, r)
             };
             ffi::Py_DECREF(cb);
@@ -643,6 +643,38 @@ impl HandleTypes {
             ffi::Py_DECREF(res);
         }
         Ok(())
+    }
+}
+
+/// `ctx.run(cb, *args)` through Python attribute lookup (the slow, general path).
+///
+/// # Safety
+/// GIL held; the three pointers are live objects.
+unsafe fn call_context_run(
+    py: Python<'_>,
+    ctx: *mut ffi::PyObject,
+    cb: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: guaranteed by the caller; borrowed views only.
+    let (ctx, cb, args) = unsafe {
+        (
+            Bound::from_borrowed_ptr(py, ctx),
+            Bound::from_borrowed_ptr(py, cb),
+            Bound::from_borrowed_ptr(py, args),
+        )
+    };
+    let res = (|| -> PyResult<Bound<'_, PyAny>> {
+        let mut all = vec![cb];
+        all.extend(args.try_iter()?.collect::<PyResult<Vec<_>>>()?);
+        ctx.getattr("run")?.call1(PyTuple::new(py, all)?)
+    })();
+    match res {
+        Ok(r) => r.into_ptr(),
+        Err(e) => {
+            e.restore(py);
+            ptr::null_mut()
+        }
     }
 }
 
