@@ -77,6 +77,39 @@ pub struct LoopCore {
     clock_resolution: f64,
 }
 
+/// How a scheduling method reports itself in debug mode, as asyncio's does.
+#[derive(Clone, Copy)]
+struct Api {
+    /// The name in `_check_callback`'s messages.
+    name: &'static str,
+    /// Whether `_check_thread` applies.
+    check_thread: bool,
+    /// asyncio's own frames it trims from a handle's `_source_traceback`.
+    dropped_frames: usize,
+}
+
+const CALL_SOON: Api = Api {
+    name: "call_soon",
+    check_thread: true,
+    dropped_frames: 2,
+};
+const CALL_SOON_THREADSAFE: Api = Api {
+    name: "call_soon_threadsafe",
+    check_thread: false,
+    dropped_frames: 2,
+};
+// NOTE: asyncio's call_later delegates to call_at, so its messages name call_at.
+const CALL_LATER: Api = Api {
+    name: "call_at",
+    check_thread: true,
+    dropped_frames: 3,
+};
+const CALL_AT: Api = Api {
+    name: "call_at",
+    check_thread: true,
+    dropped_frames: 2,
+};
+
 fn closed_error() -> PyErr {
     PyRuntimeError::new_err("Event loop is closed")
 }
@@ -124,8 +157,7 @@ impl LoopCore {
         &self,
         py: Python<'py>,
         callback: &Bound<'py, PyAny>,
-        method: &str,
-        check_thread: bool,
+        api: Api,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let (closed, debug) = self.state.with(py, |s| (s.closed, s.debug));
         if closed {
@@ -134,11 +166,11 @@ impl LoopCore {
         if !debug {
             return Ok(None);
         }
-        if check_thread {
+        if api.check_thread {
             self.check_thread(py)?;
         }
-        check_callback(callback, method)?;
-        Ok(Some(extract_stack(py)?))
+        check_callback(callback, api.name)?;
+        Ok(Some(extract_stack(py, api.dropped_frames)?))
     }
 
     #[inline]
@@ -175,11 +207,11 @@ impl LoopCore {
         callback: &Bound<'py, PyAny>,
         args: Bound<'py, PyTuple>,
         context: Option<Bound<'py, PyAny>>,
-        method: &str,
+        api: Api,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let core = slf.get();
-        let tb = core.check_call(py, callback, method, true)?;
+        let tb = core.check_call(py, callback, api)?;
         let handle = Self::new_handle(slf, callback, args, context, tb, Some(when_obj))?;
         types()?.set_scheduled(&handle, true);
         let item = OwnedHandle::new(&handle);
@@ -212,10 +244,15 @@ fn check_callback(callback: &Bound<'_, PyAny>, method: &str) -> PyResult<()> {
 }
 
 /// `format_helpers.extract_stack()` of the calling Python frame (debug mode).
-fn extract_stack(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+///
+/// asyncio extracts `DEBUG_STACK_DEPTH` frames starting inside its own methods and then
+/// drops those `dropped_frames` internal frames; ferroloop's methods have no Python frames,
+/// so it extracts that many fewer, giving the same list.
+fn extract_stack(py: Python<'_>, dropped_frames: usize) -> PyResult<Bound<'_, PyAny>> {
     let getframe = import_attr!(py, "sys", "_getframe")?;
     let extract = import_attr!(py, "asyncio.format_helpers", "extract_stack")?;
-    extract.call1((getframe.call1((0,))?,))
+    let depth: usize = import_attr!(py, "asyncio.constants", "DEBUG_STACK_DEPTH")?.extract()?;
+    extract.call1((getframe.call1((0,))?, depth.saturating_sub(dropped_frames)))
 }
 
 /// The integer behind a file object, as asyncio's `_ensure_fd_no_transport` and
@@ -341,7 +378,7 @@ impl LoopCore {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let core = slf.get();
-        let tb = core.check_call(py, callback, "call_soon", true)?;
+        let tb = core.check_call(py, callback, CALL_SOON)?;
         let handle = Self::new_handle(slf, callback, args, context, tb, None)?;
         let item = OwnedHandle::new(&handle);
         core.state.with(py, |s| s.ready.push(item));
@@ -357,7 +394,7 @@ impl LoopCore {
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let core = slf.get();
-        let tb = core.check_call(py, callback, "call_soon_threadsafe", false)?;
+        let tb = core.check_call(py, callback, CALL_SOON_THREADSAFE)?;
         let handle = Self::new_handle(slf, callback, args, context, tb, None)?;
         let item = OwnedHandle::new(&handle);
         // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
@@ -401,8 +438,7 @@ impl LoopCore {
                 PyFloat::new(py, now).add(delay)?.extract::<f64>()?
             };
         let when_obj = PyFloat::new(py, when).into_any();
-        // NOTE: asyncio's call_later delegates to call_at, so its debug checks name call_at.
-        Self::schedule_timer(slf, when, when_obj, callback, args, context, "call_at")
+        Self::schedule_timer(slf, when, when_obj, callback, args, context, CALL_LATER)
     }
 
     #[pyo3(signature = (when, callback, *args, context=None))]
@@ -417,7 +453,7 @@ impl LoopCore {
             return Err(PyTypeError::new_err("when cannot be None"));
         }
         let w: f64 = when.extract()?;
-        Self::schedule_timer(slf, w, when.clone(), callback, args, context, "call_at")
+        Self::schedule_timer(slf, w, when.clone(), callback, args, context, CALL_AT)
     }
 
     fn _timer_handle_cancelled(&self, handle: &Bound<'_, PyAny>) {
