@@ -5,7 +5,7 @@ import contextvars
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from typing_extensions import disjoint_base
+from typing_extensions import disjoint_base, final
 
 _T = TypeVar("_T")
 
@@ -13,11 +13,13 @@ __all__ = ["Handle", "LoopCore", "TimerHandle", "__version__", "_sighandler_noop
 
 __version__: str
 
+@final
 class Handle(asyncio.Handle):
     """A callback scheduled with call_soon() (an asyncio.Handle)."""
 
     def get_context(self) -> contextvars.Context: ...
 
+@final
 class TimerHandle(asyncio.TimerHandle):
     """A callback scheduled with call_later() / call_at() (an asyncio.TimerHandle)."""
 

@@ -19,6 +19,7 @@ use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::errors;
+use crate::py::fastcall::SchedArgs;
 use crate::py::handle::{OwnedHandle, types};
 use crate::py::{self, GilCell, import_attr};
 use crate::reactor::{Poller, Registrar};
@@ -369,93 +370,6 @@ impl LoopCore {
         self.clock_resolution
     }
 
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon<'py>(
-        slf: &Bound<'py, Self>,
-        callback: &Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        context: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        let core = slf.get();
-        let tb = core.check_call(py, callback, CALL_SOON)?;
-        let handle = Self::new_handle(slf, callback, args, context, tb, None)?;
-        let item = OwnedHandle::new(&handle);
-        core.state.with(py, |s| s.ready.push(item));
-        Ok(handle)
-    }
-
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon_threadsafe<'py>(
-        slf: &Bound<'py, Self>,
-        callback: &Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        context: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        let core = slf.get();
-        let tb = core.check_call(py, callback, CALL_SOON_THREADSAFE)?;
-        let handle = Self::new_handle(slf, callback, args, context, tb, None)?;
-        let item = OwnedHandle::new(&handle);
-        // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
-        //       loop sets `polling` under the GIL right before it releases it to block,
-        //       so a push that sees `polling == false` is seen by the loop before it
-        //       blocks. One wake-up is sent per poll at most.
-        let wake = core.state.with(py, |s| {
-            s.ready.push(item);
-            if s.polling && !s.wake_pending {
-                s.wake_pending = true;
-                s.registrar.as_ref().map(|r| r.wake())
-            } else {
-                None
-            }
-        });
-        if let Some(Err(e)) = wake {
-            return Err(errors::from_io(e));
-        }
-        Ok(handle)
-    }
-
-    #[pyo3(signature = (delay, callback, *args, context=None))]
-    fn call_later<'py>(
-        slf: &Bound<'py, Self>,
-        delay: &Bound<'py, PyAny>,
-        callback: &Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        context: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        if delay.is_none() {
-            return Err(PyTypeError::new_err("delay must not be None"));
-        }
-        let py = slf.py();
-        let now = crate::sys::monotonic();
-        // NOTE: asyncio computes `self.time() + delay`; floats and ints take the fast path,
-        //       anything else goes through Python's `+` for identical results and errors.
-        let when =
-            if delay.is_exact_instance_of::<PyFloat>() || delay.is_exact_instance_of::<PyInt>() {
-                now + delay.extract::<f64>()?
-            } else {
-                PyFloat::new(py, now).add(delay)?.extract::<f64>()?
-            };
-        let when_obj = PyFloat::new(py, when).into_any();
-        Self::schedule_timer(slf, when, when_obj, callback, args, context, CALL_LATER)
-    }
-
-    #[pyo3(signature = (when, callback, *args, context=None))]
-    fn call_at<'py>(
-        slf: &Bound<'py, Self>,
-        when: &Bound<'py, PyAny>,
-        callback: &Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        context: Option<Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        if when.is_none() {
-            return Err(PyTypeError::new_err("when cannot be None"));
-        }
-        let w: f64 = when.extract()?;
-        Self::schedule_timer(slf, w, when.clone(), callback, args, context, CALL_AT)
-    }
-
     fn _timer_handle_cancelled(&self, handle: &Bound<'_, PyAny>) {
         self.timer_handle_cancelled(handle);
     }
@@ -557,7 +471,12 @@ impl LoopCore {
         });
         if running {
             let cb = slf.getattr("_set_coroutine_origin_tracking")?;
-            Self::call_soon_threadsafe(slf, &cb, PyTuple::new(py, [enabled])?, None)?;
+            let args = SchedArgs {
+                lead: [Some(cb), None],
+                args: PyTuple::new(py, [enabled])?,
+                context: None,
+            };
+            Self::call_soon_threadsafe_impl(slf, args)?;
         }
         Ok(())
     }
@@ -741,6 +660,91 @@ impl LoopCore {
 }
 
 impl LoopCore {
+    /// `call_soon(&callback, *args, context=None)` (entry point in `py::fastcall`).
+    pub(crate) fn call_soon_impl<'py>(
+        slf: &Bound<'py, Self>,
+        a: SchedArgs<'py>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (callback, args, context) = a.callback_args(0)?;
+        let py = slf.py();
+        let core = slf.get();
+        let tb = core.check_call(py, &callback, CALL_SOON)?;
+        let handle = Self::new_handle(slf, &callback, args, context, tb, None)?;
+        let item = OwnedHandle::new(&handle);
+        core.state.with(py, |s| s.ready.push(item));
+        Ok(handle)
+    }
+
+    /// `call_soon_threadsafe(&callback, *args, context=None)`.
+    pub(crate) fn call_soon_threadsafe_impl<'py>(
+        slf: &Bound<'py, Self>,
+        a: SchedArgs<'py>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (callback, args, context) = a.callback_args(0)?;
+        let py = slf.py();
+        let core = slf.get();
+        let tb = core.check_call(py, &callback, CALL_SOON_THREADSAFE)?;
+        let handle = Self::new_handle(slf, &callback, args, context, tb, None)?;
+        let item = OwnedHandle::new(&handle);
+        // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
+        //       loop sets `polling` under the GIL right before it releases it to block,
+        //       so a push that sees `polling == false` is seen by the loop before it
+        //       blocks. One wake-up is sent per poll at most.
+        let wake = core.state.with(py, |s| {
+            s.ready.push(item);
+            if s.polling && !s.wake_pending {
+                s.wake_pending = true;
+                s.registrar.as_ref().map(|r| r.wake())
+            } else {
+                None
+            }
+        });
+        if let Some(Err(e)) = wake {
+            return Err(errors::from_io(e));
+        }
+        Ok(handle)
+    }
+
+    /// `call_later(delay, &callback, *args, context=None)`.
+    pub(crate) fn call_later_impl<'py>(
+        slf: &Bound<'py, Self>,
+        a: SchedArgs<'py>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let delay = a.lead(0)?;
+        let delay = &delay;
+        let (callback, args, context) = a.callback_args(1)?;
+        if delay.is_none() {
+            return Err(PyTypeError::new_err("delay must not be None"));
+        }
+        let py = slf.py();
+        let now = crate::sys::monotonic();
+        // NOTE: asyncio computes `self.time() + delay`; floats and ints take the fast path,
+        //       anything else goes through Python's `+` for identical results and errors.
+        let when =
+            if delay.is_exact_instance_of::<PyFloat>() || delay.is_exact_instance_of::<PyInt>() {
+                now + delay.extract::<f64>()?
+            } else {
+                PyFloat::new(py, now).add(delay)?.extract::<f64>()?
+            };
+        let when_obj = PyFloat::new(py, when).into_any();
+        Self::schedule_timer(slf, when, when_obj, &callback, args, context, CALL_LATER)
+    }
+
+    /// `call_at(when, &callback, *args, context=None)`.
+    pub(crate) fn call_at_impl<'py>(
+        slf: &Bound<'py, Self>,
+        a: SchedArgs<'py>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let when = a.lead(0)?;
+        let when = &when;
+        let (callback, args, context) = a.callback_args(1)?;
+        if when.is_none() {
+            return Err(PyTypeError::new_err("when cannot be None"));
+        }
+        let w: f64 = when.extract()?;
+        Self::schedule_timer(slf, w, when.clone(), &callback, args, context, CALL_AT)
+    }
+
     fn add_io<'py>(
         slf: &Bound<'py, Self>,
         fd: &Bound<'py, PyAny>,

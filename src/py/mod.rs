@@ -1,5 +1,6 @@
 //! CPython glue. The only place raw `pyo3::ffi` is used.
 
+pub mod fastcall;
 pub mod handle;
 
 use std::cell::UnsafeCell;
