@@ -106,7 +106,7 @@ fn set_wakeup_fd(py: Python<'_>, fd: i64) -> PyResult<i64> {
 fn clear_wakeup_fd(py: Python<'_>) -> PyResult<()> {
     if let Err(e) = set_wakeup_fd(py, -1) {
         if e.is_instance_of::<PyValueError>(py) || e.is_instance_of::<PyOSError>(py) {
-            let logger = import_attr!(py, "asyncio.log", "logger")?;
+            let logger = crate::py::asyncio_logger(py)?;
             logger.call_method1("info", ("set_wakeup_fd(-1) failed: %s", e.into_value(py)))?;
         } else {
             return Err(e);

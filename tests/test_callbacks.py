@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-
-import pytest
-from _util import PY312, run_briefly
+import weakref
 
 import ferroloop
+import pytest
+from _util import PY312, run_briefly
 
 var = contextvars.ContextVar("var", default="default")
 
@@ -244,6 +244,35 @@ def test_same_context_cannot_be_entered_twice(loop):
     assert "is already entered" in errors[0]
 
 
+def test_callback_context_already_entered(loop, loop_errors):
+    """A handle whose context is the one the loop runs in cannot enter it: the error is
+    reported like an exception raised by the callback. (From Python 3.12 on, a custom
+    handler runs in the handle's context too, so it cannot be entered either.)"""
+    if PY312:
+        pytest.skip("Python 3.12+ cannot call the custom handler in this context either")
+    ctx = contextvars.Context()
+    called = []
+    h = loop.call_soon(called.append, 1, context=ctx)
+    ctx.run(run_briefly, loop)
+    assert called == []
+    assert len(loop_errors) == 1
+    err = loop_errors.pop()
+    assert err["handle"] is h
+    assert type(err["exception"]) is RuntimeError
+    assert str(err["exception"]) == f"cannot enter context: {ctx!r} is already entered"
+
+
+def test_callback_with_invalid_context_object(loop, loop_errors):
+    """asyncio calls ``context.run(...)``: a non-Context fails when the handle runs."""
+    h = loop.call_soon(print, context=42)
+    run_briefly(loop)
+    assert len(loop_errors) == 1
+    err = loop_errors.pop()
+    assert err["handle"] is h
+    assert type(err["exception"]) is AttributeError
+    assert str(err["exception"]) == "'int' object has no attribute 'run'"
+
+
 def test_callback_exception_does_not_stop_the_batch(loop, loop_errors):
     order = []
 
@@ -270,6 +299,33 @@ def test_non_callable_without_debug_fails_when_run(loop, loop_errors):
     assert type(ctx["exception"]) is TypeError
     assert str(ctx["exception"]) == "'int' object is not callable"
     assert ctx["message"] == "Exception in callback 1()"
+
+
+def test_handle_keeps_callback_after_running(loop):
+    loop.set_debug(False)
+    calls = []
+    h = loop.call_soon(calls.append, "ran")
+    run_briefly(loop)
+    assert calls == ["ran"]
+    assert h._callback == calls.append
+    assert h._args == ("ran",)
+    assert not h.cancelled()
+    assert repr(h) == "<Handle list.append('ran')>"
+
+
+def test_weakref_to_handle(loop):
+    h = loop.call_soon(print, "weak")
+    ref = weakref.ref(h)
+    del h
+    assert ref() is not None  # the loop still holds it
+    run_briefly(loop)
+    assert ref() is None
+    # New handles (possibly reusing memory) do not revive the dead reference.
+    keep = [loop.call_soon(len, ()) for _ in range(10)]
+    assert ref() is None
+    run_briefly(loop)
+    del keep
+    assert ref() is None
 
 
 def test_many_callbacks(loop):

@@ -254,7 +254,7 @@ def test_call_later_bad_delay(loop, delay, exc_type, message):
 
 
 def test_call_at_none(loop):
-    with pytest.raises(TypeError, match="^when cannot be None$"):
+    with pytest.raises(TypeError, match=r"^when cannot be None$"):
         loop.call_at(None, print)
 
 

@@ -43,9 +43,14 @@ def run(main, *, debug=None):
 
 
 def _base_policy():
+    # The Unix default policy where it exists: on Pythons with child watchers (< 3.14)
+    # asyncio.get_child_watcher() & co. go through the policy.
+    unix = getattr(_asyncio, "unix_events", None)
     events = _asyncio.events
-    return getattr(events, "_BaseDefaultEventLoopPolicy", None) or getattr(
-        events, "BaseDefaultEventLoopPolicy", None
+    return (
+        getattr(unix, "_UnixDefaultEventLoopPolicy", None)
+        or getattr(events, "_BaseDefaultEventLoopPolicy", None)
+        or getattr(events, "BaseDefaultEventLoopPolicy", None)
     )
 
 

@@ -20,7 +20,12 @@ from ._ferroloop import LoopCore
 
 __all__ = ["Loop", "new_event_loop"]
 
-_logger = asyncio.log.logger
+
+def _logger():
+    # Looked up at each use, as asyncio's own module global is: tests and applications
+    # patch ``asyncio.base_events.logger``.
+    return base_events.logger
+
 
 # asyncio.constants.DEBUG_STACK_DEPTH
 _DEBUG_STACK_DEPTH = 10
@@ -164,7 +169,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
         if self.is_closed():
             return
         if self.get_debug():
-            _logger.debug("Close %r", self)
+            _logger().debug("Close %r", self)
         try:
             super().close()
         finally:
@@ -317,7 +322,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
             else:
                 value = repr(value)
             log_lines.append(f"{key}: {value}")
-        _logger.error("\n".join(log_lines), exc_info=exc_info)
+        _logger().error("\n".join(log_lines), exc_info=exc_info)
 
     def call_exception_handler(self, context) -> None:
         """Call the current exception handler. From Python 3.12 on (as asyncio there), a
@@ -328,7 +333,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException:
-                _logger.error("Exception in default exception handler", exc_info=True)
+                _logger().error("Exception in default exception handler", exc_info=True)
             return
         try:
             ctx = None
@@ -357,7 +362,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException:
-                _logger.error(
+                _logger().error(
                     "Exception in default exception handler while handling an "
                     "unexpected error in custom exception handler",
                     exc_info=True,

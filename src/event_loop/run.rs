@@ -254,7 +254,7 @@ fn run_debug(slf: &Bound<'_, LoopCore>, t: &HandleTypes, h: &Bound<'_, PyAny>) -
     res?;
     if dt >= core.state.with(py, |s| s.slow_callback_duration) {
         let format_handle = import_attr!(py, "asyncio.base_events", "_format_handle")?;
-        let logger = import_attr!(py, "asyncio.log", "logger")?;
+        let logger = crate::py::asyncio_logger(py)?;
         logger.call_method1(
             "warning",
             (

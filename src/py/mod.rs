@@ -95,3 +95,9 @@ macro_rules! import_attr {
     }};
 }
 pub(crate) use import_attr;
+
+/// asyncio's logger, looked up at each use as asyncio's own code does (`base_events.logger`
+/// is what tests and applications patch).
+pub fn asyncio_logger(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    import_attr!(py, "asyncio", "base_events")?.getattr("logger")
+}

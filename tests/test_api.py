@@ -1,0 +1,373 @@
+"""ferroloop's public API: classes, run(), the policy, ``python -m ferroloop``."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import inspect
+import re
+import subprocess
+import sys
+import textwrap
+
+import ferroloop
+import pytest
+from _util import python_subprocess
+from ferroloop._ferroloop import LoopCore
+
+# ---- classes and functions -----------------------------------------------------------
+
+
+def test_loop_class():
+    assert issubclass(ferroloop.Loop, asyncio.AbstractEventLoop)
+    assert issubclass(ferroloop.Loop, LoopCore)
+    loop = ferroloop.new_event_loop()
+    try:
+        assert type(loop) is ferroloop.Loop
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+    finally:
+        loop.close()
+
+
+def test_loop_implements_every_abstract_method():
+    """ferroloop-only: no AbstractEventLoop stub (a bare NotImplementedError) is left."""
+    inherited = [
+        name
+        for name, value in vars(asyncio.AbstractEventLoop).items()
+        if not name.startswith("__") and getattr(ferroloop.Loop, name) is value
+    ]
+    assert inherited == []
+
+
+# Methods whose signature is the same on every supported Python (create_task and
+# shutdown_default_executor gained parameters in later versions).
+SIGNATURE_METHODS = [
+    "call_soon",
+    "call_soon_threadsafe",
+    "call_later",
+    "call_at",
+    "time",
+    "stop",
+    "is_running",
+    "is_closed",
+    "close",
+    "run_forever",
+    "run_until_complete",
+    "create_future",
+    "get_debug",
+    "set_debug",
+    "add_reader",
+    "add_writer",
+    "remove_reader",
+    "remove_writer",
+    "add_signal_handler",
+    "remove_signal_handler",
+    "run_in_executor",
+    "set_default_executor",
+    "set_task_factory",
+    "get_task_factory",
+    "get_exception_handler",
+    "set_exception_handler",
+    "default_exception_handler",
+    "call_exception_handler",
+    "shutdown_asyncgens",
+]
+
+
+@pytest.mark.parametrize("method", SIGNATURE_METHODS)
+def test_method_signatures_match_asyncio(method):
+    """inspect.signature() works on every method and gives asyncio's parameters."""
+
+    def params(loop):
+        sig = inspect.signature(getattr(loop, method))
+        return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+
+    stdlib, ferro = asyncio.new_event_loop(), ferroloop.new_event_loop()
+    try:
+        assert params(ferro) == params(stdlib)
+    finally:
+        stdlib.close()
+        ferro.close()
+
+
+def test_handle_classes():
+    assert issubclass(ferroloop.Handle, asyncio.Handle)
+    assert issubclass(ferroloop.TimerHandle, asyncio.TimerHandle)
+    loop = ferroloop.new_event_loop()
+    try:
+        h = loop.call_soon(print)
+        t = loop.call_later(1, print)
+        assert type(h) is ferroloop.Handle
+        assert type(t) is ferroloop.TimerHandle
+        h.cancel()
+        t.cancel()
+    finally:
+        loop.close()
+
+
+def test_version():
+    assert isinstance(ferroloop.__version__, str)
+    assert re.fullmatch(r"\d+\.\d+\.\d+([-.+].*)?", ferroloop.__version__)
+    assert ferroloop.__version__ == importlib.metadata.version("ferroloop")
+
+
+def test_all():
+    for name in ferroloop.__all__:
+        assert hasattr(ferroloop, name), name
+    for name in ("Loop", "new_event_loop", "run", "EventLoopPolicy", "install", "__version__"):
+        assert name in ferroloop.__all__
+
+
+# ---- run() ---------------------------------------------------------------------------
+
+
+def test_run_returns_result_on_ferroloop():
+    async def main():
+        await asyncio.sleep(0)
+        return type(asyncio.get_running_loop()), asyncio.get_running_loop().get_debug()
+
+    assert ferroloop.run(main(), debug=False) == (ferroloop.Loop, False)
+    assert ferroloop.run(main(), debug=True) == (ferroloop.Loop, True)
+
+
+def test_run_closes_loop_and_cleans_up():
+    seen = {}
+    finalized = []
+
+    async def agen():
+        try:
+            yield 1
+            yield 2
+        finally:
+            finalized.append("agen")
+
+    async def forever():
+        try:
+            await asyncio.sleep(100)
+        finally:
+            finalized.append("task")
+
+    async def main():
+        seen["loop"] = asyncio.get_running_loop()
+        seen["task"] = asyncio.create_task(forever())
+        g = agen()
+        seen["agen"] = g
+        await g.__anext__()
+        await asyncio.sleep(0)
+
+    ferroloop.run(main())
+    assert seen["loop"].is_closed()
+    assert sorted(finalized) == ["agen", "task"]
+    assert asyncio.events._get_running_loop() is None
+
+
+def test_run_propagates_exception():
+    async def main():
+        raise ValueError("from main")
+
+    with pytest.raises(ValueError, match=r"^from main$"):
+        ferroloop.run(main())
+
+
+def test_run_rejects_non_coroutine():
+    with pytest.raises(ValueError, match=r"^a coroutine was expected, got 1$"):
+        ferroloop.run(1)
+
+
+def test_run_inside_running_loop_like_asyncio_run():
+    messages = {}
+
+    async def main():
+        for name, run in (("asyncio", asyncio.run), ("ferroloop", ferroloop.run)):
+            coro = asyncio.sleep(0)
+            try:
+                run(coro)
+            except RuntimeError as exc:
+                messages[name] = str(exc)
+            finally:
+                coro.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert messages["asyncio"] == "asyncio.run() cannot be called from a running event loop"
+    assert messages["ferroloop"] == messages["asyncio"]
+
+
+# ---- policy --------------------------------------------------------------------------
+
+
+def test_event_loop_policy():
+    policy = ferroloop.EventLoopPolicy()
+    assert isinstance(policy, asyncio.AbstractEventLoopPolicy)
+    loop = policy.new_event_loop()
+    try:
+        assert isinstance(loop, ferroloop.Loop)
+    finally:
+        loop.close()
+
+
+def _install():
+    if sys.version_info >= (3, 12):
+        with pytest.warns(DeprecationWarning):
+            ferroloop.install()
+    else:
+        ferroloop.install()
+
+
+def test_install_makes_asyncio_use_ferroloop():
+    old = asyncio.events._event_loop_policy
+    try:
+        _install()
+        assert isinstance(asyncio.events._event_loop_policy, ferroloop.EventLoopPolicy)
+        loop = asyncio.new_event_loop()
+        try:
+            assert isinstance(loop, ferroloop.Loop)
+        finally:
+            loop.close()
+
+        async def main():
+            return type(asyncio.get_running_loop())
+
+        assert asyncio.run(main()) is ferroloop.Loop
+    finally:
+        asyncio.events._event_loop_policy = old
+    loop = asyncio.new_event_loop()
+    try:
+        assert not isinstance(loop, ferroloop.Loop)
+    finally:
+        loop.close()
+
+
+# ---- methods that land with later issues ---------------------------------------------
+
+PENDING = {
+    "create_connection": ("localhost", 80),
+    "create_server": (lambda: None, "localhost", 0),
+    "create_unix_connection": (lambda: None, "/tmp/x"),
+    "create_unix_server": (lambda: None, "/tmp/x"),
+    "create_datagram_endpoint": (lambda: None,),
+    "connect_accepted_socket": (lambda: None, None),
+    "start_tls": (None, None, None),
+    "sendfile": (None, None),
+    "sock_recv": (None, 1),
+    "sock_recv_into": (None, bytearray(1)),
+    "sock_recvfrom": (None, 1),
+    "sock_recvfrom_into": (None, bytearray(1)),
+    "sock_sendall": (None, b""),
+    "sock_sendto": (None, b"", None),
+    "sock_connect": (None, None),
+    "sock_accept": (None,),
+    "sock_sendfile": (None, None),
+    "getaddrinfo": ("localhost", 80),
+    "getnameinfo": (("127.0.0.1", 80),),
+    "connect_read_pipe": (lambda: None, None),
+    "connect_write_pipe": (lambda: None, None),
+    "subprocess_exec": (lambda: None, "true"),
+    "subprocess_shell": (lambda: None, "true"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PENDING))
+def test_pending_methods_raise_not_implemented(method):
+    """ferroloop-only: networking, pipes and subprocesses come with later issues."""
+    loop = ferroloop.new_event_loop()
+    try:
+
+        async def call():
+            result = getattr(loop, method)(*PENDING[method])
+            if inspect.isawaitable(result):
+                await result
+
+        with pytest.raises(NotImplementedError, match=rf"\b{method}\b"):
+            loop.run_until_complete(call())
+    finally:
+        loop.close()
+
+
+def test_open_connection_not_implemented():
+    async def main():
+        await asyncio.open_connection("localhost", 80)
+
+    with pytest.raises(NotImplementedError, match="create_connection"):
+        ferroloop.run(main())
+
+
+# ---- python -m ferroloop -------------------------------------------------------------
+
+SCRIPT = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+
+
+    async def main():
+        print(type(asyncio.get_running_loop()))
+        print(sys.argv)
+
+
+    asyncio.run(main())
+    """
+)
+
+
+def run_ferroloop_main(args, cwd, stdin=None):
+    proc = python_subprocess(["-m", "ferroloop", *args], cwd=cwd, stdin=subprocess.PIPE)
+    out, err = proc.communicate(stdin, timeout=30)
+    return proc.returncode, out, err
+
+
+def test_main_runs_script(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    rc, out, err = run_ferroloop_main([str(script), "a", "--b"], cwd=tmp_path)
+    assert rc == 0, err
+    assert out.splitlines() == [
+        "<class 'ferroloop._loop.Loop'>",
+        repr([str(script), "a", "--b"]),
+    ]
+
+
+def test_main_runs_module(tmp_path):
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "app.py").write_text(SCRIPT)
+    rc, out, err = run_ferroloop_main(["-m", "mypkg.app", "x", "y"], cwd=tmp_path)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "<class 'ferroloop._loop.Loop'>"
+    argv = eval(lines[1])
+    assert argv[0] == str(pkg / "app.py")
+    assert argv[1:] == ["x", "y"]
+
+
+def test_main_script_exception_exit_code(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import asyncio\nasync def main():\n    raise SystemExit(3)\nasyncio.run(main())\n"
+    )
+    rc, _out, err = run_ferroloop_main([str(script)], cwd=tmp_path)
+    assert rc == 3, err
+
+
+def test_main_help(tmp_path):
+    rc, out, _err = run_ferroloop_main(["--help"], cwd=tmp_path)
+    assert rc == 0
+    assert out.startswith("usage: python -m ferroloop")
+
+
+def test_main_repl(tmp_path):
+    stdin = (
+        "import asyncio; print(type(asyncio.get_running_loop()).__module__)\n"
+        "await asyncio.sleep(0.01)\n"
+        "print('after await')\n"
+        "exit()\n"
+    )
+    rc, out, err = run_ferroloop_main([], cwd=tmp_path, stdin=stdin)
+    assert rc == 0, err
+    assert "ferroloop" in out
+    assert "after await" in out
+    assert "asyncio REPL" in err

@@ -1,0 +1,177 @@
+"""The cycle collector reclaims loops caught in reference cycles with their handles."""
+
+from __future__ import annotations
+
+import gc
+import signal
+import socket
+import warnings
+import weakref
+
+
+def collect_unclosed(loop_factory, make):
+    """Build a loop (unclosed, so ``__del__`` warns) with ``make(loop)``, drop it, and
+    collect. Returns whether the loop object is gone."""
+
+    def build():
+        loop = loop_factory()
+        make(loop)
+        return weakref.ref(loop)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        ref = build()
+        for _ in range(3):
+            gc.collect()
+    alive = ref()
+    if alive is not None:
+        # Leaked: tidy up so later tests are not affected.
+        alive.close()
+    return alive is None
+
+
+def test_loop_supports_weakref(loop):
+    ref = weakref.ref(loop)
+    assert ref() is loop
+
+
+def test_closed_loop_is_freed_by_refcount(loop_factory):
+    loop = loop_factory()
+    ref = weakref.ref(loop)
+    loop.close()
+    del loop
+    assert ref() is None
+
+
+def test_pending_callbacks_referencing_loop(loop_factory):
+    def make(loop):
+        loop.call_soon(loop.stop)
+        loop.call_soon(lambda: loop.time())
+
+    assert collect_unclosed(loop_factory, make)
+
+
+def test_timers_referencing_loop(loop_factory):
+    def make(loop):
+        loop.call_later(100, loop.stop)
+        loop.call_at(loop.time() + 50, lambda: loop)
+        h = loop.call_later(1, print)
+        h.cancel()  # cancelled but still in the queue
+
+    assert collect_unclosed(loop_factory, make)
+
+
+def test_handle_stored_on_loop(loop_factory):
+    def make(loop):
+        loop.my_handle = loop.call_soon(print)
+        loop.my_timer = loop.call_later(10, print)
+
+    assert collect_unclosed(loop_factory, make)
+
+
+def test_closed_loop_with_handle_cycle(loop_factory):
+    def build():
+        loop = loop_factory()
+        loop.my_handle = loop.call_soon(loop.stop)
+        loop.my_timer = loop.call_later(10, loop.stop)
+        loop.close()
+        return weakref.ref(loop)
+
+    ref = build()
+    gc.collect()
+    assert ref() is None
+
+
+def test_reader_referencing_loop(loop_factory):
+    a, b = socket.socketpair()
+    try:
+
+        def make(loop):
+            loop.add_reader(a, lambda: loop.stop())
+            loop.add_writer(b, loop.stop)
+
+        assert collect_unclosed(loop_factory, make)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_task_factory_referencing_loop(loop_factory):
+    def make(loop):
+        loop.set_task_factory(lambda lp, coro, **kw: loop.stop)
+
+    assert collect_unclosed(loop_factory, make)
+
+
+def test_signal_handler_referencing_loop(loop_factory):
+    def make(loop):
+        loop.add_signal_handler(signal.SIGUSR1, loop.stop)
+
+    try:
+        assert collect_unclosed(loop_factory, make)
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
+def test_loop_after_run_is_collectable(loop_factory):
+    def make(loop):
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        loop.call_soon(loop.stop)
+        loop.leftover = loop.call_later(10, loop.stop)
+
+    assert collect_unclosed(loop_factory, make)
+
+
+def test_exception_in_callback_does_not_keep_loop_alive(loop_factory):
+    def build():
+        loop = loop_factory()
+        errors = []
+        loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))
+
+        def boom():
+            raise ValueError(loop)
+
+        loop.call_soon(boom)
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        loop.errors = errors
+        loop.close()
+        return weakref.ref(loop)
+
+    ref = build()
+    gc.collect()
+    assert ref() is None
+
+
+class Owner:
+    """An object that keeps the handle of its own scheduled method: a cycle."""
+
+    def __init__(self, loop, later):
+        self.calls = 0
+        if later:
+            self.handle = loop.call_later(0, self.tick)
+        else:
+            self.handle = loop.call_soon(self.tick)
+
+    def tick(self):
+        self.calls += 1
+
+
+def test_object_handle_cycle_collected_after_run(loop):
+    refs = []
+    for later in (False, True):
+        for _ in range(100):
+            refs.append(weakref.ref(Owner(loop, later)))
+    loop.call_later(0.01, loop.stop)
+    loop.run_forever()
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+
+
+def test_object_handle_cycle_collected_after_close(loop_factory):
+    loop = loop_factory()
+    refs = [weakref.ref(Owner(loop, later)) for later in (False, True) for _ in range(10)]
+    loop.close()
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []

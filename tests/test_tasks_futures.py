@@ -1,0 +1,538 @@
+"""Futures and tasks on the loop, and the asyncio library running on top of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sys
+import threading
+
+import ferroloop
+import pytest
+from _util import LOOP_FACTORIES, run_briefly
+
+py311 = pytest.mark.skipif(sys.version_info < (3, 11), reason="new in Python 3.11")
+
+var = contextvars.ContextVar("var", default="default")
+
+
+async def double(x):
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+# ---- futures ---------------------------------------------------------------------------
+
+
+def test_create_future(loop):
+    fut = loop.create_future()
+    assert isinstance(fut, asyncio.Future)
+    assert fut.get_loop() is loop
+    assert not fut.done()
+    loop.call_soon(fut.set_result, 7)
+    assert loop.run_until_complete(fut) == 7
+
+
+def test_future_done_callbacks_run_via_loop(loop):
+    fut = loop.create_future()
+    order = []
+    fut.add_done_callback(lambda f: order.append(("cb", f.result())))
+    fut.set_result(1)
+    order.append("set")
+    run_briefly(loop)
+    assert order == ["set", ("cb", 1)]
+
+
+def test_wrap_concurrent_future(loop):
+    import concurrent.futures
+
+    cf = concurrent.futures.Future()
+    fut = asyncio.wrap_future(cf, loop=loop)
+    threading.Timer(0.01, cf.set_result, ("from-thread",)).start()
+    assert loop.run_until_complete(fut) == "from-thread"
+
+
+# ---- tasks ---------------------------------------------------------------------------
+
+
+def test_create_task(loop):
+    task = loop.create_task(double(21))
+    assert isinstance(task, asyncio.Task)
+    assert task.get_loop() is loop
+    assert task.get_name().startswith("Task-")
+    assert loop.run_until_complete(task) == 42
+
+
+def test_create_task_with_name(loop):
+    task = loop.create_task(double(1), name="my-task")
+    assert task.get_name() == "my-task"
+    loop.run_until_complete(task)
+
+
+def test_create_task_with_context(loop):
+    ctx = contextvars.Context()
+    ctx.run(var.set, "task-ctx")
+
+    async def read():
+        await asyncio.sleep(0)
+        value = var.get()
+        var.set("changed")
+        return value
+
+    task = loop.create_task(read(), context=ctx)
+    assert loop.run_until_complete(task) == "task-ctx"
+    assert ctx[var] == "changed"
+    assert var.get() == "default"
+
+
+def test_create_task_copies_current_context(loop):
+    token = var.set("outer")
+    try:
+
+        async def read():
+            return var.get()
+
+        task = loop.create_task(read())
+    finally:
+        var.reset(token)
+    assert loop.run_until_complete(task) == "outer"
+
+
+def test_create_task_unknown_keyword(loop):
+    # The wording differs between Python versions (create_task vs Task rejecting it).
+    coro = double(1)
+    try:
+        with pytest.raises(TypeError, match="'bogus'"):
+            loop.create_task(coro, bogus=1)
+    finally:
+        coro.close()
+
+
+def test_create_task_rejects_non_coroutine(loop):
+    with pytest.raises(TypeError, match="a coroutine was expected, got 1"):
+        loop.create_task(1)
+
+
+def test_current_task_and_all_tasks(loop):
+    async def main():
+        me = asyncio.current_task()
+        other = asyncio.create_task(asyncio.sleep(0.01))
+        tasks = asyncio.all_tasks()
+        await other
+        return me, other, tasks
+
+    task = loop.create_task(main())
+    me, other, tasks = loop.run_until_complete(task)
+    assert me is task
+    assert tasks == {task, other}
+    assert asyncio.current_task(loop) is None
+
+
+def test_task_cancel(loop):
+    started = []
+
+    async def sleeper():
+        started.append(1)
+        await asyncio.sleep(10)
+
+    task = loop.create_task(sleeper())
+    run_briefly(loop)
+    assert started == [1]
+    task.cancel("stop it")
+    with pytest.raises(asyncio.CancelledError, match="stop it"):
+        loop.run_until_complete(task)
+    assert task.cancelled()
+
+
+def test_gather_wait_shield_as_completed(loop):
+    async def main():
+        results = await asyncio.gather(double(1), double(2), double(3))
+        done, pending = await asyncio.wait([asyncio.ensure_future(double(4))])
+        shielded = await asyncio.shield(double(5))
+        completed = [await f for f in asyncio.as_completed([double(6), double(7)])]
+        return results, [t.result() for t in done], pending, shielded, sorted(completed)
+
+    assert loop.run_until_complete(main()) == ([2, 4, 6], [8], set(), 10, [12, 14])
+
+
+# ---- eager tasks ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def eager_loop(loop_name, loop):
+    """ferroloop supports loop.create_task(eager_start=) on every Python; stdlib only
+    from 3.14 on (the parity oracle then)."""
+    if loop_name == "asyncio" and sys.version_info < (3, 14):
+        pytest.skip("stdlib loop.create_task(eager_start=) is new in Python 3.14")
+    return loop
+
+
+def test_eager_start_runs_first_step_synchronously(eager_loop):
+    loop = eager_loop
+    order = []
+
+    async def body():
+        order.append("body-start")
+        await asyncio.sleep(0)
+        order.append("body-end")
+        return "result"
+
+    async def main():
+        task = loop.create_task(body(), eager_start=True)
+        order.append("after-create")
+        assert not task.done()
+        return await task
+
+    assert loop.run_until_complete(main()) == "result"
+    assert order == ["body-start", "after-create", "body-end"]
+
+
+def test_eager_task_done_immediately(eager_loop):
+    loop = eager_loop
+
+    async def immediate():
+        return 42
+
+    async def main():
+        task = loop.create_task(immediate(), eager_start=True)
+        assert task.done()
+        return task.result()
+
+    assert loop.run_until_complete(main()) == 42
+
+
+def test_eager_task_exception_set_immediately(eager_loop):
+    loop = eager_loop
+
+    async def failing():
+        raise ValueError("eager failure")
+
+    async def main():
+        task = loop.create_task(failing(), eager_start=True)
+        assert task.done()
+        with pytest.raises(ValueError, match="eager failure"):
+            task.result()
+
+    loop.run_until_complete(main())
+
+
+def test_eager_task_current_task(eager_loop):
+    loop = eager_loop
+    seen = {}
+
+    async def child():
+        seen["inside"] = asyncio.current_task()
+        await asyncio.sleep(0)
+        seen["inside-later"] = asyncio.current_task()
+
+    async def main():
+        me = asyncio.current_task()
+        task = loop.create_task(child(), eager_start=True)
+        seen["after"] = asyncio.current_task()
+        await task
+        return me, task
+
+    me, task = loop.run_until_complete(main())
+    assert seen == {"inside": task, "after": me, "inside-later": task}
+
+
+def test_eager_start_from_callback_outside_task(eager_loop):
+    loop = eager_loop
+    order = []
+
+    async def child():
+        order.append(("child", asyncio.current_task() is not None))
+
+    def cb():
+        task = loop.create_task(child(), eager_start=True)
+        order.append(("created", task.done(), asyncio.current_task()))
+
+    loop.call_soon(cb)
+    run_briefly(loop)
+    assert order == [("child", True), ("created", True, None)]
+
+
+def test_eager_start_when_loop_not_running_is_lazy(eager_loop):
+    loop = eager_loop
+    order = []
+
+    async def child():
+        order.append("child")
+
+    task = loop.create_task(child(), eager_start=True)
+    assert order == []
+    assert not task.done()
+    loop.run_until_complete(task)
+    assert order == ["child"]
+
+
+def test_eager_start_false(eager_loop):
+    loop = eager_loop
+    order = []
+
+    async def child():
+        order.append("child")
+
+    async def main():
+        task = loop.create_task(child(), eager_start=False)
+        order.append("created")
+        await task
+
+    loop.run_until_complete(main())
+    assert order == ["created", "child"]
+
+
+def test_eager_start_with_context(eager_loop):
+    loop = eager_loop
+    ctx = contextvars.Context()
+    ctx.run(var.set, "eager-ctx")
+
+    async def child():
+        return var.get()
+
+    async def main():
+        task = loop.create_task(child(), eager_start=True, context=ctx)
+        assert task.done()
+        return task.result()
+
+    assert loop.run_until_complete(main()) == "eager-ctx"
+
+
+# ---- task factory --------------------------------------------------------------------
+
+
+def test_task_factory_default_none(loop):
+    assert loop.get_task_factory() is None
+
+
+def test_task_factory_receives_kwargs(loop):
+    calls = []
+
+    def factory(lp, coro, **kwargs):
+        calls.append((lp, kwargs))
+        return asyncio.Task(coro, loop=lp, **kwargs)
+
+    loop.set_task_factory(factory)
+    assert loop.get_task_factory() is factory
+    ctx = contextvars.Context()
+    ctx.run(var.set, "factory-ctx")
+
+    async def read():
+        return var.get()
+
+    task = loop.create_task(read(), context=ctx, name="named")
+    assert task.get_name() == "named"
+    assert loop.run_until_complete(task) == "factory-ctx"
+    assert len(calls) == 1
+    assert calls[0][0] is loop
+    assert calls[0][1]["context"] is ctx
+    loop.set_task_factory(None)
+    assert loop.get_task_factory() is None
+    task = loop.create_task(read())
+    loop.run_until_complete(task)
+    assert len(calls) == 1
+
+
+def test_legacy_two_argument_task_factory_with_name(loop):
+    """A ``factory(loop, coro)`` keeps working with ``create_task(coro, name=...)``:
+    the loop sets the name itself instead of passing it (Python 3.13.3 and 3.14+ pass
+    name= to the factory instead)."""
+    if sys.version_info >= (3, 14) or sys.version_info[:3] == (3, 13, 3):
+        pytest.skip("this Python passes name= to the task factory")
+
+    def factory(lp, coro):
+        return asyncio.Task(coro, loop=lp)
+
+    loop.set_task_factory(factory)
+    coro = double(1)
+    try:
+        task = loop.create_task(coro, name="legacy")
+    except BaseException:
+        coro.close()
+        raise
+    assert task.get_name() == "legacy"
+    assert loop.run_until_complete(task) == 2
+
+
+def test_task_factory_used_by_asyncio_create_task(loop):
+    created = []
+
+    def factory(lp, coro, **kwargs):
+        task = asyncio.Task(coro, loop=lp, **kwargs)
+        created.append(task)
+        return task
+
+    loop.set_task_factory(factory)
+
+    async def main():
+        return await asyncio.create_task(double(4))
+
+    assert loop.run_until_complete(main()) == 8
+    assert len(created) == 2  # main() itself and the inner task
+
+
+def test_set_task_factory_rejects_non_callable(loop):
+    with pytest.raises(TypeError, match=r"^task factory must be a callable or None$"):
+        loop.set_task_factory(1)
+    assert loop.get_task_factory() is None
+
+
+# ---- the asyncio library on top ------------------------------------------------------
+
+
+@py311
+def test_task_group(loop):
+    async def fail():
+        await asyncio.sleep(0.01)
+        raise ValueError("in group")
+
+    cancelled = []
+
+    async def long():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(long())
+            tg.create_task(fail())
+
+    with pytest.raises(BaseExceptionGroup) as info:  # noqa: F821 (3.11+ builtin)
+        loop.run_until_complete(main())
+    assert [type(e) for e in info.value.exceptions] == [ValueError]
+    assert cancelled == [True]
+
+
+@py311
+def test_task_group_results(loop):
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(double(i)) for i in range(5)]
+        return [t.result() for t in tasks]
+
+    assert loop.run_until_complete(main()) == [0, 2, 4, 6, 8]
+
+
+@py311
+def test_timeout(loop):
+    async def main():
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.02):
+                await asyncio.sleep(10)
+        elapsed = loop.time() - t0
+        async with asyncio.timeout(1):
+            await asyncio.sleep(0)
+        return elapsed
+
+    elapsed = loop.run_until_complete(main())
+    assert 0.019 <= elapsed < 1
+
+
+def test_wait_for(loop):
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.sleep(10), 0.01)
+        return await asyncio.wait_for(double(3), 1)
+
+    assert loop.run_until_complete(main()) == 6
+
+
+def test_lock_event_semaphore_condition(loop):
+    order = []
+
+    async def worker(i, lock, sem, event):
+        await event.wait()
+        async with sem, lock:
+            order.append(i)
+            await asyncio.sleep(0)
+
+    async def main():
+        lock = asyncio.Lock()
+        sem = asyncio.Semaphore(2)
+        event = asyncio.Event()
+        cond = asyncio.Condition()
+        tasks = [asyncio.create_task(worker(i, lock, sem, event)) for i in range(5)]
+        await asyncio.sleep(0)
+        event.set()
+        await asyncio.gather(*tasks)
+
+        async def waiter():
+            async with cond:
+                await cond.wait()
+                return "notified"
+
+        w = asyncio.create_task(waiter())
+        await asyncio.sleep(0)
+        async with cond:
+            cond.notify_all()
+        return await w
+
+    assert loop.run_until_complete(main()) == "notified"
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_queue(loop):
+    async def producer(q):
+        for i in range(100):
+            await q.put(i)
+        await q.put(None)
+
+    async def consumer(q):
+        items = []
+        while (item := await q.get()) is not None:
+            items.append(item)
+            q.task_done()
+        q.task_done()
+        return items
+
+    async def main():
+        q = asyncio.Queue(maxsize=3)
+        prod = asyncio.create_task(producer(q))
+        items = await consumer(q)
+        await prod
+        await q.join()
+        return items
+
+    assert loop.run_until_complete(main()) == list(range(100))
+
+
+def test_to_thread(loop):
+    token = var.set("to-thread")
+    try:
+
+        async def main():
+            return await asyncio.to_thread(lambda x: (x, var.get(), threading.get_ident()), 5)
+
+        x, value, ident = loop.run_until_complete(main())
+    finally:
+        var.reset(token)
+    assert (x, value) == (5, "to-thread")
+    assert ident != threading.get_ident()
+    loop.run_until_complete(loop.shutdown_default_executor())
+
+
+@py311
+@pytest.mark.parametrize("name", list(LOOP_FACTORIES))
+def test_runner_with_loop_factory(name):
+    async def main():
+        return asyncio.get_running_loop(), await double(5)
+
+    with asyncio.Runner(loop_factory=LOOP_FACTORIES[name]) as runner:
+        loop = runner.get_loop()
+        running, result = runner.run(main())
+        assert running is loop
+        assert result == 10
+        assert runner.run(double(1)) == 2
+    assert loop.is_closed()
+    assert isinstance(loop, ferroloop.Loop) == (name == "ferroloop")
+
+
+def test_ferroloop_run():
+    async def main():
+        return type(asyncio.get_running_loop())
+
+    assert ferroloop.run(main()) is ferroloop.Loop
