@@ -660,32 +660,37 @@ impl LoopCore {
 }
 
 impl LoopCore {
-    /// `call_soon(&callback, *args, context=None)` (entry point in `py::fastcall`).
+    /// A plain handle for `call_soon` / `call_soon_threadsafe`, after their checks.
+    fn soon_handle<'py>(
+        slf: &Bound<'py, Self>,
+        a: SchedArgs<'py>,
+        api: Api,
+    ) -> PyResult<(Bound<'py, PyAny>, OwnedHandle)> {
+        let (callback, args, context) = a.callback_args(0)?;
+        let tb = slf.get().check_call(slf.py(), &callback, api)?;
+        let handle = Self::new_handle(slf, &callback, args, context, tb, None)?;
+        let item = OwnedHandle::new(&handle);
+        Ok((handle, item))
+    }
+
+    /// `call_soon(callback, *args, context=None)` (entry point in `py::fastcall`).
     pub(crate) fn call_soon_impl<'py>(
         slf: &Bound<'py, Self>,
         a: SchedArgs<'py>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (callback, args, context) = a.callback_args(0)?;
-        let py = slf.py();
-        let core = slf.get();
-        let tb = core.check_call(py, &callback, CALL_SOON)?;
-        let handle = Self::new_handle(slf, &callback, args, context, tb, None)?;
-        let item = OwnedHandle::new(&handle);
-        core.state.with(py, |s| s.ready.push(item));
+        let (handle, item) = Self::soon_handle(slf, a, CALL_SOON)?;
+        slf.get().state.with(slf.py(), |s| s.ready.push(item));
         Ok(handle)
     }
 
-    /// `call_soon_threadsafe(&callback, *args, context=None)`.
+    /// `call_soon_threadsafe(callback, *args, context=None)`.
     pub(crate) fn call_soon_threadsafe_impl<'py>(
         slf: &Bound<'py, Self>,
         a: SchedArgs<'py>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (callback, args, context) = a.callback_args(0)?;
         let py = slf.py();
         let core = slf.get();
-        let tb = core.check_call(py, &callback, CALL_SOON_THREADSAFE)?;
-        let handle = Self::new_handle(slf, &callback, args, context, tb, None)?;
-        let item = OwnedHandle::new(&handle);
+        let (handle, item) = Self::soon_handle(slf, a, CALL_SOON_THREADSAFE)?;
         // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
         //       loop sets `polling` under the GIL right before it releases it to block,
         //       so a push that sees `polling == false` is seen by the loop before it
@@ -705,7 +710,7 @@ impl LoopCore {
         Ok(handle)
     }
 
-    /// `call_later(delay, &callback, *args, context=None)`.
+    /// `call_later(delay, callback, *args, context=None)`.
     pub(crate) fn call_later_impl<'py>(
         slf: &Bound<'py, Self>,
         a: SchedArgs<'py>,
@@ -730,7 +735,7 @@ impl LoopCore {
         Self::schedule_timer(slf, when, when_obj, &callback, args, context, CALL_LATER)
     }
 
-    /// `call_at(when, &callback, *args, context=None)`.
+    /// `call_at(when, callback, *args, context=None)`.
     pub(crate) fn call_at_impl<'py>(
         slf: &Bound<'py, Self>,
         a: SchedArgs<'py>,

@@ -20,29 +20,43 @@ use pyo3::types::{PyTuple, PyType};
 
 use super::GilCell;
 
-/// Byte offsets of asyncio's handle slots.
-struct Offsets {
-    callback: isize,
-    args: isize,
-    cancelled: isize,
-    loop_: isize,
-    source_traceback: isize,
-    repr: isize,
-    context: isize,
-    scheduled: isize,
-    when: isize,
-    /// `__weakref__` slot (`tp_weaklistoffset`), 0 if none.
-    weaklist: isize,
-    /// Every object slot of a timer handle; a plain handle has the first `HANDLE_SLOTS`.
-    all: [isize; 9],
-}
+/// asyncio's handle slots, in the order `Offsets::all` keeps them: the first
+/// `HANDLE_SLOTS` belong to `asyncio.Handle`, the rest to `asyncio.TimerHandle`.
+const SLOT_NAMES: [&str; 9] = [
+    "_callback",
+    "_args",
+    "_cancelled",
+    "_loop",
+    "_source_traceback",
+    "_repr",
+    "_context",
+    "_scheduled",
+    "_when",
+];
+const CALLBACK: usize = 0;
+const ARGS: usize = 1;
+const CANCELLED: usize = 2;
+const LOOP: usize = 3;
+const SOURCE_TRACEBACK: usize = 4;
+const REPR: usize = 5;
+const CONTEXT: usize = 6;
+const SCHEDULED: usize = 7;
+const WHEN: usize = 8;
 
-/// How many of `Offsets::all` a plain (non-timer) handle has.
+/// How many of `SLOT_NAMES` a plain (non-timer) handle has.
 const HANDLE_SLOTS: usize = 7;
 
 /// Which of the two types an instance is: index into free lists and slot tables.
 const KIND_HANDLE: usize = 0;
 const KIND_TIMER: usize = 1;
+
+/// Byte offsets of asyncio's handle slots.
+struct Offsets {
+    /// Offset of each of `SLOT_NAMES`.
+    all: [isize; 9],
+    /// `__weakref__` slot (`tp_weaklistoffset`), 0 if none.
+    weaklist: isize,
+}
 
 impl Offsets {
     /// The object slots of a handle of kind `kind`.
@@ -53,6 +67,11 @@ impl Offsets {
         } else {
             &self.all[..HANDLE_SLOTS]
         }
+    }
+
+    #[inline(always)]
+    fn of(&self, slot: usize) -> isize {
+        self.all[slot]
     }
 }
 
@@ -205,38 +224,16 @@ pub fn init(py: Python<'_>) -> PyResult<(Py<PyType>, Py<PyType>)> {
     let base_timer = events.getattr("TimerHandle")?.cast_into::<PyType>()?;
     // SAFETY: reading a live type's weak-reference slot offset.
     let weaklist = unsafe { (*base_handle.as_type_ptr()).tp_weaklistoffset };
-    let callback = slot_offset(&base_handle, "_callback")?;
-    let args = slot_offset(&base_handle, "_args")?;
-    let cancelled = slot_offset(&base_handle, "_cancelled")?;
-    let loop_ = slot_offset(&base_handle, "_loop")?;
-    let source_traceback = slot_offset(&base_handle, "_source_traceback")?;
-    let repr = slot_offset(&base_handle, "_repr")?;
-    let context = slot_offset(&base_handle, "_context")?;
-    let scheduled = slot_offset(&base_timer, "_scheduled")?;
-    let when = slot_offset(&base_timer, "_when")?;
-    let off = Offsets {
-        callback,
-        args,
-        cancelled,
-        loop_,
-        source_traceback,
-        repr,
-        context,
-        scheduled,
-        when,
-        weaklist,
-        all: [
-            callback,
-            args,
-            cancelled,
-            loop_,
-            source_traceback,
-            repr,
-            context,
-            scheduled,
-            when,
-        ],
-    };
+    let mut all = [0isize; 9];
+    for (i, name) in SLOT_NAMES.iter().enumerate() {
+        let cls = if i < HANDLE_SLOTS {
+            &base_handle
+        } else {
+            &base_timer
+        };
+        all[i] = slot_offset(cls, name)?;
+    }
+    let off = Offsets { all, weaklist };
     let handle = make_type(
         &base_handle,
         c"ferroloop.Handle",
@@ -314,7 +311,7 @@ unsafe extern "C" fn handle_get_context(
     _unused: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     // SAFETY: installed as a METH_NOARGS method of the handle types.
-    unsafe { with_handle(slf, |t, h| Ok(t.get_bound(h, t.off.context).unbind())) }
+    unsafe { with_handle(slf, |t, h| Ok(t.get_bound(h, t.off.of(CONTEXT)).unbind())) }
 }
 
 unsafe extern "C" fn handle_when(
@@ -322,7 +319,7 @@ unsafe extern "C" fn handle_when(
     _unused: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     // SAFETY: installed as a METH_NOARGS method of the timer handle type only.
-    unsafe { with_handle(slf, |t, h| Ok(t.get_bound(h, t.off.when).unbind())) }
+    unsafe { with_handle(slf, |t, h| Ok(t.get_bound(h, t.off.of(WHEN)).unbind())) }
 }
 
 /// The kind of an instance of one of our types, `None` for any other type.
@@ -473,19 +470,19 @@ impl HandleTypes {
             let obj = Bound::from_owned_ptr_or_err(py, raw)?;
             let o = obj.as_ptr();
             let none = ffi::Py_None();
-            *slot_ptr(o, self.off.callback) = callback.clone().into_ptr();
-            *slot_ptr(o, self.off.args) = args.into_ptr();
-            *slot_ptr(o, self.off.cancelled) = new_ref(ffi::Py_False());
-            *slot_ptr(o, self.off.loop_) = loop_.clone().into_ptr();
-            *slot_ptr(o, self.off.source_traceback) = match source_traceback {
+            *slot_ptr(o, self.off.of(CALLBACK)) = callback.clone().into_ptr();
+            *slot_ptr(o, self.off.of(ARGS)) = args.into_ptr();
+            *slot_ptr(o, self.off.of(CANCELLED)) = new_ref(ffi::Py_False());
+            *slot_ptr(o, self.off.of(LOOP)) = loop_.clone().into_ptr();
+            *slot_ptr(o, self.off.of(SOURCE_TRACEBACK)) = match source_traceback {
                 Some(tb) => tb.into_ptr(),
                 None => new_ref(none),
             };
-            *slot_ptr(o, self.off.repr) = new_ref(none);
-            *slot_ptr(o, self.off.context) = context.into_ptr();
+            *slot_ptr(o, self.off.of(REPR)) = new_ref(none);
+            *slot_ptr(o, self.off.of(CONTEXT)) = context.into_ptr();
             if let Some(when) = when {
-                *slot_ptr(o, self.off.when) = when.into_ptr();
-                *slot_ptr(o, self.off.scheduled) = new_ref(ffi::Py_False());
+                *slot_ptr(o, self.off.of(WHEN)) = when.into_ptr();
+                *slot_ptr(o, self.off.of(SCHEDULED)) = new_ref(ffi::Py_False());
             }
             // NOTE: handles created while the loop runs stay untracked by the cycle
             //       collector while the loop owns them: the loop visits what they reference
@@ -540,7 +537,7 @@ impl HandleTypes {
     #[inline(always)]
     pub fn is_cancelled(&self, h: &Bound<'_, PyAny>) -> bool {
         // SAFETY: comparing a pointer against the True singleton.
-        self.get(h, self.off.cancelled) == unsafe { ffi::Py_True() }
+        self.get(h, self.off.of(CANCELLED)) == unsafe { ffi::Py_True() }
     }
 
     /// Whether `h` is a timer handle (one of ours, or any asyncio.TimerHandle).
@@ -551,7 +548,7 @@ impl HandleTypes {
     #[inline(always)]
     pub fn is_scheduled(&self, h: &Bound<'_, PyAny>) -> bool {
         // SAFETY: comparing a pointer against the True singleton.
-        self.get(h, self.off.scheduled) == unsafe { ffi::Py_True() }
+        self.get(h, self.off.of(SCHEDULED)) == unsafe { ffi::Py_True() }
     }
 
     #[inline(always)]
@@ -567,39 +564,39 @@ impl HandleTypes {
                 },
             )
         };
-        self.set(h, self.off.scheduled, &v);
+        self.set(h, self.off.of(SCHEDULED), &v);
     }
 
     /// `handle._cancelled = True`.
     pub fn set_cancelled(&self, h: &Bound<'_, PyAny>) {
         // SAFETY: the True singleton is live; `set` takes its own reference.
         let t = unsafe { Bound::from_borrowed_ptr(h.py(), ffi::Py_True()) };
-        self.set(h, self.off.cancelled, &t);
+        self.set(h, self.off.of(CANCELLED), &t);
     }
 
     /// `handle._repr = value` (debug-mode cancel keeps the repr of the live callback).
     pub fn set_repr(&self, h: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) {
-        self.set(h, self.off.repr, value);
+        self.set(h, self.off.of(REPR), value);
     }
 
     /// `handle._callback = None; handle._args = None`.
     pub fn clear_callback(&self, h: &Bound<'_, PyAny>) {
         let none = h.py().None().into_bound(h.py());
-        self.set(h, self.off.callback, &none);
-        self.set(h, self.off.args, &none);
+        self.set(h, self.off.of(CALLBACK), &none);
+        self.set(h, self.off.of(ARGS), &none);
     }
 
     pub fn callback<'py>(&self, h: &Bound<'py, PyAny>) -> Bound<'py, PyAny> {
-        self.get_bound(h, self.off.callback)
+        self.get_bound(h, self.off.of(CALLBACK))
     }
     pub fn args<'py>(&self, h: &Bound<'py, PyAny>) -> Bound<'py, PyAny> {
-        self.get_bound(h, self.off.args)
+        self.get_bound(h, self.off.of(ARGS))
     }
     pub fn loop_<'py>(&self, h: &Bound<'py, PyAny>) -> Bound<'py, PyAny> {
-        self.get_bound(h, self.off.loop_)
+        self.get_bound(h, self.off.of(LOOP))
     }
     pub fn source_traceback<'py>(&self, h: &Bound<'py, PyAny>) -> Bound<'py, PyAny> {
-        self.get_bound(h, self.off.source_traceback)
+        self.get_bound(h, self.off.of(SOURCE_TRACEBACK))
     }
 
     /// Runs the handle's callback in its context: `context.run(callback, *args)`.
@@ -607,9 +604,9 @@ impl HandleTypes {
     pub fn call(&self, h: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = h.py();
         let (cb, args, ctx) = (
-            self.get(h, self.off.callback),
-            self.get(h, self.off.args),
-            self.get(h, self.off.context),
+            self.get(h, self.off.of(CALLBACK)),
+            self.get(h, self.off.of(ARGS)),
+            self.get(h, self.off.of(CONTEXT)),
         );
         if cb.is_null() || args.is_null() || ctx.is_null() {
             return Err(PyRuntimeError::new_err("handle is missing its callback"));
