@@ -205,22 +205,17 @@ fn process_io(
     let Some(entry) = s.io.get_mut(&fd) else {
         return;
     };
-    if ev.readable
-        && let Some(r) = &entry.reader
-    {
-        if t.is_cancelled(r.bind(py)) {
-            released.extend(entry.reader.take());
+    for (ready, slot) in [
+        (ev.readable, &mut entry.reader),
+        (ev.writable, &mut entry.writer),
+    ] {
+        let Some(h) = slot.as_ref().filter(|_| ready) else {
+            continue;
+        };
+        if t.is_cancelled(h.bind(py)) {
+            released.extend(slot.take());
         } else {
-            s.ready.push(r.clone_ref(py));
-        }
-    }
-    if ev.writable
-        && let Some(w) = &entry.writer
-    {
-        if t.is_cancelled(w.bind(py)) {
-            released.extend(entry.writer.take());
-        } else {
-            s.ready.push(w.clone_ref(py));
+            s.ready.push(h.clone_ref(py));
         }
     }
     let (r, w) = (entry.reader.is_some(), entry.writer.is_some());
