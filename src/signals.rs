@@ -270,6 +270,9 @@ fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
 }
 
 /// `run_forever` entry: on the main thread, route signal wake-ups to this loop.
+// DEVIATION(asyncio): asyncio sets the wake-up fd only in add_signal_handler. ferroloop also
+//   installs it for the duration of run_forever (when no other wake-up fd is set), so a
+//   Ctrl+C delivered to another thread still wakes the poll, as uvloop does.
 pub(crate) fn enter_run(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     let py = slf.py();
     if !on_main_thread(py)? {

@@ -199,8 +199,9 @@ fn make_type(
         // SAFETY: reading the base's basic size; the new type adds no storage.
         basicsize: unsafe { (*base.as_type_ptr()).tp_basicsize } as c_int,
         itemsize: 0,
-        // NOTE: not subclassable, so every instance has exactly this layout and can be
-        //       recycled through the free list.
+        // DEVIATION(asyncio): ferroloop.Handle / TimerHandle cannot be subclassed, so
+        //   every instance has exactly this layout and can be recycled through the free
+        //   list. asyncio.Handle itself stays subclassable; only the loop creates these.
         flags: (ffi::Py_TPFLAGS_DEFAULT | ffi::Py_TPFLAGS_HAVE_GC) as _,
         slots: slots.as_mut_ptr(),
     }));
