@@ -1,12 +1,13 @@
 """Side-by-side benchmarks: ferroloop vs stdlib asyncio, uvloop and rloop.
 
-Every measurement runs in a fresh subprocess (one per benchmark, loop and round) on a fresh
-event loop. Rounds are interleaved: within a round each benchmark runs once on every loop, in
-an order rotated by one position per round, so slow drifts of a noisy machine hit all loops
-alike. Every benchmark checks its counts at the end and fails loudly if one is wrong.
+Every measurement runs in a fresh subprocess (one per benchmark, loop and round): a warm-up,
+then ``--repeat`` timed runs, each on a new event loop; the round keeps the fastest. Rounds
+are interleaved: within a round each benchmark runs once on every loop, in an order rotated
+by one position per round, so slow drifts of a noisy machine hit all loops alike. Every
+benchmark checks its counts at the end and fails loudly if one is wrong.
 
-    python benchmarks/run.py [--rounds N] [--only NAME ...] [--loops a,b,...] [--smoke]
-                             [--markdown]
+    python benchmarks/run.py [--rounds N] [--repeat K] [--only NAME ...] [--loops a,b,...]
+                             [--smoke] [--markdown] [--no-gc]
 
 See benchmarks/README.md for what each benchmark measures and how the numbers are computed.
 """
@@ -20,6 +21,7 @@ import datetime
 import gc
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -67,6 +69,34 @@ def loop_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return getattr(importlib.import_module(name), "__version__", "unknown")
+
+
+def ferroloop_build() -> tuple[str, tuple[int, int] | None]:
+    """Where the ferroloop being measured comes from (path, git commit), and the extension
+    module's (mtime, size): a rebuild in the middle of a run would mix two builds."""
+    try:
+        ext = importlib.util.find_spec("ferroloop._ferroloop")
+    except ImportError:
+        ext = None
+    if ext is None or not ext.origin:
+        return "unknown", None
+    where = os.path.dirname(ext.origin)
+    try:
+        commit = subprocess.run(
+            ["git", "-C", where, "describe", "--always", "--dirty"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        where += f", git {commit}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        st = os.stat(ext.origin)
+    except OSError:
+        return where, None
+    return where, (st.st_mtime_ns, st.st_size)
 
 
 def available(name: str) -> str | None:
@@ -391,7 +421,7 @@ BENCHMARKS = (
         "threadsafe",
         "threadsafe",
         bench_threadsafe,
-        {"n": 200_000, "timeout": 120.0},
+        {"n": 500_000, "timeout": 120.0},
         {"n": 200, "timeout": 20.0},
         "calls",
     ),
@@ -409,25 +439,28 @@ TARGETS = {
 }
 
 
-def worker(bench_name: str, loop_name: str, smoke: bool, gc_off: bool) -> int:
-    """Subprocess entry point: one warm-up run and one timed run, each on a fresh loop.
-    Prints one JSON line; exits non-zero (with a traceback) if anything is wrong."""
+def run_once(bench: Benchmark, loop_name: str, params: dict) -> tuple[int, float]:
+    run = Run(loop_name)
+    try:
+        return bench.func(run, **params)
+    finally:
+        run.close()
+
+
+def worker(bench_name: str, loop_name: str, smoke: bool, gc_off: bool, repeat: int) -> int:
+    """Subprocess entry point: one warm-up run at smoke size, then ``repeat`` timed runs,
+    each on a fresh loop. Prints one JSON line with the time of every timed run; exits
+    non-zero (with a traceback) if any run's checks fail."""
     global GC_OFF
     GC_OFF = gc_off
     bench = BY_NAME[bench_name]
+    run_once(bench, loop_name, bench.smoke)  # imports, first-call paths, allocator
     params = bench.smoke if smoke else bench.full
-    # Warm-up at smoke size (imports, code paths, allocator), on its own loop.
-    run = Run(loop_name)
-    try:
-        bench.func(run, **bench.smoke)
-    finally:
-        run.close()
-    run = Run(loop_name)
-    try:
-        ops, seconds = bench.func(run, **params)
-    finally:
-        run.close()
-    print(json.dumps({"ops": ops, "seconds": seconds}), flush=True)
+    ops, times = 0, []
+    for _ in range(repeat):
+        ops, seconds = run_once(bench, loop_name, params)
+        times.append(seconds)
+    print(json.dumps({"ops": ops, "seconds": times}), flush=True)
     return 0
 
 
@@ -445,17 +478,19 @@ class Cell:
         return [r for r in self.rates if r is not None]
 
 
-def measure(bench: str, loop: str, smoke: bool, gc_off: bool) -> tuple[float | None, str | None]:
+def measure(bench: str, loop: str, args: argparse.Namespace) -> tuple[float | None, str | None]:
+    """Run one worker subprocess; its ops/s (from the fastest of its timed runs) or an error."""
     env = dict(os.environ)
     env.pop("PYTHONASYNCIODEBUG", None)  # debug mode would measure something else
     env["PYTHONHASHSEED"] = "0"
     env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", bench, loop]
-    if smoke:
+    cmd += ["--repeat", str(args.repeat)]
+    if args.smoke:
         cmd.append("--smoke")
-    if gc_off:
+    if args.no_gc:
         cmd.append("--no-gc")
-    timeout = TIMEOUT_SMOKE if smoke else TIMEOUT_FULL
+    timeout = (TIMEOUT_SMOKE if args.smoke else TIMEOUT_FULL) * args.repeat
     try:
         proc = subprocess.run(
             cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout
@@ -467,8 +502,8 @@ def measure(bench: str, loop: str, smoke: bool, gc_off: bool) -> tuple[float | N
         return None, f"exit code {proc.returncode}:\n{tail}"
     try:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        return result["ops"] / result["seconds"], None
-    except (ValueError, KeyError, IndexError, ZeroDivisionError) as exc:
+        return result["ops"] / min(result["seconds"]), None
+    except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError) as exc:
         return None, f"unreadable worker output ({exc!r}): {proc.stdout[-500:]!r}"
 
 
@@ -503,7 +538,11 @@ def ratio(results: dict[str, Cell], peer: str) -> tuple[float, float, float] | N
     ferro, other = results.get("ferroloop"), results.get(peer)
     if ferro is None or other is None or not ferro.ok() or not other.ok():
         return None
-    paired = [a / b for a, b in zip(ferro.rates, other.rates) if a is not None and b is not None]
+    paired = [
+        a / b
+        for a, b in zip(ferro.rates, other.rates, strict=True)
+        if a is not None and b is not None
+    ]
     med = statistics.median(ferro.ok()) / statistics.median(other.ok())
     return med, min(paired, default=med), max(paired, default=med)
 
@@ -537,10 +576,19 @@ def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
         return "  ".join(cells).rstrip()
 
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -548,6 +596,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Compare ferroloop with asyncio, uvloop and rloop, rounds interleaved.",
     )
     parser.add_argument("--rounds", type=int, help="rounds per benchmark (default 5; smoke 1)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help="timed runs per round, each on a fresh loop; a round counts its fastest "
+        "(default 3; smoke 1)",
+    )
     parser.add_argument(
         "--only",
         nargs="+",
@@ -576,8 +630,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 5
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    if args.repeat is None:
+        args.repeat = 1 if args.smoke else 3
+    if args.rounds < 1 or args.repeat < 1:
+        parser.error("--rounds and --repeat must be at least 1")
     names = [n for item in args.only or [] for n in item.split(",") if n]
     if names:
         unknown = [n for n in names if n not in BY_NAME and n not in TARGETS]
@@ -598,7 +654,7 @@ def main(argv: list[str]) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # "±" on an ASCII-only terminal
     if args.worker:
-        return worker(args.worker[0], args.worker[1], args.smoke, args.no_gc)
+        return worker(args.worker[0], args.worker[1], args.smoke, args.no_gc, args.repeat)
 
     loops: list[str] = []
     for name in dict.fromkeys(args.loop_names):
@@ -611,6 +667,7 @@ def main(argv: list[str]) -> int:
         else:
             print(f"notice: skipping {name}: {reason}", file=sys.stderr)
 
+    build_where, build_stamp = ferroloop_build()
     command = shlex.join([os.path.basename(sys.executable), *sys.argv])
     header = [
         f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
@@ -620,8 +677,11 @@ def main(argv: list[str]) -> int:
             f"{sys.platform}, {platform.machine()}, {os.cpu_count()} CPUs)"
         ),
         "loops: " + ", ".join(f"{n} {loop_version(n)}" for n in loops),
+        f"ferroloop from: {build_where}",
+        f"load average at start: {load_average()}",
         (
-            f"rounds: {args.rounds}{' (smoke sizes)' if args.smoke else ''}, "
+            f"rounds: {args.rounds} x best of {args.repeat}"
+            f"{' (smoke sizes)' if args.smoke else ''}, "
             f"garbage collector {'off' if args.no_gc else 'on'} while timing"
         ),
     ]
@@ -639,7 +699,7 @@ def main(argv: list[str]) -> int:
             # first or right after another one.
             shift = (rnd + i) % len(loops)
             for name in loops[shift:] + loops[:shift]:
-                rate, error = measure(bench.name, name, args.smoke, args.no_gc)
+                rate, error = measure(bench.name, name, args)
                 cell = results[bench.name][name]
                 cell.rates.append(rate)
                 status = f"{fmt_rate(rate)} {bench.unit}/s" if rate is not None else "FAILED"
@@ -652,6 +712,13 @@ def main(argv: list[str]) -> int:
                     cell.failures.append(error)
                     print(f"  {bench.name} on {name} failed: {error}", file=sys.stderr)
     elapsed = time.perf_counter() - started
+    rebuilt = "ferroloop" in loops and ferroloop_build()[1] != build_stamp
+    if rebuilt:
+        print(
+            "WARNING: ferroloop's extension module changed during the run (rebuilt?): "
+            "these results mix two builds; run again.",
+            file=sys.stderr,
+        )
 
     headers = ["benchmark", *(f"{n} ops/s" for n in loops)]
     peers = [p for p in PEERS if p in loops] if "ferroloop" in loops else []
@@ -671,11 +738,13 @@ def main(argv: list[str]) -> int:
     print(render(headers, rows, args.markdown))
     print()
     print(
-        "ops/s: median over rounds ± half the min-max range; ratios: ferroloop's median ops/s "
-        "over the peer's (>1 = ferroloop faster), in parentheses the range of the per-round "
-        "ratios."
+        f"ops/s: median over rounds (each round: the fastest of {args.repeat} timed run(s)) "
+        "± half the min-max range over rounds; ratios: ferroloop's median ops/s over the "
+        "peer's (>1 = ferroloop faster), in parentheses the range of the per-round ratios."
     )
-    print(f"wall time: {elapsed:.0f}s")
+    print(f"wall time: {elapsed:.0f}s; load average at end: {load_average()}")
+    if rebuilt:
+        print("WARNING: ferroloop was rebuilt during this run; the results mix two builds.")
 
     failed = [
         (b, n, err) for b, cells in results.items() for n, c in cells.items() for err in c.failures
