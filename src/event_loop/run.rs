@@ -48,7 +48,7 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         s.stopping = false;
         s.thread_id = None;
         // Outside run_forever every shared handle is tracked (see `OwnedHandle`).
-        for h in s.ready.iter() {
+        for h in s.ready.iter().chain(s.timers.iter()) {
             h.track_if_shared();
         }
     });

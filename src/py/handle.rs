@@ -90,7 +90,7 @@ struct FreeList([Vec<*mut ffi::PyObject>; 2]);
 unsafe impl Send for FreeList {}
 static FREE: GilCell<FreeList> = GilCell::new(FreeList([Vec::new(), Vec::new()]));
 /// Free-list capacity per kind: bounds the memory kept (~100 bytes a handle).
-const FREE_MAX: usize = 1024;
+const FREE_MAX: usize = 16384;
 
 /// The handle classes; an error if module initialisation did not create them.
 #[inline]
@@ -432,8 +432,8 @@ unsafe extern "C" fn handle_dealloc(slf: *mut ffi::PyObject) {
 
 impl HandleTypes {
     /// Allocates a handle (a timer handle when `when` is given) with asyncio's slots set
-    /// as `Handle.__init__` / `TimerHandle.__init__` would set them. `track`: whether a
-    /// plain handle starts tracked by the cycle collector (see the note below).
+    /// as `Handle.__init__` / `TimerHandle.__init__` would set them. `track`: whether the
+    /// handle starts tracked by the cycle collector (see the note below).
     #[inline]
     #[allow(clippy::too_many_arguments)] // asyncio's slots, one argument each
     pub fn new_handle<'py>(
@@ -489,13 +489,13 @@ impl HandleTypes {
             //       collector while the loop owns them: the loop visits what they reference
             //       on their behalf (`traverse_owned`), and one still referenced elsewhere
             //       when the loop lets go of it, or when run_forever returns, is tracked
-            //       then (`OwnedHandle`). Short-lived handles thus never enter a collection:
-            //       tracked, they cost 2806 instead of 2271 instructions per call_soon
-            //       callback (callgrind, benchmark loop included; rloop: 2252). Timer
-            //       handles are usually kept by their caller (asyncio.sleep, timeouts) for
-            //       as long as they are scheduled, so they are always tracked.
-            let want_tracked = track || kind == KIND_TIMER;
-            match (recycled.is_some(), want_tracked) {
+            //       then (`OwnedHandle`). A queued handle is reachable from the loop, and a
+            //       running loop is never garbage, so no collectable cycle is missed.
+            //       Short-lived handles thus never enter a collection: tracked, they cost
+            //       2806 instead of 2271 instructions per call_soon callback (callgrind,
+            //       benchmark loop included; rloop: 2252), and timers ~25% of call_later's
+            //       throughput (benchmarks/run.py --no-gc).
+            match (recycled.is_some(), track) {
                 (false, false) => ffi::PyObject_GC_UnTrack(o.cast()),
                 (true, true) => ffi::PyObject_GC_Track(o.cast()),
                 _ => {}
@@ -699,7 +699,7 @@ unsafe fn new_ref(p: *mut ffi::PyObject) -> *mut ffi::PyObject {
 /// A reference to a handle held by one of the loop's queues (ready queue, timer heap,
 /// reader/writer and signal tables).
 ///
-/// call_soon handles the loop creates are not tracked by the cycle collector (see
+/// Handles the loop creates while it runs are not tracked by the cycle collector (see
 /// `new_handle`). While the loop is the only owner of an untracked handle, `HandleTypes::traverse_owned` reports the handle's
 /// references as the loop's own; when the loop lets go of a handle that something else
 /// still references, dropping the `OwnedHandle` starts tracking it, so cycles through it
