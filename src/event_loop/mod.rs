@@ -313,7 +313,7 @@ fn call_task_factory<'py>(
     kwargs: Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = slf.py();
-    if py.version_info() >= (3, 14) {
+    if py::version(py) >= (3, 14) {
         return factory.call((slf, coro), Some(&kwargs));
     }
     let name = kwargs.get_item("name")?;
@@ -525,10 +525,12 @@ impl LoopCore {
         //       handle back and runs it now, with the current task swapped out, as 3.12's
         //       Task.__eager_start does.
         let mut emulate_eager = false;
-        if py.version_info() < (3, 12)
-            && let Some(eager) = kwargs.get_item("eager_start")?
+        let eager_key = pyo3::intern!(py, "eager_start");
+        if !kwargs.is_empty()
+            && py::version(py) < (3, 12)
+            && let Some(eager) = kwargs.get_item(eager_key)?
         {
-            kwargs.del_item("eager_start")?;
+            kwargs.del_item(eager_key)?;
             emulate_eager = eager.is_truthy()? && core.is_running(py);
         }
         kwargs.set_item(pyo3::intern!(py, "loop"), slf)?;

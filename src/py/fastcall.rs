@@ -8,7 +8,7 @@
 use std::ffi::{CStr, c_char};
 use std::ptr;
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple, PyType};
@@ -80,11 +80,18 @@ unsafe fn parse<'py>(
         };
         let mut context = None;
         if !kwnames.is_null() {
+            let context_key = pyo3::intern!(py, "context").as_ptr();
             let nkw = ffi::PyTuple_GET_SIZE(kwnames) as usize;
             for k in 0..nkw {
-                let key = Bound::from_borrowed_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, k as _));
+                let key_ptr = ffi::PyTuple_GET_ITEM(kwnames, k as _);
                 let value = Bound::from_borrowed_ptr(py, *args.add(nargs + k));
-                let key = key.cast_into_unchecked::<PyString>();
+                // Keyword names from C callers (asyncio's Task and Future) are interned, so
+                // the pointer test settles the common case.
+                if key_ptr == context_key {
+                    context = Some(value);
+                    continue;
+                }
+                let key = Bound::from_borrowed_ptr(py, key_ptr).cast_into_unchecked::<PyString>();
                 let key = key.to_str()?;
                 if key == "context" {
                     context = Some(value);
@@ -102,23 +109,8 @@ unsafe fn parse<'py>(
                 }
             }
         }
-        let missing: Vec<&str> = names
-            .iter()
-            .zip(lead.iter())
-            .filter(|(_, v)| v.is_none())
-            .map(|(n, _)| *n)
-            .collect();
-        if !missing.is_empty() {
-            let list = missing
-                .iter()
-                .map(|n| format!("'{n}'"))
-                .collect::<Vec<_>>()
-                .join(" and ");
-            let s = if missing.len() == 1 { "" } else { "s" };
-            return Err(PyTypeError::new_err(format!(
-                "{method}() missing {} required positional argument{s}: {list}",
-                missing.len()
-            )));
+        if lead[..names.len()].iter().any(Option::is_none) {
+            return Err(missing_error(method, names, &lead));
         }
         Ok(SchedArgs {
             lead,
@@ -126,6 +118,23 @@ unsafe fn parse<'py>(
             context,
         })
     }
+}
+
+/// CPython's message for missing positional arguments.
+#[cold]
+fn missing_error(method: &str, names: &[&str], lead: &[Option<Bound<'_, PyAny>>]) -> PyErr {
+    let missing: Vec<String> = names
+        .iter()
+        .zip(lead.iter())
+        .filter(|(_, v)| v.is_none())
+        .map(|(n, _)| format!("'{n}'"))
+        .collect();
+    let s = if missing.len() == 1 { "" } else { "s" };
+    PyTypeError::new_err(format!(
+        "{method}() missing {} required positional argument{s}: {}",
+        missing.len(),
+        missing.join(" and ")
+    ))
 }
 
 type Impl = for<'py> fn(&Bound<'py, LoopCore>, SchedArgs<'py>) -> PyResult<Bound<'py, PyAny>>;
@@ -144,14 +153,13 @@ unsafe fn entry(
     f: Impl,
 ) -> *mut ffi::PyObject {
     // SAFETY: see the function's contract; the method descriptor has checked that `slf`
-    // is a LoopCore instance, so the cast below cannot fail in practice.
+    // is a LoopCore instance.
     unsafe {
         let py = Python::assume_attached();
         let res = (|| {
-            let slf = Bound::from_borrowed_ptr(py, slf);
-            let slf = slf
-                .cast::<LoopCore>()
-                .map_err(|_| PyRuntimeError::new_err("not a ferroloop loop"))?;
+            // The method descriptor has already checked that `slf` is a LoopCore.
+            let slf = Bound::from_borrowed_ptr(py, slf).cast_into_unchecked::<LoopCore>();
+            let slf = &slf;
             let parsed = parse(py, method, names, args, nargs, kwnames)?;
             f(slf, parsed)
         })();

@@ -765,9 +765,12 @@ impl HandleTypes {
             if ffi::Py_REFCNT(p) != 1 || ffi::PyObject_GC_IsTracked(p) != 0 {
                 return visit(&h.0);
             }
-            let kind = kind_of(self, ffi::Py_TYPE(p)).unwrap_or(KIND_HANDLE);
-            for &off in self.off.slots(kind) {
-                let slot = slot_ptr(p, off);
+            // NOTE: only the slots that can hold container objects: `_cancelled`,
+            //       `_scheduled`, `_repr` and `_when` hold bools, str, None and numbers.
+            //       Not visiting a referent only keeps it alive (it looks externally
+            //       referenced), so this is safe either way.
+            for slot in [CALLBACK, ARGS, LOOP, SOURCE_TRACEBACK, CONTEXT] {
+                let slot = slot_ptr(p, self.off.of(slot));
                 if !(*slot).is_null() {
                     visit(&*(slot as *const Py<PyAny>))?;
                 }

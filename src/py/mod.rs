@@ -101,3 +101,13 @@ pub(crate) use import_attr;
 pub fn asyncio_logger(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     import_attr!(py, "asyncio", "base_events")?.getattr("logger")
 }
+
+/// The running interpreter's `(major, minor)`, read once (`Python::version_info` parses
+/// the version string on every call).
+pub fn version(py: Python<'_>) -> (u8, u8) {
+    static VERSION: std::sync::OnceLock<(u8, u8)> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let v = py.version_info();
+        (v.major, v.minor)
+    })
+}
