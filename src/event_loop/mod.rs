@@ -60,6 +60,8 @@ pub(crate) struct State {
     pub polling: bool,
     /// A wake-up was sent and not yet consumed (coalesces wake-ups).
     pub wake_pending: bool,
+    /// `monotonic_ns()` after the last poll; `i64::MIN` forces the next poll.
+    pub last_poll_ns: i64,
 }
 
 #[pyclass(
@@ -354,6 +356,7 @@ impl LoopCore {
                 registrar: Some(registrar),
                 polling: false,
                 wake_pending: false,
+                last_poll_ns: i64::MIN,
             }),
             poller: Mutex::new(Some(poller)),
             clock_resolution: crate::sys::monotonic_resolution(),
