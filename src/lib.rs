@@ -1,5 +1,6 @@
 //! ferroloop: an asyncio event loop in Rust. Module list and Python exports only.
 
+pub mod dns;
 pub mod errors;
 pub mod event_loop;
 pub mod handles;

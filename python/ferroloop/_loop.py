@@ -21,6 +21,9 @@ from ._ferroloop import LoopCore
 __all__ = ["Loop", "new_event_loop"]
 
 
+type_of = type
+
+
 def _logger():
     # Looked up at each use, as asyncio's own module global is: tests and applications
     # patch ``asyncio.base_events.logger``.
@@ -73,8 +76,6 @@ _PENDING_ASYNC = (
     "sock_connect",
     "sock_accept",
     "sock_sendfile",
-    "getaddrinfo",
-    "getnameinfo",
     "connect_read_pipe",
     "connect_write_pipe",
     "subprocess_exec",
@@ -284,6 +285,44 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
         except Exception as ex:
             if not self.is_closed() and not future.cancelled():
                 self.call_soon_threadsafe(future.set_exception, ex)
+
+    # ---- name resolution -----------------------------------------------------------
+
+    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
+        """Asynchronous ``socket.getaddrinfo()``: the same result list and errors.
+
+        Numeric hosts are answered at once; names are resolved on ferroloop's resolver
+        threads without holding the GIL."""
+        if not self.get_debug():
+            res = self._getaddrinfo(host, port, family, type, proto, flags)
+            return res if type_of(res) is list else await res
+        # asyncio's debug logging (BaseEventLoop._getaddrinfo_debug).
+        msg = [f"{host}:{port!r}"]
+        if family:
+            msg.append(f"family={family!r}")
+        if type:
+            msg.append(f"type={type!r}")
+        if proto:
+            msg.append(f"proto={proto!r}")
+        if flags:
+            msg.append(f"flags={flags!r}")
+        msg = ", ".join(msg)
+        _logger().debug("Get address info %s", msg)
+        t0 = self.time()
+        res = self._getaddrinfo(host, port, family, type, proto, flags)
+        addrinfo = res if type_of(res) is list else await res
+        dt = self.time() - t0
+        msg = f"Getting address info {msg} took {dt * 1e3:.3f}ms: {addrinfo!r}"
+        if dt >= self.slow_callback_duration:
+            _logger().info(msg)
+        else:
+            _logger().debug(msg)
+        return addrinfo
+
+    async def getnameinfo(self, sockaddr, flags=0):
+        """Asynchronous ``socket.getnameinfo()``: the same result and errors."""
+        res = self._getnameinfo(sockaddr, flags)
+        return res if type_of(res) is tuple else await res
 
     # ---- error handling ------------------------------------------------------------
 

@@ -9,7 +9,7 @@ mod run;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{
     PyAttributeError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError,
@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
+use crate::dns;
 use crate::errors;
 use crate::py::fastcall::SchedArgs;
 use crate::py::handle::{OwnedHandle, types};
@@ -62,6 +63,11 @@ pub(crate) struct State {
     pub wake_pending: bool,
     /// `monotonic_ns()` after the last poll; `i64::MIN` forces the next poll.
     pub last_poll_ns: i64,
+    /// Where resolver threads deliver getaddrinfo/getnameinfo answers.
+    pub dns_inbox: Arc<dns::Inbox>,
+    /// Futures of resolutions in flight, by request id.
+    pub dns_pending: HashMap<u64, Py<PyAny>>,
+    pub dns_next: u64,
 }
 
 #[pyclass(
@@ -340,6 +346,7 @@ impl LoopCore {
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
         let (poller, registrar) = Poller::new().map_err(errors::from_io)?;
         let signals = SignalState::new(&registrar).map_err(errors::from_io)?;
+        let dns_inbox = dns::Inbox::new(&registrar.waker());
         Ok(LoopCore {
             state: GilCell::new(State {
                 ready: ReadyQueue::new(),
@@ -357,6 +364,9 @@ impl LoopCore {
                 polling: false,
                 wake_pending: false,
                 last_poll_ns: i64::MIN,
+                dns_inbox,
+                dns_pending: HashMap::new(),
+                dns_next: 0,
             }),
             poller: Mutex::new(Some(poller)),
             clock_resolution: crate::sys::monotonic_resolution(),
@@ -430,7 +440,7 @@ impl LoopCore {
         if closed {
             return Ok(());
         }
-        let (ready, timers, io, factory, registrar) = core.state.with(py, |s| {
+        let (ready, timers, io, factory, registrar, dns_pending) = core.state.with(py, |s| {
             s.closed = true;
             (
                 s.ready.drain(),
@@ -438,6 +448,7 @@ impl LoopCore {
                 std::mem::take(&mut s.io),
                 s.task_factory.take(),
                 s.registrar.take(),
+                std::mem::take(&mut s.dns_pending),
             )
         });
         let t = types()?;
@@ -456,7 +467,15 @@ impl LoopCore {
         }
         let poller = core.poller.lock().map(|mut p| p.take()).unwrap_or(None);
         let signals = core.state.with(py, |s| s.signals.close());
-        drop((ready, timers, factory, registrar, poller, signals));
+        drop((
+            ready,
+            timers,
+            factory,
+            registrar,
+            poller,
+            signals,
+            dns_pending,
+        ));
         // As asyncio's unix loop: handlers are removed once the loop itself is closed, so
         // a failure here (e.g. closing from another thread) leaves a closed loop.
         crate::signals::remove_all(slf)
@@ -624,6 +643,44 @@ impl LoopCore {
         crate::signals::remove_signal_handler(slf, sig)
     }
 
+    // ---- name resolution ---------------------------------------------------------------
+
+    /// `socket.getaddrinfo(...)`'s result for numeric hosts, or a future resolved by a
+    /// resolver thread. The Python `getaddrinfo` coroutine awaits the latter.
+    #[pyo3(signature = (host, port, family=0, r#type=0, proto=0, flags=0))]
+    fn _getaddrinfo<'py>(
+        slf: &Bound<'py, Self>,
+        host: &Bound<'py, PyAny>,
+        port: &Bound<'py, PyAny>,
+        family: i32,
+        r#type: i32,
+        proto: i32,
+        flags: i32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        slf.get().check_closed(py)?;
+        match dns::addrinfo_request(host, port, family, r#type, proto, flags)? {
+            Some((request, inline)) => Self::resolve(slf, request, inline),
+            None => import_attr!(py, "socket", "getaddrinfo")?
+                .call1((host, port, family, r#type, proto, flags)),
+        }
+    }
+
+    /// `socket.getnameinfo(...)`'s result, or a future (see `_getaddrinfo`).
+    #[pyo3(signature = (sockaddr, flags=0))]
+    fn _getnameinfo<'py>(
+        slf: &Bound<'py, Self>,
+        sockaddr: &Bound<'py, PyAny>,
+        flags: i32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        slf.get().check_closed(py)?;
+        match dns::nameinfo_request(sockaddr, flags)? {
+            Some((request, inline)) => Self::resolve(slf, request, inline),
+            None => import_attr!(py, "socket", "getnameinfo")?.call1((sockaddr, flags)),
+        }
+    }
+
     // ---- garbage collector -------------------------------------------------------------
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
@@ -643,6 +700,9 @@ impl LoopCore {
         for h in handles {
             t.traverse_owned(h, |p| visit.call(p))?;
         }
+        for f in s.dns_pending.values() {
+            visit.call(f)?;
+        }
         visit.call(&s.task_factory)?;
         Ok(())
     }
@@ -658,6 +718,7 @@ impl LoopCore {
                 s.signals.take_handles(),
                 s.task_factory.take(),
                 s.current_handle.take(),
+                std::mem::take(&mut s.dns_pending),
             )
         });
         drop(taken);
@@ -665,6 +726,57 @@ impl LoopCore {
 }
 
 impl LoopCore {
+    /// Resolves inline (numeric input) or on a resolver thread, returning a future then.
+    fn resolve<'py>(
+        slf: &Bound<'py, Self>,
+        request: dns::Request,
+        inline: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        if inline {
+            return dns::to_python(py, request.resolve());
+        }
+        let fut = Self::create_future(slf)?;
+        let item = fut.clone().unbind();
+        let (id, inbox) = slf.get().state.with(py, |s| {
+            s.dns_next += 1;
+            s.dns_pending.insert(s.dns_next, item);
+            (s.dns_next, s.dns_inbox.clone())
+        });
+        if let Err(e) = dns::submit(request, inbox, id) {
+            let item = slf.get().state.with(py, |s| s.dns_pending.remove(&id));
+            drop(item);
+            return Err(errors::from_io(e));
+        }
+        Ok(fut)
+    }
+
+    /// Resolves the futures of resolutions that finished (called by the run loop).
+    pub(crate) fn dispatch_resolutions(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let answers = core.state.with(py, |s| s.dns_inbox.take());
+        for (id, answer) in answers {
+            let Some(fut) = core.state.with(py, |s| s.dns_pending.remove(&id)) else {
+                continue;
+            };
+            let fut = fut.into_bound(py);
+            if fut
+                .call_method0(pyo3::intern!(py, "cancelled"))?
+                .is_truthy()?
+            {
+                continue;
+            }
+            match dns::to_python(py, answer) {
+                Ok(v) => fut.call_method1(pyo3::intern!(py, "set_result"), (v,))?,
+                Err(e) => {
+                    fut.call_method1(pyo3::intern!(py, "set_exception"), (e.into_value(py),))?
+                }
+            };
+        }
+        Ok(())
+    }
+
     /// A plain handle for `call_soon` / `call_soon_threadsafe`, after their checks.
     fn soon_handle<'py>(
         slf: &Bound<'py, Self>,

@@ -165,6 +165,7 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     if signalled {
         signals::dispatch(slf)?;
     }
+    LoopCore::dispatch_resolutions(slf)?;
 
     let end = crate::sys::monotonic() + core.clock_resolution;
     while let Some(h) = core.state.with(py, |s| s.timers.pop_due(end)) {

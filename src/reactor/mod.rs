@@ -125,6 +125,11 @@ impl Registrar {
         self.registry.deregister(&mut SourceFd(&fd))
     }
 
+    /// The waker, for threads that deliver work to the loop without the GIL.
+    pub fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
+    }
+
     /// Wakes a blocked `Poller::poll` from any thread.
     pub fn wake(&self) -> io::Result<()> {
         self.waker.wake()

@@ -92,3 +92,309 @@ mod tests {
         assert!(!fd_is_open(-1));
     }
 }
+
+/// A socket address as `getaddrinfo(3)` returns it, with the host already formatted by
+/// `inet_ntop(3)` (as CPython's `makeipaddr` does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SockAddr {
+    V4 {
+        host: String,
+        port: u16,
+    },
+    V6 {
+        host: String,
+        port: u16,
+        flowinfo: u32,
+        scope_id: u32,
+    },
+    /// Any other family: `(family, sa_data)` as CPython's generic `makesockaddr` case.
+    Other {
+        family: i32,
+        data: Vec<u8>,
+    },
+}
+
+/// One `struct addrinfo` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrInfo {
+    pub family: i32,
+    pub socktype: i32,
+    pub protocol: i32,
+    pub canonname: Option<Vec<u8>>,
+    pub addr: SockAddr,
+}
+
+/// A failed resolution: a `getaddrinfo`/`getnameinfo` error code (`EAI_*`, with
+/// `gai_strerror`'s text), or `EAI_SYSTEM`'s errno.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GaiError {
+    Gai(i32, String),
+    Os(i32),
+    /// getnameinfo: the numeric host resolved to several addresses.
+    Multiple,
+    /// getnameinfo: an IPv4 address given with flowinfo/scope_id.
+    Ipv4TupleLen,
+}
+
+fn gai_error(code: i32) -> GaiError {
+    if code == libc::EAI_SYSTEM {
+        return GaiError::Os(
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        );
+    }
+    // SAFETY: gai_strerror returns a pointer to a static, NUL-terminated string.
+    let msg = unsafe { std::ffi::CStr::from_ptr(libc::gai_strerror(code)) };
+    GaiError::Gai(code, msg.to_string_lossy().into_owned())
+}
+
+unsafe extern "C" {
+    // POSIX inet_ntop(3); the libc crate does not bind it.
+    fn inet_ntop(
+        af: libc::c_int,
+        src: *const libc::c_void,
+        dst: *mut libc::c_char,
+        size: libc::socklen_t,
+    ) -> *const libc::c_char;
+}
+
+fn ntop(family: i32, src: *const libc::c_void) -> String {
+    let mut buf = [0 as libc::c_char; 64];
+    // SAFETY: `src` points to an in_addr / in6_addr of `family`; `buf` is large enough
+    // for INET6_ADDRSTRLEN and inet_ntop NUL-terminates on success.
+    unsafe {
+        if inet_ntop(family, src, buf.as_mut_ptr(), buf.len() as libc::socklen_t).is_null() {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(buf.as_ptr())
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Converts a `sockaddr` as CPython's `makesockaddr` does for getaddrinfo results.
+///
+/// # Safety
+/// `sa` points to a valid socket address of `len` bytes.
+unsafe fn sockaddr_of(sa: *const libc::sockaddr, len: libc::socklen_t) -> SockAddr {
+    // SAFETY: guaranteed by the caller; the family field selects the concrete type.
+    unsafe {
+        match (*sa).sa_family as i32 {
+            libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+                let a = &*(sa as *const libc::sockaddr_in);
+                SockAddr::V4 {
+                    host: ntop(libc::AF_INET, (&a.sin_addr as *const libc::in_addr).cast()),
+                    port: u16::from_be(a.sin_port),
+                }
+            }
+            libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+                let a = &*(sa as *const libc::sockaddr_in6);
+                SockAddr::V6 {
+                    host: ntop(
+                        libc::AF_INET6,
+                        (&a.sin6_addr as *const libc::in6_addr).cast(),
+                    ),
+                    port: u16::from_be(a.sin6_port),
+                    flowinfo: u32::from_be(a.sin6_flowinfo),
+                    scope_id: a.sin6_scope_id,
+                }
+            }
+            family => SockAddr::Other {
+                family,
+                data: (*sa).sa_data.iter().map(|b| *b as u8).collect(),
+            },
+        }
+    }
+}
+
+/// RAII owner of a `getaddrinfo` result list.
+struct AddrInfoList(*mut libc::addrinfo);
+
+impl Drop for AddrInfoList {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the list came from a successful getaddrinfo and is freed once.
+            unsafe { libc::freeaddrinfo(self.0) };
+        }
+    }
+}
+
+fn raw_getaddrinfo(
+    host: Option<&std::ffi::CStr>,
+    port: Option<&std::ffi::CStr>,
+    family: i32,
+    socktype: i32,
+    protocol: i32,
+    flags: i32,
+) -> Result<AddrInfoList, GaiError> {
+    // SAFETY: an all-zero addrinfo is a valid "no hints" value; the fields are set below.
+    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_family = family;
+    hints.ai_socktype = socktype;
+    hints.ai_protocol = protocol;
+    hints.ai_flags = flags;
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: host/port are NULL or NUL-terminated; `res` receives a list we own.
+    let code = unsafe {
+        libc::getaddrinfo(
+            host.map_or(std::ptr::null(), |h| h.as_ptr()),
+            port.map_or(std::ptr::null(), |p| p.as_ptr()),
+            &hints,
+            &mut res,
+        )
+    };
+    if code != 0 {
+        return Err(gai_error(code));
+    }
+    Ok(AddrInfoList(res))
+}
+
+/// `getaddrinfo(3)`, blocking. Mirrors CPython's `socket.getaddrinfo` result list.
+pub fn getaddrinfo(
+    host: Option<&std::ffi::CStr>,
+    port: Option<&std::ffi::CStr>,
+    family: i32,
+    socktype: i32,
+    protocol: i32,
+    flags: i32,
+) -> Result<Vec<AddrInfo>, GaiError> {
+    let list = raw_getaddrinfo(host, port, family, socktype, protocol, flags)?;
+    let mut out = Vec::new();
+    let mut p = list.0;
+    while !p.is_null() {
+        // SAFETY: `p` walks the list owned by `list`, valid until it is dropped.
+        unsafe {
+            let ai = &*p;
+            out.push(AddrInfo {
+                family: ai.ai_family,
+                socktype: ai.ai_socktype,
+                protocol: ai.ai_protocol,
+                canonname: (!ai.ai_canonname.is_null()).then(|| {
+                    std::ffi::CStr::from_ptr(ai.ai_canonname)
+                        .to_bytes()
+                        .to_vec()
+                }),
+                addr: sockaddr_of(ai.ai_addr, ai.ai_addrlen),
+            });
+            p = ai.ai_next;
+        }
+    }
+    Ok(out)
+}
+
+/// `getnameinfo(3)` of a numeric host and port, blocking. Mirrors CPython's
+/// `socket.getnameinfo` once its arguments are parsed: `ipv4_tuple` says whether the
+/// caller's sockaddr tuple had exactly two items.
+pub fn getnameinfo(
+    host: &std::ffi::CStr,
+    port: i32,
+    flowinfo: u32,
+    scope_id: u32,
+    ipv4_tuple: bool,
+    flags: i32,
+) -> Result<(String, String), GaiError> {
+    let port = std::ffi::CString::new(port.to_string()).unwrap_or_default();
+    let list = raw_getaddrinfo(
+        Some(host),
+        Some(&port),
+        libc::AF_UNSPEC,
+        libc::SOCK_DGRAM,
+        0,
+        libc::AI_NUMERICHOST,
+    )?;
+    // SAFETY: a successful getaddrinfo returns at least one entry, owned by `list`.
+    let ai = unsafe { &mut *list.0 };
+    if !ai.ai_next.is_null() {
+        return Err(GaiError::Multiple);
+    }
+    match ai.ai_family {
+        libc::AF_INET if !ipv4_tuple => return Err(GaiError::Ipv4TupleLen),
+        libc::AF_INET6 => {
+            // SAFETY: an AF_INET6 entry's address is a sockaddr_in6.
+            let sa6 = unsafe { &mut *(ai.ai_addr as *mut libc::sockaddr_in6) };
+            sa6.sin6_flowinfo = flowinfo.to_be();
+            sa6.sin6_scope_id = scope_id;
+        }
+        _ => {}
+    }
+    let mut hbuf = [0 as libc::c_char; 1025];
+    let mut pbuf = [0 as libc::c_char; 32];
+    // SAFETY: the address comes from the list above; the buffers' sizes are passed.
+    let code = unsafe {
+        libc::getnameinfo(
+            ai.ai_addr,
+            ai.ai_addrlen,
+            hbuf.as_mut_ptr(),
+            hbuf.len() as libc::socklen_t,
+            pbuf.as_mut_ptr(),
+            pbuf.len() as libc::socklen_t,
+            flags,
+        )
+    };
+    if code != 0 {
+        return Err(gai_error(code));
+    }
+    // SAFETY: getnameinfo NUL-terminates both buffers on success.
+    let (h, p) = unsafe {
+        (
+            std::ffi::CStr::from_ptr(hbuf.as_ptr()),
+            std::ffi::CStr::from_ptr(pbuf.as_ptr()),
+        )
+    };
+    Ok((
+        h.to_string_lossy().into_owned(),
+        p.to_string_lossy().into_owned(),
+    ))
+}
+
+/// Whether `host` is a numeric IPv4/IPv6 address (no name service needed).
+pub fn is_numeric_host(host: &[u8]) -> bool {
+    let Ok(s) = std::str::from_utf8(host) else {
+        return false;
+    };
+    // `%scope` suffixes need if_nametoindex: leave those to the resolver threads.
+    s.parse::<std::net::IpAddr>().is_ok()
+}
+
+#[cfg(test)]
+mod resolver_tests {
+    use super::*;
+
+    #[test]
+    fn numeric_getaddrinfo() {
+        let host = std::ffi::CString::new("::1").unwrap();
+        let port = std::ffi::CString::new("80").unwrap();
+        let res = getaddrinfo(Some(&host), Some(&port), 0, libc::SOCK_STREAM, 0, 0).unwrap();
+        assert_eq!(res[0].family, libc::AF_INET6);
+        assert_eq!(
+            res[0].addr,
+            SockAddr::V6 {
+                host: "::1".into(),
+                port: 80,
+                flowinfo: 0,
+                scope_id: 0
+            }
+        );
+        assert!(is_numeric_host(b"127.0.0.1") && !is_numeric_host(b"localhost"));
+    }
+
+    #[test]
+    fn unresolvable_name_is_a_gai_error() {
+        let host = std::ffi::CString::new("name.invalid").unwrap();
+        let err = getaddrinfo(Some(&host), None, 0, 0, 0, libc::AI_NUMERICHOST).unwrap_err();
+        assert!(matches!(err, GaiError::Gai(code, _) if code == libc::EAI_NONAME));
+    }
+
+    #[test]
+    fn numeric_getnameinfo() {
+        let host = std::ffi::CString::new("127.0.0.1").unwrap();
+        let flags = libc::NI_NUMERICHOST | libc::NI_NUMERICSERV;
+        let (h, p) = getnameinfo(&host, 8080, 0, 0, true, flags).unwrap();
+        assert_eq!((h.as_str(), p.as_str()), ("127.0.0.1", "8080"));
+        assert_eq!(
+            getnameinfo(&host, 1, 0, 0, false, flags).unwrap_err(),
+            GaiError::Ipv4TupleLen
+        );
+    }
+}
