@@ -8,6 +8,7 @@ pub mod py;
 pub mod reactor;
 pub mod ready;
 pub mod signals;
+pub mod sock;
 pub mod sys;
 pub mod timers;
 

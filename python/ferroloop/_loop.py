@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
 import sys
 import threading
 import traceback
@@ -22,6 +23,7 @@ __all__ = ["Loop", "new_event_loop"]
 
 
 type_of = type
+_Future = futures.Future
 
 
 def _logger():
@@ -67,14 +69,6 @@ _PENDING_ASYNC = (
     "connect_accepted_socket",
     "start_tls",
     "sendfile",
-    "sock_recv",
-    "sock_recv_into",
-    "sock_recvfrom",
-    "sock_recvfrom_into",
-    "sock_sendall",
-    "sock_sendto",
-    "sock_connect",
-    "sock_accept",
     "sock_sendfile",
     "connect_read_pipe",
     "connect_write_pipe",
@@ -285,6 +279,67 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
         except Exception as ex:
             if not self.is_closed() and not future.cancelled():
                 self.call_soon_threadsafe(future.set_exception, ex)
+
+    # ---- sockets -------------------------------------------------------------------
+    # The native core tries each operation at once and returns its result, or a future
+    # when the socket is not ready (asyncio's selector-loop semantics).
+
+    async def sock_recv(self, sock, n):
+        """Receive up to ``n`` bytes from a non-blocking socket."""
+        r = self._sock_recv(sock, n)
+        return (await r) if type_of(r) is _Future else r
+
+    async def sock_recv_into(self, sock, buf):
+        """Receive into ``buf``; return the number of bytes received."""
+        r = self._sock_recv_into(sock, buf)
+        return (await r) if type_of(r) is _Future else r
+
+    async def sock_recvfrom(self, sock, bufsize):
+        """Receive a datagram of up to ``bufsize`` bytes: ``(data, address)``."""
+        r = self._sock_recvfrom(sock, bufsize)
+        return (await r) if type_of(r) is _Future else r
+
+    async def sock_recvfrom_into(self, sock, buf, nbytes=0):
+        """Receive a datagram into ``buf``: ``(nbytes, address)``."""
+        if not nbytes:
+            nbytes = len(buf)
+        r = self._sock_recvfrom_into(sock, buf, nbytes)
+        return (await r) if type_of(r) is _Future else r
+
+    async def sock_sendall(self, sock, data):
+        """Send all of ``data`` on a connected non-blocking socket."""
+        r = self._sock_sendall(sock, data)
+        if type_of(r) is _Future:
+            await r
+
+    async def sock_sendto(self, sock, data, address):
+        """Send a datagram to ``address``; return the number of bytes sent."""
+        r = self._sock_sendto(sock, data, address)
+        return (await r) if type_of(r) is _Future else r
+
+    async def sock_accept(self, sock):
+        """Accept a connection: ``(conn, address)``, ``conn`` non-blocking."""
+        r = self._sock_accept(sock)
+        return (await r) if type_of(r) is _Future else r
+
+    async def sock_connect(self, sock, address):
+        """Connect a non-blocking socket, resolving a non-numeric address first."""
+        base_events._check_ssl_socket(sock)
+        if self.get_debug() and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
+        if sock.family == socket.AF_INET or (
+            base_events._HAS_IPv6 and sock.family == socket.AF_INET6
+        ):
+            resolved = await self._ensure_resolved(
+                address, family=sock.family, type=sock.type, proto=sock.proto, loop=self
+            )
+            _, _, _, _, address = resolved[0]
+        r = self._sock_connect(sock, address)
+        if type_of(r) is _Future:
+            await r
+
+    # asyncio's address helper: the numeric fast path, else loop.getaddrinfo().
+    _ensure_resolved = base_events.BaseEventLoop._ensure_resolved
 
     # ---- name resolution -----------------------------------------------------------
 

@@ -26,6 +26,7 @@ use crate::py::{self, GilCell, import_attr};
 use crate::reactor::{Poller, Registrar};
 use crate::ready::ReadyQueue;
 use crate::signals::SignalState;
+use crate::sock;
 use crate::timers::TimerQueue;
 
 /// asyncio's `MAXIMUM_SELECT_TIMEOUT`: 24 hours.
@@ -515,7 +516,7 @@ impl LoopCore {
 
     // ---- futures and tasks -------------------------------------------------------------
 
-    fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+    pub(crate) fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let future = import_attr!(py, "asyncio.futures", "Future")?;
         let kwargs = PyDict::new(py);
@@ -606,7 +607,7 @@ impl LoopCore {
         callback: &Bound<'py, PyAny>,
         args: Bound<'py, PyTuple>,
     ) -> PyResult<()> {
-        Self::add_io(slf, fd, callback, args, true)
+        Self::add_io_handle(slf, fd, callback, args, true).map(drop)
     }
 
     #[pyo3(signature = (fd, callback, *args))]
@@ -616,7 +617,7 @@ impl LoopCore {
         callback: &Bound<'py, PyAny>,
         args: Bound<'py, PyTuple>,
     ) -> PyResult<()> {
-        Self::add_io(slf, fd, callback, args, false)
+        Self::add_io_handle(slf, fd, callback, args, false).map(drop)
     }
 
     fn remove_reader(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
@@ -641,6 +642,86 @@ impl LoopCore {
 
     fn remove_signal_handler(slf: &Bound<'_, Self>, sig: &Bound<'_, PyAny>) -> PyResult<bool> {
         crate::signals::remove_signal_handler(slf, sig)
+    }
+
+    // ---- sockets: each returns the result, or a future when the socket is not ready ---
+
+    fn _sock_recv<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+        n: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let op = match sock::recv_size(n)? {
+            Some(n) => sock::Op::Recv(n),
+            None => sock::Op::Call("recv", vec![n.clone().unbind()], sock::Dir::Read),
+        };
+        sock::run(slf, sock, op)
+    }
+
+    fn _sock_recv_into<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+        buf: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let op = sock::Op::Call("recv_into", vec![buf.clone().unbind()], sock::Dir::Read);
+        sock::run(slf, sock, op)
+    }
+
+    fn _sock_recvfrom<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+        bufsize: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let op = sock::Op::Call("recvfrom", vec![bufsize.clone().unbind()], sock::Dir::Read);
+        sock::run(slf, sock, op)
+    }
+
+    fn _sock_recvfrom_into<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+        buf: &Bound<'py, PyAny>,
+        nbytes: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let args = vec![buf.clone().unbind(), nbytes.clone().unbind()];
+        sock::run(
+            slf,
+            sock,
+            sock::Op::Call("recvfrom_into", args, sock::Dir::Read),
+        )
+    }
+
+    fn _sock_sendall<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+        data: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        sock::run(slf, sock, sock::Op::SendAll(data.clone().unbind(), 0))
+    }
+
+    fn _sock_sendto<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+        data: &Bound<'py, PyAny>,
+        address: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let args = vec![data.clone().unbind(), address.clone().unbind()];
+        sock::run(slf, sock, sock::Op::Call("sendto", args, sock::Dir::Write))
+    }
+
+    fn _sock_accept<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        sock::run(slf, sock, sock::Op::Accept)
+    }
+
+    /// Connects to an already resolved address (the Python `sock_connect` resolves).
+    fn _sock_connect<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+        address: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        sock::run(slf, sock, sock::Op::Connect(address.clone().unbind()))
     }
 
     // ---- name resolution ---------------------------------------------------------------
@@ -867,13 +948,15 @@ impl LoopCore {
         Self::schedule_timer(slf, w, when.clone(), &callback, args, context, CALL_AT)
     }
 
-    fn add_io<'py>(
+    /// asyncio's `_add_reader` / `_add_writer`: registers `callback(*args)` for `fd` and
+    /// returns its handle, cancelling the one it replaces.
+    pub(crate) fn add_io_handle<'py>(
         slf: &Bound<'py, Self>,
         fd: &Bound<'py, PyAny>,
         callback: &Bound<'py, PyAny>,
         args: Bound<'py, PyTuple>,
         read: bool,
-    ) -> PyResult<()> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let core = slf.get();
         let fd = fileobj_to_int(fd)?;
@@ -906,11 +989,12 @@ impl LoopCore {
             Ok(slot.replace(item))
         });
         match res {
-            Ok(Some(old)) => crate::handles::cancel(old.bind(py)),
-            Ok(None) => Ok(()),
-            Err(None) => Err(Self::registrar_error()),
-            Err(Some(e)) => Err(errors::from_io(e)),
+            Ok(Some(old)) => crate::handles::cancel(old.bind(py))?,
+            Ok(None) => {}
+            Err(None) => return Err(Self::registrar_error()),
+            Err(Some(e)) => return Err(errors::from_io(e)),
         }
+        Ok(handle)
     }
 
     fn remove_io(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>, read: bool) -> PyResult<bool> {

@@ -111,3 +111,45 @@ pub fn version(py: Python<'_>) -> (u8, u8) {
         (v.major, v.minor)
     })
 }
+
+/// A read-only, C-contiguous byte view of any buffer-protocol object (`PyBUF_SIMPLE`,
+/// what `socket.send` asks for); released on drop.
+pub struct ByteView {
+    view: Box<pyo3::ffi::Py_buffer>,
+}
+
+impl ByteView {
+    /// Fails with the object's own TypeError ("a bytes-like object is required, ...").
+    pub fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        // SAFETY: a zeroed Py_buffer is a valid out-parameter; on success CPython fills it
+        // and we release it exactly once in Drop. GIL held (bound object).
+        unsafe {
+            let mut view: Box<pyo3::ffi::Py_buffer> = Box::new(std::mem::zeroed());
+            if pyo3::ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, pyo3::ffi::PyBUF_SIMPLE) < 0
+            {
+                return Err(PyErr::fetch(obj.py()));
+            }
+            Ok(ByteView { view })
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.view.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.view.buf as *const u8
+    }
+}
+
+impl Drop for ByteView {
+    fn drop(&mut self) {
+        // SAFETY: the view was filled by a successful PyObject_GetBuffer; views are only
+        // created and dropped with the GIL held.
+        unsafe { pyo3::ffi::PyBuffer_Release(&mut *self.view) };
+    }
+}

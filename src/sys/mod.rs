@@ -398,3 +398,30 @@ mod resolver_tests {
         );
     }
 }
+
+/// `recv(2)` on a non-blocking fd.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    syscall!(recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0)).map(|n| n as usize)
+}
+
+/// `send(2)`; flags 0, as Python's `socket.send` (SIGPIPE is ignored by CPython).
+///
+/// # Safety
+/// `ptr` points to `len` readable bytes.
+pub unsafe fn send(fd: RawFd, ptr: *const u8, len: usize) -> io::Result<usize> {
+    syscall!(send(fd, ptr.cast(), len, 0)).map(|n| n as usize)
+}
+
+/// `getsockopt(fd, SOL_SOCKET, SO_ERROR)`: the pending error of a socket.
+pub fn socket_error(fd: RawFd) -> io::Result<i32> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    syscall!(getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_ERROR,
+        (&mut err as *mut libc::c_int).cast(),
+        &mut len
+    ))?;
+    Ok(err)
+}

@@ -1,0 +1,344 @@
+//! Socket operations. Mirrors asyncio.selector_events.BaseSelectorEventLoop.sock_*.
+//!
+//! As there, each operation is tried at once; if it would block, a callback is registered
+//! as the socket's reader or writer and retried whenever the socket is ready, and a done
+//! callback on the future unregisters it, so `remove_reader` / `add_reader` interact
+//! with pending operations exactly as with asyncio's. Here the callbacks are native
+//! objects, and receiving into bytes and sending from a buffer are direct system calls;
+//! operations that carry addresses (accept, connect, recvfrom, sendto) call the socket
+//! object's own method so addresses convert exactly as Python's.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{
+    PyBlockingIOError, PyInterruptedError, PyKeyboardInterrupt, PySystemExit, PyTypeError,
+    PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyInt, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::errors;
+use crate::event_loop::LoopCore;
+use crate::py::{ByteView, GilCell, import_attr};
+
+/// Whether the operation waits for the socket to be readable or writable.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    Read,
+    Write,
+}
+
+/// One socket operation and its progress.
+pub(crate) enum Op {
+    /// `recv(2)` of at most that many bytes into a new bytes object.
+    Recv(usize),
+    /// `sock.<method>(*args)`, waiting on the given side.
+    Call(&'static str, Vec<Py<PyAny>>, Dir),
+    /// Data and how much of it was sent already.
+    SendAll(Py<PyAny>, usize),
+    Accept,
+    Connect(Py<PyAny>),
+}
+
+impl Op {
+    pub fn dir(&self) -> Dir {
+        match self {
+            Op::SendAll(..) | Op::Connect(_) => Dir::Write,
+            Op::Call(_, _, dir) => *dir,
+            Op::Recv(_) | Op::Accept => Dir::Read,
+        }
+    }
+
+    fn refs(&self) -> Vec<&Py<PyAny>> {
+        match self {
+            Op::Call(_, args, _) => args.iter().collect(),
+            Op::SendAll(x, _) | Op::Connect(x) => vec![x],
+            Op::Recv(_) | Op::Accept => Vec::new(),
+        }
+    }
+}
+
+/// What one try of an operation gave.
+enum Attempt<'py> {
+    WouldBlock,
+    Done(Bound<'py, PyAny>),
+}
+
+thread_local! {
+    /// Receive buffer reused by `recv` (bytes are copied out of it).
+    static RECV_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn would_block(py: Python<'_>, e: &PyErr) -> bool {
+    e.is_instance_of::<PyBlockingIOError>(py) || e.is_instance_of::<PyInterruptedError>(py)
+}
+
+fn io_attempt<'py>(r: io::Result<Bound<'py, PyAny>>) -> PyResult<Attempt<'py>> {
+    match r {
+        Ok(v) => Ok(Attempt::Done(v)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(Attempt::WouldBlock)
+        }
+        Err(e) => Err(errors::from_io(e)),
+    }
+}
+
+fn py_attempt<'py>(py: Python<'py>, r: PyResult<Bound<'py, PyAny>>) -> PyResult<Attempt<'py>> {
+    match r {
+        Ok(v) => Ok(Attempt::Done(v)),
+        Err(e) if would_block(py, &e) => Ok(Attempt::WouldBlock),
+        Err(e) => Err(e),
+    }
+}
+
+/// Tries `op` once. `first`: the call from the `sock_*` method itself (connect starts
+/// there; its retries only read the socket's pending error).
+fn attempt<'py>(
+    sock: &Bound<'py, PyAny>,
+    fd: RawFd,
+    op: &GilCell<Op>,
+    first: bool,
+) -> PyResult<Attempt<'py>> {
+    let py = sock.py();
+    enum Plan {
+        Recv(usize),
+        Method(&'static str, Vec<Py<PyAny>>),
+        SendAll(Py<PyAny>, usize),
+        Accept,
+        ConnectFirst(Py<PyAny>),
+        ConnectCheck(Py<PyAny>),
+    }
+    let plan = op.with(py, |o| match o {
+        Op::Recv(n) => Plan::Recv(*n),
+        Op::Call(name, args, _) => {
+            Plan::Method(name, args.iter().map(|a| a.clone_ref(py)).collect())
+        }
+        Op::SendAll(d, pos) => Plan::SendAll(d.clone_ref(py), *pos),
+        Op::Accept => Plan::Accept,
+        Op::Connect(a) if first => Plan::ConnectFirst(a.clone_ref(py)),
+        Op::Connect(a) => Plan::ConnectCheck(a.clone_ref(py)),
+    });
+    match plan {
+        Plan::Recv(n) => io_attempt(RECV_BUF.with_borrow_mut(|buf| {
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            crate::sys::recv(fd, &mut buf[..n]).map(|len| PyBytes::new(py, &buf[..len]).into_any())
+        })),
+        Plan::Method(name, args) => {
+            let args = PyTuple::new(py, args)?;
+            py_attempt(py, sock.call_method1(name, args))
+        }
+        Plan::SendAll(data, pos) => {
+            let view = ByteView::new(data.bind(py))?;
+            let mut sent = pos;
+            while sent < view.len() {
+                // SAFETY: `view` keeps the buffer exported and alive; `sent < len`.
+                match unsafe { crate::sys::send(fd, view.as_ptr().add(sent), view.len() - sent) } {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(errors::from_io(e)),
+                }
+            }
+            op.with(py, |o| {
+                if let Op::SendAll(_, p) = o {
+                    *p = sent;
+                }
+            });
+            Ok(if sent >= view.len() {
+                Attempt::Done(py.None().into_bound(py))
+            } else {
+                Attempt::WouldBlock
+            })
+        }
+        Plan::Accept => match sock.call_method0("accept") {
+            Ok(pair) => {
+                pair.get_item(0)?.call_method1("setblocking", (false,))?;
+                Ok(Attempt::Done(pair))
+            }
+            Err(e) if would_block(py, &e) => Ok(Attempt::WouldBlock),
+            Err(e) => Err(e),
+        },
+        Plan::ConnectFirst(addr) => match sock.call_method1("connect", (addr,)) {
+            Ok(_) => Ok(Attempt::Done(py.None().into_bound(py))),
+            Err(e) if would_block(py, &e) => Ok(Attempt::WouldBlock),
+            Err(e) => Err(e),
+        },
+        Plan::ConnectCheck(addr) => match crate::sys::socket_error(fd) {
+            Ok(0) => Ok(Attempt::Done(py.None().into_bound(py))),
+            Ok(err) => Err(pyo3::exceptions::PyOSError::new_err((
+                err,
+                format!("Connect call failed {}", addr.bind(py).str()?),
+            ))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(Attempt::WouldBlock)
+            }
+            Err(e) => Err(errors::from_io(e)),
+        },
+    }
+}
+
+/// The reader/writer callback of a pending operation (asyncio's `_sock_recv` & co.).
+#[pyclass(frozen, module = "ferroloop._ferroloop", name = "_SockOp")]
+pub struct SockOp {
+    fut: Py<PyAny>,
+    sock: Py<PyAny>,
+    fd: RawFd,
+    op: GilCell<Op>,
+}
+
+#[pymethods]
+impl SockOp {
+    fn __call__(&self, py: Python<'_>) -> PyResult<()> {
+        let fut = self.fut.bind(py);
+        if fut.call_method0(pyo3::intern!(py, "done"))?.is_truthy()? {
+            return Ok(());
+        }
+        match attempt(self.sock.bind(py), self.fd, &self.op, false) {
+            Ok(Attempt::WouldBlock) => Ok(()),
+            Ok(Attempt::Done(v)) => fut
+                .call_method1(pyo3::intern!(py, "set_result"), (v,))
+                .map(drop),
+            Err(e)
+                if e.is_instance_of::<PyKeyboardInterrupt>(py)
+                    || e.is_instance_of::<PySystemExit>(py) =>
+            {
+                Err(e)
+            }
+            Err(e) => fut
+                .call_method1(pyo3::intern!(py, "set_exception"), (e.into_value(py),))
+                .map(drop),
+        }
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.fut)?;
+        visit.call(&self.sock)?;
+        // SAFETY: the collector runs with the GIL held, never inside `GilCell::with`.
+        for r in unsafe { self.op.get_unchecked() }.refs() {
+            visit.call(r)?;
+        }
+        Ok(())
+    }
+}
+
+/// The done callback that unregisters a pending operation (asyncio's `_sock_read_done`
+/// / `_sock_write_done`).
+#[pyclass(frozen, module = "ferroloop._ferroloop", name = "_SockDone")]
+pub struct SockDone {
+    loop_: Py<LoopCore>,
+    fd: RawFd,
+    handle: Py<PyAny>,
+    dir: Dir,
+}
+
+#[pymethods]
+impl SockDone {
+    fn __call__(&self, py: Python<'_>, _fut: &Bound<'_, PyAny>) -> PyResult<()> {
+        let t = crate::py::handle::types()?;
+        if t.is_cancelled(self.handle.bind(py)) {
+            return Ok(());
+        }
+        let fd = self.fd.into_pyobject(py)?.into_any();
+        let loop_ = self.loop_.bind(py);
+        match self.dir {
+            Dir::Read => loop_.call_method1(pyo3::intern!(py, "remove_reader"), (fd,))?,
+            Dir::Write => loop_.call_method1(pyo3::intern!(py, "remove_writer"), (fd,))?,
+        };
+        Ok(())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.loop_)?;
+        visit.call(&self.handle)
+    }
+}
+
+/// asyncio's `_check_ssl_socket` and the debug-mode blocking-socket check.
+fn check_socket(slf: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = slf.py();
+    if let Ok(ssl_socket) = import_attr!(py, "ssl", "SSLSocket")
+        && sock.is_instance(ssl_socket)?
+    {
+        return Err(PyTypeError::new_err("Socket cannot be of type SSLSocket"));
+    }
+    if slf.get().debug(py) {
+        let timeout = sock.call_method0("gettimeout")?;
+        if timeout.is_none() || timeout.extract::<f64>()? != 0.0 {
+            return Err(PyValueError::new_err("the socket must be non-blocking"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `op` on `sock`: its result if it completes at once, else a future completed by
+/// a reader/writer callback.
+pub(crate) fn run<'py>(
+    slf: &Bound<'py, LoopCore>,
+    sock: &Bound<'py, PyAny>,
+    op: Op,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = slf.py();
+    check_socket(slf, sock)?;
+    let fd_obj = sock.call_method0(pyo3::intern!(py, "fileno"))?;
+    let fd: RawFd = fd_obj.extract()?;
+    let dir = op.dir();
+    let op = GilCell::new(op);
+    if let Attempt::Done(v) = attempt(sock, fd, &op, true)? {
+        return Ok(v);
+    }
+    let fut = LoopCore::create_future(slf)?;
+    let callback = Bound::new(
+        py,
+        SockOp {
+            fut: fut.clone().unbind(),
+            sock: sock.clone().unbind(),
+            fd,
+            op,
+        },
+    )?;
+    let handle = LoopCore::add_io_handle(
+        slf,
+        &fd_obj,
+        callback.as_any(),
+        PyTuple::empty(py),
+        dir == Dir::Read,
+    )?;
+    let done = Bound::new(
+        py,
+        SockDone {
+            loop_: slf.clone().unbind(),
+            fd,
+            handle: handle.unbind(),
+            dir,
+        },
+    )?;
+    fut.call_method1(pyo3::intern!(py, "add_done_callback"), (done,))?;
+    Ok(fut)
+}
+
+/// `sock.recv(n)`'s argument checks, for the native path.
+pub(crate) fn recv_size(n: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+    if !n.is_exact_instance_of::<PyInt>() {
+        return Ok(None);
+    }
+    let n: isize = n.extract()?;
+    if n < 0 {
+        return Err(PyValueError::new_err("negative buffersize in recv"));
+    }
+    Ok(Some(n as usize))
+}
