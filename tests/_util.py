@@ -56,3 +56,42 @@ def python_subprocess(
         text=True,
         **kwargs,
     )
+
+
+# ---- methods ferroloop does not implement yet ----------------------------------------------
+
+# ferroloop's placeholder for a loop method that has not landed raises NotImplementedError
+# with exactly this prefix (python/ferroloop/_loop.py); nothing else does.
+NOT_IMPLEMENTED_PREFIX = "ferroloop does not implement loop."
+
+
+def not_implemented_method(exc: BaseException | None) -> str | None:
+    """The name of the ferroloop loop method whose placeholder raised ``exc`` (or an
+    exception in its cause/context chain or, for an exception group, in one of its
+    members), else None. Any other NotImplementedError gives None."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NotImplementedError):
+            msg = str(e)
+            if msg.startswith(NOT_IMPLEMENTED_PREFIX) and msg.endswith("() yet"):
+                return msg[len(NOT_IMPLEMENTED_PREFIX) : -len("() yet")]
+        members = getattr(e, "exceptions", None)  # BaseExceptionGroup (3.11+)
+        if isinstance(members, tuple):
+            stack.extend(members)
+        stack.append(e.__cause__)
+        stack.append(e.__context__)
+    return None
+
+
+def reraise_not_implemented(exc: BaseException) -> BaseException:
+    """Return ``exc``, unless it is (or wraps) a ferroloop placeholder's
+    NotImplementedError: then re-raise it, so that a test that captures exceptions to
+    compare them reports the missing method instead of a mismatch."""
+    if not_implemented_method(exc) is not None:
+        raise exc
+    return exc

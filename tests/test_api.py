@@ -252,7 +252,6 @@ PENDING = {
     "connect_accepted_socket": (lambda: None, None),
     "start_tls": (None, None, None),
     "sendfile": (None, None),
-    "sock_sendfile": (None, None),
     "connect_read_pipe": (lambda: None, None),
     "connect_write_pipe": (lambda: None, None),
     "subprocess_exec": (lambda: None, "true"),

@@ -14,7 +14,7 @@ import threading
 import traceback
 import warnings
 import weakref
-from asyncio import base_events, coroutines, events, futures, tasks
+from asyncio import base_events, coroutines, events, futures, tasks, unix_events
 
 from . import _handles  # noqa: F401  (installs the handle classes)
 from ._ferroloop import LoopCore
@@ -69,7 +69,6 @@ _PENDING_ASYNC = (
     "connect_accepted_socket",
     "start_tls",
     "sendfile",
-    "sock_sendfile",
     "connect_read_pipe",
     "connect_write_pipe",
     "subprocess_exec",
@@ -89,6 +88,11 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
         self._coroutine_origin_tracking_enabled = False
         self._coroutine_origin_tracking_saved_depth = None
         self.set_debug(coroutines._is_debug_mode())
+
+    @property
+    def _debug(self) -> bool:
+        # asyncio's own helpers that ferroloop reuses read ``self._debug``.
+        return self.get_debug()
 
     def __repr__(self) -> str:
         return (
@@ -340,6 +344,19 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
 
     # asyncio's address helper: the numeric fast path, else loop.getaddrinfo().
     _ensure_resolved = base_events.BaseEventLoop._ensure_resolved
+
+    # NOTE: sock_sendfile is asyncio's own code: zero-copy os.sendfile() driven by
+    #       add_writer(), with its parameter checks and read/sock_sendall fallback. The
+    #       copying happens in the kernel; the per-chunk orchestration is cold.
+    sock_sendfile = base_events.BaseEventLoop.sock_sendfile
+    _check_sendfile_params = base_events.BaseEventLoop._check_sendfile_params
+    _sock_sendfile_fallback = base_events.BaseEventLoop._sock_sendfile_fallback
+    _sock_sendfile_native = unix_events._UnixSelectorEventLoop._sock_sendfile_native
+    _sock_sendfile_native_impl = unix_events._UnixSelectorEventLoop._sock_sendfile_native_impl
+    _sock_sendfile_update_filepos = unix_events._UnixSelectorEventLoop._sock_sendfile_update_filepos
+    _sock_add_cancellation_callback = (
+        unix_events._UnixSelectorEventLoop._sock_add_cancellation_callback
+    )
 
     # ---- name resolution -----------------------------------------------------------
 

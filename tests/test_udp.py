@@ -1,0 +1,488 @@
+"""Datagram endpoints: loop.create_datagram_endpoint and the datagram transport
+(asyncio/base_events.py, asyncio/selector_events.py _SelectorDatagramTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import uuid
+
+import pytest
+from _net import HOST, PY313, run
+
+
+class DatagramRecorder(asyncio.DatagramProtocol):
+    def __init__(self):
+        loop = asyncio.get_running_loop()
+        self.events: list = []
+        self.datagrams: list = []
+        self.errors: list = []
+        self.transport = None
+        self.made = loop.create_future()
+        self.lost = loop.create_future()
+        self.received = asyncio.Event()
+
+    def connection_made(self, transport):
+        self.events.append("made")
+        self.transport = transport
+        self.made.set_result(None)
+
+    def datagram_received(self, data, addr):
+        assert type(data) is bytes
+        if not self.events or self.events[-1] != "datagram":
+            self.events.append("datagram")
+        self.datagrams.append((data, addr))
+        self.received.set()
+
+    def error_received(self, exc):
+        self.events.append("error")
+        self.errors.append(exc)
+        self.received.set()
+
+    def connection_lost(self, exc):
+        self.events.append("lost")
+        self.lost.set_result(exc)
+
+    async def wait_for(self, n: int):
+        while len(self.datagrams) < n:
+            self.received.clear()
+            await self.received.wait()
+        return self.datagrams
+
+
+async def close(*pairs):
+    for tr, _ in pairs:
+        tr.close()
+    for _, proto in pairs:
+        assert await proto.lost is None
+
+
+def dead_udp_port(family=socket.AF_INET) -> int:
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((HOST if family == socket.AF_INET else "::1", 0))
+        return s.getsockname()[1]
+
+
+def test_local_addr_and_sendto(loop):
+    async def main():
+        a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        b = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        try:
+            (tra, pa), (trb, pb) = a, b
+            assert pa.events == ["made"]
+            addr_a = tra.get_extra_info("sockname")
+            addr_b = trb.get_extra_info("sockname")
+            assert addr_a[0] == HOST
+            assert tra.get_extra_info("peername") is None
+            assert tra.get_extra_info("socket").type == socket.SOCK_DGRAM
+            tra.sendto(b"one", addr_b)
+            tra.sendto(bytearray(b"two"), addr_b)
+            tra.sendto(memoryview(b"three"), addr_b)
+            assert tra.get_write_buffer_size() == 0
+            assert await pb.wait_for(3) == [(b"one", addr_a), (b"two", addr_a), (b"three", addr_a)]
+            trb.sendto(b"reply", addr_a)
+            assert await pa.wait_for(1) == [(b"reply", addr_b)]
+        finally:
+            await close(a, b)
+        assert pa.events == ["made", "datagram", "lost"]
+
+    run(loop, main())
+
+
+def test_remote_addr_connected(loop):
+    async def main():
+        server = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        srv_addr = server[0].get_extra_info("sockname")
+        client = await loop.create_datagram_endpoint(DatagramRecorder, remote_addr=srv_addr)
+        try:
+            tr, proto = client
+            assert tr.get_extra_info("peername") == srv_addr
+            tr.sendto(b"no address")
+            tr.sendto(b"same address", srv_addr)
+            got = await server[1].wait_for(2)
+            assert [d for d, _ in got] == [b"no address", b"same address"]
+            client_addr = tr.get_extra_info("sockname")
+            assert got[0][1] == client_addr
+            with pytest.raises(ValueError) as info:
+                tr.sendto(b"elsewhere", (HOST, 9))
+            assert str(info.value) == f"Invalid address: must be None or {srv_addr}"
+            # Replies from the peer arrive.
+            server[0].sendto(b"back", client_addr)
+            assert await proto.wait_for(1) == [(b"back", srv_addr)]
+        finally:
+            await close(client, server)
+
+    run(loop, main())
+
+
+def test_connected_endpoint_refused_goes_to_error_received(loop):
+    """ICMP port unreachable on a connected UDP socket: error_received(), the
+    transport stays open."""
+
+    async def main():
+        tr, proto = await loop.create_datagram_endpoint(
+            DatagramRecorder, remote_addr=(HOST, dead_udp_port())
+        )
+        try:
+            for _ in range(50):
+                tr.sendto(b"anyone?")
+                await asyncio.sleep(0.01)
+                if proto.errors:
+                    break
+            assert proto.errors
+            assert all(isinstance(e, ConnectionRefusedError) for e in proto.errors)
+            assert not tr.is_closing()
+            assert not proto.lost.done()
+        finally:
+            await close((tr, proto))
+
+    run(loop, main())
+
+
+def test_family_only_endpoint(loop):
+    async def main():
+        tr, proto = await loop.create_datagram_endpoint(DatagramRecorder, family=socket.AF_INET)
+        try:
+            assert tr.get_extra_info("sockname") == ("0.0.0.0", 0)
+            assert tr.get_extra_info("peername") is None
+        finally:
+            await close((tr, proto))
+
+    run(loop, main())
+
+
+def test_ipv6_endpoint(loop):
+    async def main():
+        a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=("::1", 0))
+        b = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=("::1", 0))
+        try:
+            addr_b = b[0].get_extra_info("sockname")
+            a[0].sendto(b"v6", addr_b)
+            got = await b[1].wait_for(1)
+            assert got[0][0] == b"v6"
+            assert got[0][1][:2] == a[0].get_extra_info("sockname")[:2]
+        finally:
+            await close(a, b)
+
+    run(loop, main())
+
+
+def test_empty_datagram(loop):
+    """sendto(b"") does nothing up to asyncio 3.12; from 3.13 it sends an empty
+    datagram."""
+
+    async def main():
+        a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        b = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        try:
+            addr_b = b[0].get_extra_info("sockname")
+            a[0].sendto(b"", addr_b)
+            a[0].sendto(b"marker", addr_b)
+            await b[1].wait_for(1)
+            await asyncio.sleep(0.01)
+            return [d for d, _ in b[1].datagrams]
+        finally:
+            await close(a, b)
+
+    expected = [b"", b"marker"] if PY313 else [b"marker"]
+    assert run(loop, main()) == expected
+
+
+def test_sendto_type_error(loop):
+    async def main():
+        tr, proto = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        try:
+            with pytest.raises(TypeError) as info:
+                tr.sendto("text", (HOST, 9))
+            assert str(info.value) == "data argument must be a bytes-like object, not 'str'"
+        finally:
+            await close((tr, proto))
+
+    run(loop, main())
+
+
+def test_many_datagrams_in_order(loop):
+    async def main():
+        a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        b = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        try:
+            addr_b = b[0].get_extra_info("sockname")
+            for i in range(200):
+                a[0].sendto(i.to_bytes(2, "big") * 100, addr_b)
+                if i % 20 == 19:
+                    await asyncio.sleep(0.001)
+            got = await b[1].wait_for(200)
+            return [d for d, _ in got]
+        finally:
+            await close(a, b)
+
+    assert run(loop, main()) == [i.to_bytes(2, "big") * 100 for i in range(200)]
+
+
+def test_large_datagram(loop):
+    async def main():
+        a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        b = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        try:
+            payload = bytes(range(256)) * 200  # 51200 bytes, under the 64 KiB UDP limit
+            a[0].sendto(payload, b[0].get_extra_info("sockname"))
+            got = await b[1].wait_for(1)
+            return got[0][0] == payload
+        finally:
+            await close(a, b)
+
+    assert run(loop, main())
+
+
+def test_close_and_abort(loop):
+    async def main():
+        t1, p1 = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        t1.close()
+        assert t1.is_closing()
+        t1.close()
+        assert await p1.lost is None
+        t2, p2 = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        t2.abort()
+        assert t2.is_closing()
+        assert await p2.lost is None
+        assert p1.events == ["made", "lost"]
+        assert p2.events == ["made", "lost"]
+
+    run(loop, main())
+
+
+def test_allow_broadcast(loop):
+    async def main():
+        tr, proto = await loop.create_datagram_endpoint(
+            DatagramRecorder, local_addr=(HOST, 0), allow_broadcast=True
+        )
+        try:
+            sock = tr.get_extra_info("socket")
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST)
+        finally:
+            await close((tr, proto))
+
+    assert run(loop, main()) != 0
+
+
+def test_allow_broadcast_with_remote_addr_does_not_connect(loop):
+    """With allow_broadcast, asyncio does not connect() to remote_addr; sendto()
+    without an address still goes there."""
+
+    async def main():
+        target = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        addr = target[0].get_extra_info("sockname")
+        client = await loop.create_datagram_endpoint(
+            DatagramRecorder, remote_addr=addr, allow_broadcast=True
+        )
+        try:
+            with pytest.raises(OSError):
+                client[0].get_extra_info("socket").getpeername()
+            client[0].sendto(b"via remote_addr")
+            got = await target[1].wait_for(1)
+            return got[0][0]
+        finally:
+            await close(client, target)
+
+    assert run(loop, main()) == b"via remote_addr"
+
+
+def test_reuse_port(loop):
+    async def main():
+        a = await loop.create_datagram_endpoint(
+            DatagramRecorder, local_addr=(HOST, 0), reuse_port=True
+        )
+        try:
+            sock = a[0].get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) != 0
+            port = a[0].get_extra_info("sockname")[1]
+            b = await loop.create_datagram_endpoint(
+                DatagramRecorder, local_addr=(HOST, port), reuse_port=True
+            )
+            await close(b)
+        finally:
+            await close(a)
+
+    run(loop, main())
+
+
+def test_address_in_use(loop):
+    async def main():
+        a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        try:
+            port = a[0].get_extra_info("sockname")[1]
+            with pytest.raises(OSError) as info:
+                await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, port))
+            return info.value
+        finally:
+            await close(a)
+
+    exc = run(loop, main())
+    assert type(exc) is OSError
+    assert exc.errno == 98  # EADDRINUSE, straight from bind()
+
+
+def test_sock_argument(loop):
+    async def main():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((HOST, 0))
+            tr, proto = await loop.create_datagram_endpoint(DatagramRecorder, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            assert sock.gettimeout() == 0.0
+            assert tr.get_extra_info("sockname") == sock.getsockname()
+        finally:
+            await close((tr, proto))
+        return sock
+
+    assert run(loop, main()).fileno() == -1
+
+
+def test_sock_with_modifiers_rejected(loop):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with pytest.raises(ValueError) as info:
+            run(
+                loop,
+                loop.create_datagram_endpoint(
+                    asyncio.DatagramProtocol, sock=sock, local_addr=(HOST, 0), reuse_port=True
+                ),
+            )
+    assert str(info.value) == (
+        "socket modifier keyword arguments can not be used when sock is specified. "
+        f"(local_addr=('{HOST}', 0), reuse_port=True)"
+    )
+
+
+def test_stream_sock_rejected(loop):
+    source = inspect.getsource(asyncio.base_events.BaseEventLoop.create_datagram_endpoint)
+    with socket.socket() as sock:
+        if "A UDP Socket was expected" in source:
+            expected = f"A UDP Socket was expected, got {sock!r}"
+        else:
+            expected = f"A datagram socket was expected, got {sock!r}"
+        with pytest.raises(ValueError) as info:
+            run(loop, loop.create_datagram_endpoint(asyncio.DatagramProtocol, sock=sock))
+        assert str(info.value) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({}, ValueError, "unexpected address family"),
+        ({"local_addr": (HOST, 0, 0)}, TypeError, "2-tuple is expected"),
+        ({"remote_addr": "127.0.0.1"}, TypeError, "2-tuple is expected"),
+        ({"family": socket.AF_UNIX, "local_addr": (HOST, 0)}, TypeError, "string is expected"),
+    ],
+)
+def test_argument_errors(loop, kwargs, exc, message):
+    with pytest.raises(exc) as info:
+        run(loop, loop.create_datagram_endpoint(asyncio.DatagramProtocol, **kwargs))
+    assert str(info.value) == message
+
+
+def test_family_mismatch(loop):
+    """local and remote addresses of different families: no (family, proto) pair has
+    both, asyncio gives up before making a socket."""
+    with pytest.raises(ValueError) as info:
+        run(
+            loop,
+            loop.create_datagram_endpoint(
+                asyncio.DatagramProtocol, local_addr=(HOST, 0), remote_addr=("::1", 9)
+            ),
+        )
+    assert str(info.value) == "can not get address information"
+
+
+def test_unresolvable_remote(loop):
+    with pytest.raises(socket.gaierror):
+        run(
+            loop,
+            loop.create_datagram_endpoint(
+                asyncio.DatagramProtocol, remote_addr=("ferroloop-test.invalid", 9)
+            ),
+        )
+
+
+# ---- Unix datagram sockets -------------------------------------------------------------
+
+
+def test_unix_datagram(loop, tmp_path):
+    path_a = str(tmp_path / "a.sock")
+    path_b = str(tmp_path / "b.sock")
+
+    async def main():
+        a = await loop.create_datagram_endpoint(
+            DatagramRecorder, local_addr=path_a, family=socket.AF_UNIX
+        )
+        b = await loop.create_datagram_endpoint(
+            DatagramRecorder, local_addr=path_b, family=socket.AF_UNIX
+        )
+        try:
+            assert a[0].get_extra_info("sockname") == path_a
+            a[0].sendto(b"unix datagram", path_b)
+            assert await b[1].wait_for(1) == [(b"unix datagram", path_a)]
+        finally:
+            await close(a, b)
+
+    run(loop, main())
+
+
+def test_unix_datagram_connected(loop, tmp_path):
+    path_srv = str(tmp_path / "srv.sock")
+
+    async def main():
+        srv = await loop.create_datagram_endpoint(
+            DatagramRecorder, local_addr=path_srv, family=socket.AF_UNIX
+        )
+        client = await loop.create_datagram_endpoint(
+            DatagramRecorder, remote_addr=path_srv, family=socket.AF_UNIX
+        )
+        try:
+            assert client[0].get_extra_info("peername") == path_srv
+            client[0].sendto(b"to server")
+            got = await srv[1].wait_for(1)
+            # An unbound Unix datagram client has no address.
+            assert got == [(b"to server", None)]
+        finally:
+            await close(client, srv)
+
+    run(loop, main())
+
+
+def test_unix_datagram_stale_file_removed(loop, tmp_path):
+    path = str(tmp_path / "stale.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stale.bind(path)
+    stale.close()
+
+    async def main():
+        tr, proto = await loop.create_datagram_endpoint(
+            DatagramRecorder, local_addr=path, family=socket.AF_UNIX
+        )
+        await close((tr, proto))
+
+    run(loop, main())
+
+
+def test_unix_datagram_abstract(loop):
+    name = f"\0ferroloop-dgram-test-{uuid.uuid4().hex}"
+
+    async def main():
+        a = await loop.create_datagram_endpoint(
+            DatagramRecorder, local_addr=name, family=socket.AF_UNIX
+        )
+        b = await loop.create_datagram_endpoint(
+            DatagramRecorder, remote_addr=name, family=socket.AF_UNIX
+        )
+        try:
+            b[0].sendto(b"abstract")
+            got = await a[1].wait_for(1)
+            return got[0][0]
+        finally:
+            await close(b, a)
+
+    assert run(loop, main()) == b"abstract"
