@@ -29,12 +29,15 @@ test: dev lint test-rust test-py conformance bench-smoke
 lint: $(STAMP)
 	cargo fmt --all -- --check
 	cargo clippy --all-targets --no-default-features -- -D warnings
+	cargo fmt --manifest-path benchmarks/netload/Cargo.toml -- --check
+	cargo clippy --manifest-path benchmarks/netload/Cargo.toml --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benchmarks conformance examples
 	$(VENV)/bin/ruff format --check python tests benchmarks conformance examples
 	$(PY) -m mypy.stubtest ferroloop._ferroloop --allowlist python/ferroloop/stubtest-allowlist.txt
 
 fmt:
 	cargo fmt --all
+	cargo fmt --manifest-path benchmarks/netload/Cargo.toml
 	$(VENV)/bin/ruff format python tests benchmarks conformance examples
 
 test-rust:
@@ -49,12 +52,14 @@ test-py: dev
 conformance: dev
 	$(PY) conformance/run.py
 
-## Side-by-side benchmarks (full run; slow).
+## Side-by-side benchmarks (full runs; slow).
 bench: dev
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/net.py
 
 bench-smoke: dev
 	$(PY) benchmarks/run.py --smoke
+	$(PY) benchmarks/net.py --smoke
 
 clean:
 	cargo clean

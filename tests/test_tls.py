@@ -201,6 +201,8 @@ def test_tls_streams_echo(loop, server_ctx, client_ctx):
 def test_tls_hostname_mismatch(loop, server_ctx, client_ctx):
     """Hostname checking is on by default: a name the certificate does not cover fails
     the handshake."""
+    # In debug mode asyncio also reports the failed accept to the exception handler.
+    loop.set_debug(False)
 
     async def main():
         server = await loop.create_server(asyncio.Protocol, HOST, 0, ssl=server_ctx)
@@ -218,6 +220,8 @@ def test_tls_hostname_mismatch(loop, server_ctx, client_ctx):
 
 def test_tls_untrusted_certificate(loop, server_ctx):
     """ssl=True: the default context does not trust a self-signed certificate."""
+    # In debug mode asyncio also reports the failed accept to the exception handler.
+    loop.set_debug(False)
 
     async def main():
         server = await loop.create_server(asyncio.Protocol, HOST, 0, ssl=server_ctx)
@@ -275,6 +279,8 @@ def test_tls_server_handshake_timeout(loop, server_ctx, loop_errors):
     """A client that connects and sends nothing: the server drops the connection after
     its ssl_handshake_timeout. asyncio calls the protocol factory at accept time, before
     the handshake, but never connection_made()."""
+    # In debug mode asyncio also reports the failed accept to the exception handler.
+    loop.set_debug(False)
     side = ServerSide()
 
     async def main():
@@ -331,6 +337,8 @@ def test_tls_cancelled_during_handshake(loop, loop_errors):
 def test_tls_plain_client_to_tls_server(loop, server_ctx, loop_errors):
     """Garbage instead of a ClientHello: the server side fails the handshake (an
     ssl.SSLError, an OSError: nothing reported) and closes the connection."""
+    # In debug mode asyncio also reports the failed accept to the exception handler.
+    loop.set_debug(False)
     side = ServerSide()
 
     async def main():
