@@ -179,15 +179,7 @@ fn attempt<'py>(
                 err,
                 format!("Connect call failed {}", addr.bind(py).str()?),
             ))),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                Ok(Attempt::WouldBlock)
-            }
-            Err(e) => Err(errors::from_io(e)),
+            Err(e) => io_attempt(Err(e)),
         },
     }
 }
@@ -329,6 +321,18 @@ pub(crate) fn run<'py>(
     )?;
     fut.call_method1(pyo3::intern!(py, "add_done_callback"), (done,))?;
     Ok(fut)
+}
+
+/// Runs `sock.<method>(*args)` as an operation waiting on `dir`.
+pub(crate) fn call<'py>(
+    slf: &Bound<'py, LoopCore>,
+    sock: &Bound<'py, PyAny>,
+    method: &'static str,
+    args: &[&Bound<'py, PyAny>],
+    dir: Dir,
+) -> PyResult<Bound<'py, PyAny>> {
+    let args = args.iter().map(|a| (*a).clone().unbind()).collect();
+    run(slf, sock, Op::Call(method, args, dir))
 }
 
 /// `sock.recv(n)`'s argument checks, for the native path.

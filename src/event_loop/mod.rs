@@ -651,11 +651,10 @@ impl LoopCore {
         sock: &Bound<'py, PyAny>,
         n: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let op = match sock::recv_size(n)? {
-            Some(n) => sock::Op::Recv(n),
-            None => sock::Op::Call("recv", vec![n.clone().unbind()], sock::Dir::Read),
-        };
-        sock::run(slf, sock, op)
+        match sock::recv_size(n)? {
+            Some(n) => sock::run(slf, sock, sock::Op::Recv(n)),
+            None => sock::call(slf, sock, "recv", &[n], sock::Dir::Read),
+        }
     }
 
     fn _sock_recv_into<'py>(
@@ -663,8 +662,7 @@ impl LoopCore {
         sock: &Bound<'py, PyAny>,
         buf: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let op = sock::Op::Call("recv_into", vec![buf.clone().unbind()], sock::Dir::Read);
-        sock::run(slf, sock, op)
+        sock::call(slf, sock, "recv_into", &[buf], sock::Dir::Read)
     }
 
     fn _sock_recvfrom<'py>(
@@ -672,8 +670,7 @@ impl LoopCore {
         sock: &Bound<'py, PyAny>,
         bufsize: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let op = sock::Op::Call("recvfrom", vec![bufsize.clone().unbind()], sock::Dir::Read);
-        sock::run(slf, sock, op)
+        sock::call(slf, sock, "recvfrom", &[bufsize], sock::Dir::Read)
     }
 
     fn _sock_recvfrom_into<'py>(
@@ -682,12 +679,7 @@ impl LoopCore {
         buf: &Bound<'py, PyAny>,
         nbytes: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let args = vec![buf.clone().unbind(), nbytes.clone().unbind()];
-        sock::run(
-            slf,
-            sock,
-            sock::Op::Call("recvfrom_into", args, sock::Dir::Read),
-        )
+        sock::call(slf, sock, "recvfrom_into", &[buf, nbytes], sock::Dir::Read)
     }
 
     fn _sock_sendall<'py>(
@@ -704,8 +696,7 @@ impl LoopCore {
         data: &Bound<'py, PyAny>,
         address: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let args = vec![data.clone().unbind(), address.clone().unbind()];
-        sock::run(slf, sock, sock::Op::Call("sendto", args, sock::Dir::Write))
+        sock::call(slf, sock, "sendto", &[data, address], sock::Dir::Write)
     }
 
     fn _sock_accept<'py>(
