@@ -17,7 +17,7 @@ pub fn cancel(h: &Bound<'_, PyAny>) -> PyResult<()> {
     let core = loop_.cast::<LoopCore>().ok();
     if t.is_timer(h) {
         match core {
-            Some(c) => c.get().timer_handle_cancelled(h),
+            Some(c) => c.get().timer_handle_cancelled(h)?,
             None => {
                 loop_.call_method1("_timer_handle_cancelled", (h,))?;
             }

@@ -132,7 +132,7 @@ pub(crate) fn add_signal_handler<'py>(
     let py = slf.py();
     let core = slf.get();
     let iscoro = import_attr!(py, "asyncio.coroutines", "iscoroutine")?;
-    let iscorofn = import_attr!(py, "asyncio.coroutines", "iscoroutinefunction")?;
+    let iscorofn = py::iscoroutinefunction(py)?;
     if iscoro.call1((callback,))?.is_truthy()? || iscorofn.call1((callback,))?.is_truthy()? {
         return Err(PyTypeError::new_err(
             "coroutines cannot be used with add_signal_handler()",
@@ -216,12 +216,15 @@ pub(crate) fn remove_signal_handler(
         }
         return Err(e);
     }
-    let (empty, running) = core.state.with(py, |s| {
-        (s.signals.handlers.is_empty(), s.thread_id.is_some())
+    let (empty, restored_on_exit) = core.state.with(py, |s| {
+        (
+            s.signals.handlers.is_empty(),
+            s.thread_id.is_some() && s.signals.saved_wakeup_fd.is_some(),
+        )
     });
-    // NOTE: while run_forever runs on the main thread it keeps its own wake-up fd
-    //       installed (Ctrl+C must wake the poll); it restores the old one on exit.
-    if empty && !running {
+    // NOTE: while run_forever runs on the main thread with its own wake-up fd installed
+    //       (Ctrl+C must wake the poll), it restores the previous one on exit.
+    if empty && !restored_on_exit {
         clear_wakeup_fd(py)?;
     }
     Ok(true)

@@ -67,9 +67,31 @@ enum Attempt<'py> {
     Done(Bound<'py, PyAny>),
 }
 
+/// Size up to which `recv` reuses a per-thread buffer; larger reads get their own.
+const RECV_BUF_MAX: usize = 256 * 1024;
+
 thread_local! {
     /// Receive buffer reused by `recv` (bytes are copied out of it).
     static RECV_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `recv(n)` into a new bytes object. A buffer that cannot be allocated is a
+/// MemoryError, as `socket.recv` makes it.
+fn recv_bytes(py: Python<'_>, fd: RawFd, n: usize) -> io::Result<Bound<'_, PyAny>> {
+    let read = |buf: &mut Vec<u8>| -> io::Result<Bound<'_, PyAny>> {
+        if buf.len() < n {
+            buf.try_reserve(n - buf.len())
+                .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            buf.resize(n, 0);
+        }
+        let len = crate::sys::recv(fd, &mut buf[..n])?;
+        Ok(PyBytes::new(py, &buf[..len]).into_any())
+    };
+    if n <= RECV_BUF_MAX {
+        RECV_BUF.with_borrow_mut(read)
+    } else {
+        read(&mut Vec::new())
+    }
 }
 
 fn would_block(py: Python<'_>, e: &PyErr) -> bool {
@@ -86,6 +108,9 @@ fn io_attempt<'py>(r: io::Result<Bound<'py, PyAny>>) -> PyResult<Attempt<'py>> {
             ) =>
         {
             Ok(Attempt::WouldBlock)
+        }
+        Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+            Err(pyo3::exceptions::PyMemoryError::new_err(()))
         }
         Err(e) => Err(errors::from_io(e)),
     }
@@ -127,12 +152,7 @@ fn attempt<'py>(
         Op::Connect(a) => Plan::ConnectCheck(a.clone_ref(py)),
     });
     match plan {
-        Plan::Recv(n) => io_attempt(RECV_BUF.with_borrow_mut(|buf| {
-            if buf.len() < n {
-                buf.resize(n, 0);
-            }
-            crate::sys::recv(fd, &mut buf[..n]).map(|len| PyBytes::new(py, &buf[..len]).into_any())
-        })),
+        Plan::Recv(n) => io_attempt(recv_bytes(py, fd, n)),
         Plan::Method(name, args) => {
             let args = PyTuple::new(py, args)?;
             py_attempt(py, sock.call_method1(name, args))

@@ -175,3 +175,22 @@ def test_object_handle_cycle_collected_after_close(loop_factory):
     loop.close()
     gc.collect()
     assert [r for r in refs if r() is not None] == []
+
+
+def test_pending_socket_operation_after_run(loop_factory):
+    """A loop left unclosed after run_forever with a sock_recv still pending (its reader
+    handle is also held by the operation's done callback) is still collected."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+
+        def make(loop):
+            loop.my_task = loop.create_task(loop.sock_recv(a, 10))
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+            assert not loop.my_task.done()
+
+        assert collect_unclosed(loop_factory, make)
+    finally:
+        a.close()
+        b.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from asyncio import coroutines, events, tasks
 
 
@@ -50,4 +49,4 @@ def run(main, *, debug=None):
             loop.close()
 
 
-__all__ = ["asyncio", "run"]
+__all__ = ["run"]

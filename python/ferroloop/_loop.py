@@ -32,8 +32,9 @@ def _logger():
     return base_events.logger
 
 
-# asyncio.constants.DEBUG_STACK_DEPTH
-_DEBUG_STACK_DEPTH = 10
+_DEBUG_STACK_DEPTH = asyncio.constants.DEBUG_STACK_DEPTH
+# Python 3.14 deprecates the public name; its asyncio uses the private one.
+_iscoroutinefunction = getattr(coroutines, "_iscoroutinefunction", coroutines.iscoroutinefunction)
 
 # asyncio runs a custom exception handler in the failing task's or handle's context from
 # Python 3.12 on; before, in the loop's. ferroloop follows the running Python's asyncio.
@@ -227,7 +228,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
     # ---- executors -----------------------------------------------------------------
 
     def _check_callback(self, callback, method: str) -> None:
-        if coroutines.iscoroutine(callback) or coroutines.iscoroutinefunction(callback):
+        if coroutines.iscoroutine(callback) or _iscoroutinefunction(callback):
             raise TypeError(f"coroutines cannot be used with {method}()")
         if not callable(callback):
             raise TypeError(f"a callable object was expected by {method}(), got {callback!r}")
@@ -265,7 +266,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
         thread.start()
         try:
             await _wait_with_timeout(future, timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct types on Python 3.10
             warnings.warn(
                 f"The executor did not finishing joining its threads within {timeout} seconds.",
                 RuntimeWarning,
@@ -451,11 +452,14 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
             if _HANDLER_IN_CONTEXT:
                 thing = context.get("task")
                 if thing is None:
+                    # A task reported under "future" ("exception was never retrieved").
+                    thing = context.get("future")
+                if thing is None:
                     thing = context.get("handle")
                 get_context = getattr(thing, "get_context", None)
                 if get_context is not None:
                     ctx = get_context()
-            if ctx is None:
+            if ctx is None or not hasattr(ctx, "run"):
                 self._exception_handler(self, context)
             else:
                 ctx.run(self._exception_handler, self, context)

@@ -23,11 +23,7 @@ pub(super) fn callback_error(
     }
     let t = types()?;
     let (cb, args) = (t.callback(h), t.args(h));
-    let fmt = import_attr!(py, "asyncio.format_helpers", "_format_callback_source")?;
-    let source = match fmt.call1((&cb, &args)) {
-        Ok(s) => s.str()?.to_string(),
-        Err(_) => cb.repr()?.to_string(),
-    };
+    let source = format_callback_source(slf, &cb, &args)?;
     let context = PyDict::new(py);
     context.set_item("message", format!("Exception in callback {source}"))?;
     context.set_item("exception", err.into_value(py))?;
@@ -38,4 +34,28 @@ pub(super) fn callback_error(
     }
     slf.call_method1(pyo3::intern!(py, "call_exception_handler"), (context,))?;
     Ok(())
+}
+
+/// `format_helpers._format_callback_source(cb, args)`, passing `debug=` where the running
+/// Python's asyncio takes it (3.13+ shortens reprs outside debug mode).
+fn format_callback_source(
+    slf: &Bound<'_, LoopCore>,
+    cb: &Bound<'_, PyAny>,
+    args: &Bound<'_, PyAny>,
+) -> PyResult<String> {
+    let py = slf.py();
+    static TAKES_DEBUG: pyo3::sync::PyOnceLock<bool> = pyo3::sync::PyOnceLock::new();
+    let fmt = import_attr!(py, "asyncio.format_helpers", "_format_callback_source")?;
+    let takes_debug = *TAKES_DEBUG.get_or_try_init(py, || -> PyResult<bool> {
+        let sig = py.import("inspect")?.call_method1("signature", (fmt,))?;
+        sig.getattr("parameters")?.contains("debug")
+    })?;
+    let source = if takes_debug {
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("debug", slf.get().debug(py))?;
+        fmt.call((cb, args), Some(&kwargs))?
+    } else {
+        fmt.call1((cb, args))?
+    };
+    Ok(source.str()?.to_string())
 }

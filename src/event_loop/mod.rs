@@ -131,13 +131,20 @@ impl LoopCore {
     }
 
     /// asyncio's `_timer_handle_cancelled`: counts cancelled timers still in the heap.
-    pub(crate) fn timer_handle_cancelled(&self, h: &Bound<'_, PyAny>) {
+    /// Only ferroloop's timer handles are read natively; anything else is asked for its
+    /// `_scheduled` attribute, as asyncio does.
+    pub(crate) fn timer_handle_cancelled(&self, h: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = h.py();
-        if let Ok(t) = types()
-            && t.is_scheduled(h)
-        {
+        let t = types()?;
+        let scheduled = if t.is_timer(h) {
+            t.is_scheduled(h)
+        } else {
+            h.getattr(pyo3::intern!(py, "_scheduled"))?.is_truthy()?
+        };
+        if scheduled {
             self.state.with(py, |s| s.timers.note_cancelled());
         }
+        Ok(())
     }
 
     #[inline]
@@ -228,17 +235,13 @@ impl LoopCore {
         core.state.with(py, |s| s.timers.push(when, item));
         Ok(handle)
     }
-
-    fn registrar_error() -> PyErr {
-        closed_error()
-    }
 }
 
 /// asyncio's `_check_callback`.
 fn check_callback(callback: &Bound<'_, PyAny>, method: &str) -> PyResult<()> {
     let py = callback.py();
     let iscoro = import_attr!(py, "asyncio.coroutines", "iscoroutine")?;
-    let iscorofn = import_attr!(py, "asyncio.coroutines", "iscoroutinefunction")?;
+    let iscorofn = py::iscoroutinefunction(py)?;
     if iscoro.call1((callback,))?.is_truthy()? || iscorofn.call1((callback,))?.is_truthy()? {
         return Err(PyTypeError::new_err(format!(
             "coroutines cannot be used with {method}()"
@@ -384,8 +387,8 @@ impl LoopCore {
         self.clock_resolution
     }
 
-    fn _timer_handle_cancelled(&self, handle: &Bound<'_, PyAny>) {
-        self.timer_handle_cancelled(handle);
+    fn _timer_handle_cancelled(&self, handle: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.timer_handle_cancelled(handle)
     }
 
     /// Runs callbacks until `stop()`; the Python `run_forever` wraps it with the
@@ -452,18 +455,12 @@ impl LoopCore {
                 std::mem::take(&mut s.dns_pending),
             )
         });
-        let t = types()?;
-        for h in &timers {
-            t.set_scheduled(h.bind(py), false);
-        }
+        // NOTE: as asyncio's close: queued callbacks and timers are dropped (timers keep
+        //       `_scheduled`, reader/writer handles are not cancelled), and nothing below
+        //       can stop the clean-up half-way.
         if let Some(r) = &registrar {
             for fd in io.keys() {
                 let _ = r.deregister(*fd);
-            }
-        }
-        for (_, h) in io {
-            for h in [h.reader, h.writer].into_iter().flatten() {
-                crate::handles::cancel(h.bind(py))?;
             }
         }
         let poller = core.poller.lock().map(|mut p| p.take()).unwrap_or(None);
@@ -471,6 +468,7 @@ impl LoopCore {
         drop((
             ready,
             timers,
+            io,
             factory,
             registrar,
             poller,
@@ -810,11 +808,12 @@ impl LoopCore {
         }
         let fut = Self::create_future(slf)?;
         let item = fut.clone().unbind();
-        let (id, inbox) = slf.get().state.with(py, |s| {
+        let (id, inbox, previous) = slf.get().state.with(py, |s| {
             s.dns_next += 1;
-            s.dns_pending.insert(s.dns_next, item);
-            (s.dns_next, s.dns_inbox.clone())
+            let previous = s.dns_pending.insert(s.dns_next, item);
+            (s.dns_next, s.dns_inbox.clone(), previous)
         });
+        drop(previous); // ids are unique: always None
         if let Err(e) = dns::submit(request, inbox, id) {
             let item = slf.get().state.with(py, |s| s.dns_pending.remove(&id));
             drop(item);
@@ -828,25 +827,34 @@ impl LoopCore {
         let py = slf.py();
         let core = slf.get();
         let answers = core.state.with(py, |s| s.dns_inbox.take());
+        // Every future is completed even if one completion fails; the first error is
+        // raised afterwards.
+        let mut first_error = None;
         for (id, answer) in answers {
             let Some(fut) = core.state.with(py, |s| s.dns_pending.remove(&id)) else {
                 continue;
             };
             let fut = fut.into_bound(py);
-            if fut
-                .call_method0(pyo3::intern!(py, "cancelled"))?
-                .is_truthy()?
-            {
-                continue;
-            }
-            match dns::to_python(py, answer) {
-                Ok(v) => fut.call_method1(pyo3::intern!(py, "set_result"), (v,))?,
-                Err(e) => {
-                    fut.call_method1(pyo3::intern!(py, "set_exception"), (e.into_value(py),))?
+            let done = (|| -> PyResult<()> {
+                if fut
+                    .call_method0(pyo3::intern!(py, "cancelled"))?
+                    .is_truthy()?
+                {
+                    return Ok(());
                 }
-            };
+                match dns::to_python(py, answer) {
+                    Ok(v) => fut.call_method1(pyo3::intern!(py, "set_result"), (v,))?,
+                    Err(e) => {
+                        fut.call_method1(pyo3::intern!(py, "set_exception"), (e.into_value(py),))?
+                    }
+                };
+                Ok(())
+            })();
+            if let Err(e) = done {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// A plain handle for `call_soon` / `call_soon_threadsafe`, after their checks.
@@ -961,7 +969,7 @@ impl LoopCore {
         let item = OwnedHandle::new(&handle);
         let res = core.state.with(py, |s| {
             let Some(reg) = s.registrar.as_ref() else {
-                return Err(None);
+                return Err((None, item));
             };
             let entry = s.io.get(&fd);
             let (had_r, had_w) =
@@ -973,7 +981,7 @@ impl LoopCore {
                 reg.modify(fd, want_r, want_w)
             };
             if let Err(e) = r {
-                return Err(Some(e));
+                return Err((Some(e), item));
             }
             let e = s.io.entry(fd).or_default();
             let slot = if read { &mut e.reader } else { &mut e.writer };
@@ -982,8 +990,8 @@ impl LoopCore {
         match res {
             Ok(Some(old)) => crate::handles::cancel(old.bind(py))?,
             Ok(None) => {}
-            Err(None) => return Err(Self::registrar_error()),
-            Err(Some(e)) => return Err(errors::from_io(e)),
+            Err((None, _item)) => return Err(closed_error()),
+            Err((Some(e), _item)) => return Err(errors::from_io(e)),
         }
         Ok(handle)
     }

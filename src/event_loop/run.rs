@@ -6,7 +6,6 @@ use std::io;
 use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
-use pyo3::panic::PanicException;
 use pyo3::prelude::*;
 
 use super::{LoopCore, MAXIMUM_SELECT_TIMEOUT, State, closed_error, exception_handler};
@@ -41,7 +40,7 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             // NOTE: a Rust panic must not leave the loop marked running with the signal
             //       wake-up fd installed: it becomes a PanicException after the clean-up.
             let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_once(slf)))
-                .unwrap_or_else(|payload| Err(panic_error(payload)));
+                .unwrap_or_else(|payload| Err(py::panic_error(payload)));
             if let Err(e) = once {
                 break Err(e);
             }
@@ -54,7 +53,16 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         s.stopping = false;
         s.thread_id = None;
         // Outside run_forever every shared handle is tracked (see `OwnedHandle`).
-        for h in s.ready.iter().chain(s.timers.iter()) {
+        let io =
+            s.io.values()
+                .flat_map(|io| io.reader.iter().chain(io.writer.iter()));
+        for h in s
+            .ready
+            .iter()
+            .chain(s.timers.iter())
+            .chain(io)
+            .chain(s.signals.handles())
+        {
             h.track_if_shared();
         }
     });
@@ -191,16 +199,6 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     Ok(())
 }
 
-/// A caught Rust panic as a Python `PanicException` carrying the panic message.
-fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
-    let msg = payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "Rust panic in the event loop".to_string());
-    PanicException::new_err(msg)
-}
-
 /// `min(max(0, delta), MAXIMUM_SELECT_TIMEOUT)` as asyncio computes it: NaN gives 0.
 fn select_timeout(delta: f64) -> f64 {
     if delta > MAXIMUM_SELECT_TIMEOUT {
@@ -236,7 +234,7 @@ fn process_io(
         if t.is_cancelled(h.bind(py)) {
             released.extend(slot.take());
         } else {
-            s.ready.push(h.clone_ref(py));
+            s.ready.push(h.queue_ref(py));
         }
     }
     let (r, w) = (entry.reader.is_some(), entry.writer.is_some());

@@ -6,7 +6,6 @@
 //! trampoline, measured with callgrind) and hand over to the loop core.
 
 use std::ffi::{CStr, c_char};
-use std::ptr;
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
@@ -156,20 +155,13 @@ unsafe fn entry(
     // is a LoopCore instance.
     unsafe {
         let py = Python::assume_attached();
-        let res = (|| {
+        crate::py::guard(py, || {
             // The method descriptor has already checked that `slf` is a LoopCore.
             let slf = Bound::from_borrowed_ptr(py, slf).cast_into_unchecked::<LoopCore>();
             let slf = &slf;
             let parsed = parse(py, method, names, args, nargs, kwnames)?;
-            f(slf, parsed)
-        })();
-        match res {
-            Ok(v) => v.into_ptr(),
-            Err(e) => {
-                e.restore(py);
-                ptr::null_mut()
-            }
-        }
+            f(slf, parsed).map(Bound::into_ptr)
+        })
     }
 }
 

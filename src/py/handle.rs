@@ -268,13 +268,7 @@ unsafe fn with_handle(
     unsafe {
         let py = Python::assume_attached();
         let slf = Bound::from_borrowed_ptr(py, slf);
-        match types().and_then(|t| f(t, &slf)) {
-            Ok(v) => v.into_ptr(),
-            Err(e) => {
-                e.restore(py);
-                ptr::null_mut()
-            }
-        }
+        super::guard(py, || types().and_then(|t| f(t, &slf)).map(Py::into_ptr))
     }
 }
 
@@ -410,7 +404,11 @@ unsafe extern "C" fn handle_dealloc(slf: *mut ffi::PyObject) {
             ffi::Py_DECREF(tp.cast());
             return;
         };
-        if t.off.weaklist > 0 && !(*slot_ptr(slf, t.off.weaklist)).is_null() {
+        // NOTE: from Python 3.12 a `__weakref__` slot lives in the object's pre-header
+        //       (negative offset); PyObject_ClearWeakRefs finds it either way. The
+        //       positive-offset case checks the list first to skip the call.
+        if t.off.weaklist < 0 || (t.off.weaklist > 0 && !(*slot_ptr(slf, t.off.weaklist)).is_null())
+        {
             ffi::PyObject_ClearWeakRefs(slf);
         }
         let kind = kind_of(t, tp).unwrap_or(KIND_HANDLE);
@@ -541,7 +539,7 @@ impl HandleTypes {
         self.get(h, self.off.of(CANCELLED)) == unsafe { ffi::Py_True() }
     }
 
-    /// Whether `h` is a timer handle (one of ours, or any asyncio.TimerHandle).
+    /// Whether `h` is one of ferroloop's timer handles (so its timer slots can be read).
     pub fn is_timer(&self, h: &Bound<'_, PyAny>) -> bool {
         kind_of(self, h.get_type().as_type_ptr()) == Some(KIND_TIMER)
     }
@@ -703,33 +701,52 @@ unsafe fn new_ref(p: *mut ffi::PyObject) -> *mut ffi::PyObject {
 /// `new_handle`). While the loop is the only owner of an untracked handle, `HandleTypes::traverse_owned` reports the handle's
 /// references as the loop's own; when the loop lets go of a handle that something else
 /// still references, dropping the `OwnedHandle` starts tracking it, so cycles through it
-/// are collected from then on; `run_forever` does the same for every queued handle when
-/// it returns, so outside `run_forever` a shared handle is always tracked. Must be dropped
+/// are collected from then on; `run_forever` does the same for every handle the loop
+/// holds when it returns, so outside `run_forever` a shared handle is always tracked. Must be dropped
 /// with the GIL held (every loop method holds it).
-pub struct OwnedHandle(Py<PyAny>);
+pub struct OwnedHandle {
+    handle: Py<PyAny>,
+    /// Whether dropping this reference may start tracking the handle. False for the
+    /// ready-queue copy of a reader/writer handle, which the loop still owns elsewhere.
+    track_on_drop: bool,
+}
 
 impl OwnedHandle {
     #[inline]
     pub fn new(h: &Bound<'_, PyAny>) -> Self {
-        OwnedHandle(h.clone().unbind())
+        OwnedHandle {
+            handle: h.clone().unbind(),
+            track_on_drop: true,
+        }
     }
 
     #[inline(always)]
     pub fn bind<'a, 'py>(&'a self, py: Python<'py>) -> &'a Bound<'py, PyAny> {
-        self.0.bind(py)
+        self.handle.bind(py)
     }
 
     #[inline]
     pub fn clone_ref(&self, py: Python<'_>) -> Self {
-        OwnedHandle(self.0.clone_ref(py))
+        OwnedHandle {
+            handle: self.handle.clone_ref(py),
+            track_on_drop: true,
+        }
     }
-}
 
-impl OwnedHandle {
+    /// Another reference for a queue, for a handle that stays registered with the loop
+    /// (reader/writer handles queued on readiness): dropping it never tracks the handle.
+    #[inline]
+    pub fn queue_ref(&self, py: Python<'_>) -> Self {
+        OwnedHandle {
+            handle: self.handle.clone_ref(py),
+            track_on_drop: false,
+        }
+    }
+
     /// Starts tracking the handle if something besides the loop references it.
     #[inline]
     pub fn track_if_shared(&self) {
-        let p = self.0.as_ptr();
+        let p = self.handle.as_ptr();
         // SAFETY: called with the GIL held (type contract) on a live object; tracking an
         // untracked GC object runs no Python code.
         unsafe {
@@ -743,7 +760,9 @@ impl OwnedHandle {
 impl Drop for OwnedHandle {
     #[inline]
     fn drop(&mut self) {
-        self.track_if_shared();
+        if self.track_on_drop {
+            self.track_if_shared();
+        }
     }
 }
 
@@ -756,14 +775,14 @@ impl HandleTypes {
         h: &OwnedHandle,
         mut visit: impl FnMut(&Py<PyAny>) -> Result<(), E>,
     ) -> Result<(), E> {
-        let p = h.0.as_ptr();
+        let p = h.handle.as_ptr();
         // SAFETY: called from tp_traverse with the GIL held; `p` is a live instance of
         // one of the handle types. `Py<PyAny>` is a transparent non-null object pointer,
         // so a non-NULL slot (or the `ob_type` field) can be viewed as one; nothing is
         // dropped through these views.
         unsafe {
             if ffi::Py_REFCNT(p) != 1 || ffi::PyObject_GC_IsTracked(p) != 0 {
-                return visit(&h.0);
+                return visit(&h.handle);
             }
             // NOTE: only the slots that can hold container objects: `_cancelled`,
             //       `_scheduled`, `_repr` and `_when` hold bools, str, None and numbers.

@@ -20,8 +20,8 @@ use pyo3::prelude::*;
 /// while the borrow is alive.
 pub struct GilCell<T>(UnsafeCell<T>);
 
-// SAFETY: access requires a `Python` token (the GIL is held; free-threaded builds are
-// see the module note) and the closure contract above rules out re-entrancy, so at most one
+// SAFETY: access requires a `Python` token (the GIL is held; on free-threaded builds the
+// module re-enables the GIL, see the note above) and the closure contract above rules out re-entrancy, so at most one
 // `&mut T` exists at a time, on whichever thread holds the GIL. `T: Send` because that
 // thread may differ between calls.
 unsafe impl<T: Send> Sync for GilCell<T> {}
@@ -152,4 +152,46 @@ impl Drop for ByteView {
         // created and dropped with the GIL held.
         unsafe { pyo3::ffi::PyBuffer_Release(&mut *self.view) };
     }
+}
+
+/// Runs the body of a hand-written C entry point: a Rust panic becomes a Python
+/// `PanicException` instead of unwinding into C (which would abort the process), and an
+/// error is restored as the pending exception with a NULL return.
+pub fn guard(
+    py: Python<'_>,
+    f: impl FnOnce() -> PyResult<*mut pyo3::ffi::PyObject>,
+) -> *mut pyo3::ffi::PyObject {
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|payload| Err(panic_error(payload)));
+    match res {
+        Ok(p) => p,
+        Err(e) => {
+            e.restore(py);
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// A caught Rust panic as a Python `PanicException` carrying the panic message.
+pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
+    let msg = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "Rust panic in the event loop".to_string());
+    pyo3::panic::PanicException::new_err(msg)
+}
+
+/// `asyncio.coroutines.iscoroutinefunction` without the deprecation warning Python 3.14
+/// attaches to it (3.14's asyncio uses the private `_iscoroutinefunction`).
+pub fn iscoroutinefunction(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    static CELL: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    CELL.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+        let m = py.import("asyncio.coroutines")?;
+        Ok(match m.getattr("_iscoroutinefunction") {
+            Ok(f) => f.unbind(),
+            Err(_) => m.getattr("iscoroutinefunction")?.unbind(),
+        })
+    })
+    .map(|o| o.bind(py))
 }

@@ -1,7 +1,7 @@
 //! I/O reactor. Mirrors selectors.EpollSelector as BaseSelectorEventLoop drives it, on mio.
 //!
 //! mio is edge-triggered; asyncio's `add_reader`/`add_writer` are level-triggered. The
-//! loop re-arms a descriptor (`Registrar::rearm`) each time it dispatches an event for it:
+//! loop re-arms a descriptor (`Registrar::modify`) each time it dispatches an event for it:
 //! `EPOLL_CTL_MOD` re-queues the descriptor if it is still ready, and `epoll_wait` checks
 //! readiness again before reporting it, so a callback that drained the fd is not called
 //! spuriously. The result is the level-triggered behaviour of asyncio's selector.
@@ -115,12 +115,6 @@ impl Registrar {
         }
     }
 
-    /// Re-arms an edge-triggered registration so a still-ready fd is reported again.
-    #[inline]
-    pub fn rearm(&self, fd: RawFd, readable: bool, writable: bool) -> io::Result<()> {
-        self.modify(fd, readable, writable)
-    }
-
     pub fn deregister(&self, fd: RawFd) -> io::Result<()> {
         self.registry.deregister(&mut SourceFd(&fd))
     }
@@ -163,10 +157,10 @@ mod tests {
         assert_eq!(ev.len(), 1);
         assert!(ev[0].readable && ev[0].token == fd as usize);
         // Not drained: edge-triggered would stay silent; re-arming reports it again.
-        r.rearm(fd, true, false).unwrap();
+        r.modify(fd, true, false).unwrap();
         assert_eq!(poll_once(&mut p, 100).len(), 1);
         // Drained after re-arming: epoll re-checks and reports nothing.
-        r.rearm(fd, true, false).unwrap();
+        r.modify(fd, true, false).unwrap();
         let mut buf = [0u8; 8];
         assert_eq!(b.read(&mut buf).unwrap(), 2);
         assert!(poll_once(&mut p, 0).is_empty());
