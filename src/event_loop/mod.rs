@@ -7,7 +7,7 @@
 mod exception_handler;
 mod run;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
@@ -52,6 +52,12 @@ pub(crate) struct State {
     pub task_factory: Option<Py<PyAny>>,
     /// add_reader / add_writer registrations, by fd.
     pub io: HashMap<RawFd, IoHandles>,
+    /// Descriptors still registered with the reactor after their last handle went:
+    /// adding a handle again re-arms them instead of registering anew.
+    pub idle_fds: HashSet<RawFd>,
+    /// Descriptors whose events were dispatched since the last poll: re-armed right
+    /// before the next poll if they still have handles (see `run_once`).
+    pub rearm: HashSet<RawFd>,
     pub signals: SignalState,
     /// The handle being run, in debug mode (for the default exception handler).
     pub current_handle: Option<OwnedHandle>,
@@ -362,6 +368,8 @@ impl LoopCore {
                 slow_callback_duration: 0.1,
                 task_factory: None,
                 io: HashMap::new(),
+                idle_fds: HashSet::new(),
+                rearm: HashSet::new(),
                 signals,
                 current_handle: None,
                 registrar: Some(registrar),
@@ -975,10 +983,23 @@ impl LoopCore {
             let (had_r, had_w) =
                 entry.map_or((false, false), |e| (e.reader.is_some(), e.writer.is_some()));
             let (want_r, want_w) = if read { (true, had_w) } else { (had_r, true) };
-            let r = if entry.is_none() {
-                reg.register(fd, want_r, want_w)
+            let known = entry.is_some() || s.idle_fds.remove(&fd);
+            let r = if known {
+                // Re-arming also reports readiness that arrived while idle. ENOENT: the
+                // fd was closed (and maybe reused) since: register it afresh.
+                match reg.modify(fd, want_r, want_w) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                        reg.register(fd, want_r, want_w)
+                    }
+                    other => other,
+                }
             } else {
-                reg.modify(fd, want_r, want_w)
+                match reg.register(fd, want_r, want_w) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        reg.modify(fd, want_r, want_w)
+                    }
+                    other => other,
+                }
             };
             if let Err(e) = r {
                 return Err((Some(e), item));
@@ -1006,36 +1027,30 @@ impl LoopCore {
         let FdNum::Fd(fd) = classify_fd(&fd)? else {
             return Ok(false);
         };
-        let res = core.state.with(py, |s| {
-            let Some(entry) = s.io.get_mut(&fd) else {
-                return Ok(None);
-            };
+        // NOTE: removing a handle makes no system call: the registration keeps its
+        //       interest until the next re-arm, and an fd left without handles stays
+        //       registered (idle) so the next add is one re-arm, not register + remove +
+        //       register: a pending sock_recv costs one epoll_ctl instead of three. Events
+        //       for directions without a handle are ignored.
+        let old = core.state.with(py, |s| {
+            let entry = s.io.get_mut(&fd)?;
             let old = if read {
                 entry.reader.take()
             } else {
                 entry.writer.take()
             };
-            let (r, w) = (entry.reader.is_some(), entry.writer.is_some());
-            let reg = s.registrar.as_ref();
-            let res = if !r && !w {
+            if entry.reader.is_none() && entry.writer.is_none() {
                 s.io.remove(&fd);
-                // NOTE: as selectors' unregister, a failure (fd already closed) is ignored.
-                if let Some(reg) = reg {
-                    let _ = reg.deregister(fd);
-                }
-                Ok(())
-            } else {
-                reg.map_or(Ok(()), |reg| reg.modify(fd, r, w))
-            };
-            res.map(|_| old)
+                s.idle_fds.insert(fd);
+            }
+            old
         });
-        match res {
-            Ok(Some(old)) => {
+        match old {
+            Some(old) => {
                 crate::handles::cancel(old.bind(py))?;
                 Ok(true)
             }
-            Ok(None) => Ok(false),
-            Err(e) => Err(errors::from_io(e)),
+            None => Ok(false),
         }
     }
 }

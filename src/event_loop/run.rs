@@ -102,6 +102,17 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let skip = !s.ready.is_empty()
             && !s.stopping
             && crate::sys::monotonic_ns().saturating_sub(s.last_poll_ns) < SKIP_POLL_NS;
+        if !skip && let Some(reg) = s.registrar.as_ref() {
+            // Level-triggered semantics: descriptors dispatched since the last poll are
+            // re-armed now if they still have handles, so epoll reports them again while
+            // they stay ready (see the reactor's module note). A failure (fd closed behind
+            // the loop's back) surfaces as with asyncio: on the next add/remove of that fd.
+            for fd in s.rearm.drain() {
+                if let Some(e) = s.io.get(&fd) {
+                    let _ = reg.modify(fd, e.reader.is_some(), e.writer.is_some());
+                }
+            }
+        }
         s.polling = timeout != Some(0.0);
         (timeout, skip)
     });
@@ -237,14 +248,11 @@ fn process_io(
             s.ready.push(h.queue_ref(py));
         }
     }
-    let (r, w) = (entry.reader.is_some(), entry.writer.is_some());
-    if !r && !w {
+    if entry.reader.is_none() && entry.writer.is_none() {
         s.io.remove(&fd);
-    }
-    if let Some(reg) = s.registrar.as_ref() {
-        // NOTE: failures (fd closed behind the loop's back) surface as they do with
-        //       asyncio: on the next add/remove of that fd.
-        let _ = reg.modify(fd, r, w);
+        s.idle_fds.insert(fd);
+    } else {
+        s.rearm.insert(fd);
     }
 }
 

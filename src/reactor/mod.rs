@@ -1,10 +1,12 @@
 //! I/O reactor. Mirrors selectors.EpollSelector as BaseSelectorEventLoop drives it, on mio.
 //!
-//! mio is edge-triggered; asyncio's `add_reader`/`add_writer` are level-triggered. The
-//! loop re-arms a descriptor (`Registrar::modify`) each time it dispatches an event for it:
-//! `EPOLL_CTL_MOD` re-queues the descriptor if it is still ready, and `epoll_wait` checks
-//! readiness again before reporting it, so a callback that drained the fd is not called
-//! spuriously. The result is the level-triggered behaviour of asyncio's selector.
+//! mio is edge-triggered; asyncio's `add_reader`/`add_writer` are level-triggered. Before
+//! each poll the loop re-arms (`Registrar::modify`) every descriptor whose event it
+//! dispatched since the last poll and that still has a handle: `EPOLL_CTL_MOD` re-queues
+//! the descriptor if it is still ready, and `epoll_wait` checks readiness again before
+//! reporting it, so a callback that drained the fd is not called spuriously. The result is
+//! the level-triggered behaviour of asyncio's selector, without a system call for
+//! one-shot waits (a pending `sock_recv`) that are gone by the next poll.
 
 use std::io;
 use std::os::fd::RawFd;
