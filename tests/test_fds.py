@@ -363,3 +363,43 @@ def test_add_regular_file(loop, method):
 def test_add_huge_fd(loop, fd):
     with pytest.raises(OverflowError, match=r"^Python int too large to convert to C int$"):
         loop.add_reader(fd, lambda: None)
+
+
+def test_fd_number_reused_after_remove_and_close(loop):
+    """remove_reader, close the socket, get the same fd number for a new socket: a new
+    reader on it works (the loop must not assume the old registration still exists)."""
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    loop.add_reader(fd, lambda: None)
+    run_briefly(loop)
+    assert loop.remove_reader(fd)
+    a.close()
+    b.close()
+    c, d = socket.socketpair()
+    try:
+        assert c.fileno() == fd  # the lowest free number is reused
+        got = []
+        loop.add_reader(c.fileno(), lambda: got.append(c.recv(10)))
+        d.send(b"again")
+        run_until(loop, lambda: got)
+        assert got == [b"again"]
+        assert loop.remove_reader(c.fileno())
+    finally:
+        c.close()
+        d.close()
+
+
+def test_reader_readded_sees_data_that_arrived_meanwhile(loop, sockpair):
+    """Data that arrives while no reader is registered is seen by a reader added later
+    (edge-triggered notifications must not be lost)."""
+    a, b = sockpair
+    loop.add_reader(a, lambda: None)
+    run_briefly(loop)
+    loop.remove_reader(a)
+    b.send(b"x")
+    run_briefly(loop, 3)
+    got = []
+    loop.add_reader(a, lambda: got.append(a.recv(10)))
+    run_until(loop, lambda: got)
+    assert got == [b"x"]
+    loop.remove_reader(a)
