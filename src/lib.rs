@@ -22,6 +22,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Handle", handle)?;
     m.add("TimerHandle", timer)?;
     m.add_function(wrap_pyfunction!(signals::_sighandler_noop, m)?)?;
+    m.add_class::<sock::SockOperation>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

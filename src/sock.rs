@@ -13,8 +13,8 @@ use std::io;
 use std::os::fd::RawFd;
 
 use pyo3::exceptions::{
-    PyBlockingIOError, PyInterruptedError, PyKeyboardInterrupt, PySystemExit, PyTypeError,
-    PyValueError,
+    PyBlockingIOError, PyInterruptedError, PyKeyboardInterrupt, PyRuntimeError, PyStopIteration,
+    PySystemExit, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyInt, PyTuple};
@@ -299,11 +299,18 @@ fn check_socket(slf: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>) -> PyResult<
 
 /// Runs `op` on `sock`: its result if it completes at once, else a future completed by
 /// a reader/writer callback.
+/// What starting an operation gave: its result, or the future a reader/writer callback
+/// will complete.
+pub(crate) enum Outcome<'py> {
+    Ready(Bound<'py, PyAny>),
+    Pending(Bound<'py, PyAny>),
+}
+
 pub(crate) fn run<'py>(
     slf: &Bound<'py, LoopCore>,
     sock: &Bound<'py, PyAny>,
     op: Op,
-) -> PyResult<Bound<'py, PyAny>> {
+) -> PyResult<Outcome<'py>> {
     let py = slf.py();
     check_socket(slf, sock)?;
     let fd_obj = sock.call_method0(pyo3::intern!(py, "fileno"))?;
@@ -311,7 +318,7 @@ pub(crate) fn run<'py>(
     let dir = op.dir();
     let op = GilCell::new(op);
     if let Attempt::Done(v) = attempt(sock, fd, &op, true)? {
-        return Ok(v);
+        return Ok(Outcome::Ready(v));
     }
     let fut = LoopCore::create_future(slf)?;
     let callback = Bound::new(
@@ -340,19 +347,172 @@ pub(crate) fn run<'py>(
         },
     )?;
     fut.call_method1(pyo3::intern!(py, "add_done_callback"), (done,))?;
-    Ok(fut)
+    Ok(Outcome::Pending(fut))
 }
 
-/// Runs `sock.<method>(*args)` as an operation waiting on `dir`.
-pub(crate) fn call<'py>(
-    slf: &Bound<'py, LoopCore>,
-    sock: &Bound<'py, PyAny>,
-    method: &'static str,
-    args: &[&Bound<'py, PyAny>],
-    dir: Dir,
-) -> PyResult<Bound<'py, PyAny>> {
-    let args = args.iter().map(|a| (*a).clone().unbind()).collect();
-    run(slf, sock, Op::Call(method, args, dir))
+/// `sock.<method>(*args)` as an operation waiting on `dir`.
+pub(crate) fn call_op(method: &'static str, args: &[&Bound<'_, PyAny>], dir: Dir) -> Op {
+    Op::Call(
+        method,
+        args.iter().map(|a| (*a).clone().unbind()).collect(),
+        dir,
+    )
+}
+
+/// Where a `SockOperation` is.
+enum CoroState {
+    /// Not started: the checks and the first try happen at the first `send`, as in the
+    /// body of asyncio's `async def sock_*`.
+    Start(Op),
+    /// Suspended on the future a reader/writer callback completes.
+    Waiting(Py<PyAny>),
+    Done,
+}
+
+/// The awaitable `loop.sock_*()` returns: a native coroutine (registered as a
+/// `collections.abc.Coroutine`, so `create_task` takes it) that runs the operation at
+/// its first step. A socket that is already ready completes within that step; otherwise
+/// it yields the operation's future, as `await future` does.
+#[pyclass(frozen, module = "ferroloop._ferroloop", name = "_SockOperation")]
+pub struct SockOperation {
+    loop_: Py<LoopCore>,
+    sock: Py<PyAny>,
+    name: &'static str,
+    state: GilCell<CoroState>,
+}
+
+impl SockOperation {
+    pub(crate) fn new(
+        slf: &Bound<'_, LoopCore>,
+        sock: &Bound<'_, PyAny>,
+        name: &'static str,
+        op: Op,
+    ) -> Self {
+        SockOperation {
+            loop_: slf.clone().unbind(),
+            sock: sock.clone().unbind(),
+            name,
+            state: GilCell::new(CoroState::Start(op)),
+        }
+    }
+
+    fn step(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let state = self
+            .state
+            .with(py, |s| std::mem::replace(s, CoroState::Done));
+        let value = match state {
+            CoroState::Start(op) => match run(self.loop_.bind(py), self.sock.bind(py), op)? {
+                Outcome::Ready(v) => v,
+                Outcome::Pending(fut) => {
+                    fut.setattr(pyo3::intern!(py, "_asyncio_future_blocking"), true)?;
+                    let item = fut.clone().unbind();
+                    self.state.with(py, |s| *s = CoroState::Waiting(item));
+                    return Ok(fut.unbind());
+                }
+            },
+            CoroState::Waiting(fut) => {
+                let fut = fut.bind(py);
+                if !fut.call_method0(pyo3::intern!(py, "done"))?.is_truthy()? {
+                    return Err(PyRuntimeError::new_err("await wasn't used with future"));
+                }
+                fut.call_method0(pyo3::intern!(py, "result"))?
+            }
+            CoroState::Done => {
+                return Err(PyRuntimeError::new_err(
+                    "cannot reuse already awaited coroutine",
+                ));
+            }
+        };
+        Err(PyStopIteration::new_err((value.unbind(),)))
+    }
+}
+
+#[pymethods]
+impl SockOperation {
+    fn __await__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.step(py)
+    }
+
+    #[pyo3(signature = (_value))]
+    fn send(&self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        self.step(py)
+    }
+
+    /// Raises the exception at the suspension point (Task cancellation), ending the
+    /// operation; its future was cancelled by the task.
+    #[pyo3(signature = (typ, val=None, tb=None))]
+    fn throw(
+        &self,
+        py: Python<'_>,
+        typ: &Bound<'_, PyAny>,
+        val: Option<&Bound<'_, PyAny>>,
+        tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let state = self
+            .state
+            .with(py, |s| std::mem::replace(s, CoroState::Done));
+        drop(state);
+        let base = py.get_type::<pyo3::exceptions::PyBaseException>();
+        let exc = if typ.is_instance(&base)? {
+            typ.clone()
+        } else if let Some(v) = val.filter(|v| v.is_instance(typ).unwrap_or(false)) {
+            v.clone()
+        } else {
+            match val.filter(|v| !v.is_none()) {
+                Some(v) => typ.call1((v,))?,
+                None => typ.call0()?,
+            }
+        };
+        if let Some(tb) = tb.filter(|t| !t.is_none()) {
+            exc.call_method1("with_traceback", (tb,))?;
+        }
+        Err(PyErr::from_value(exc))
+    }
+
+    /// Ends the operation; a pending one is cancelled, which unregisters it.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let state = self
+            .state
+            .with(py, |s| std::mem::replace(s, CoroState::Done));
+        if let CoroState::Waiting(fut) = state {
+            fut.bind(py).call_method0("cancel")?;
+        }
+        Ok(())
+    }
+
+    #[getter]
+    fn __name__(&self) -> &'static str {
+        self.name
+    }
+
+    #[getter]
+    fn __qualname__(&self) -> String {
+        format!("Loop.{}", self.name)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ferroloop sock operation Loop.{}>", self.name)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.loop_)?;
+        visit.call(&self.sock)?;
+        // SAFETY: the collector runs with the GIL held, never inside `GilCell::with`.
+        match unsafe { self.state.get_unchecked() } {
+            CoroState::Start(op) => {
+                for r in op.refs() {
+                    visit.call(r)?;
+                }
+            }
+            CoroState::Waiting(fut) => visit.call(fut)?,
+            CoroState::Done => {}
+        }
+        Ok(())
+    }
 }
 
 /// `sock.recv(n)`'s argument checks, for the native path.

@@ -2,14 +2,22 @@
 
 import asyncio
 import contextvars
-from collections.abc import Callable, Coroutine
+import socket
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
-from typing_extensions import disjoint_base, final
+from typing_extensions import Buffer, disjoint_base, final
 
 _T = TypeVar("_T")
 
-__all__ = ["Handle", "LoopCore", "TimerHandle", "__version__", "_sighandler_noop"]
+__all__ = [
+    "Handle",
+    "LoopCore",
+    "TimerHandle",
+    "_SockOperation",
+    "__version__",
+    "_sighandler_noop",
+]
 
 __version__: str
 
@@ -27,6 +35,20 @@ class TimerHandle(asyncio.TimerHandle):
 
 def _sighandler_noop(_signum: Any, _frame: Any) -> None:
     """Dummy Python-level signal handler used with add_signal_handler()."""
+
+@final
+class _SockOperation(Coroutine[Any, Any, Any]):
+    """The native coroutine returned by the ``sock_*`` methods."""
+
+    @property
+    def __name__(self) -> str: ...
+    @property
+    def __qualname__(self) -> str: ...  # type: ignore[override]
+    def __await__(self) -> Generator[Any, None, Any]: ...
+    def __next__(self) -> Any: ...
+    def send(self, _value: Any) -> Any: ...
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any: ...  # type: ignore[override]
+    def close(self) -> None: ...
 
 @disjoint_base
 class LoopCore:
@@ -88,3 +110,12 @@ class LoopCore:
     def remove_writer(self, fd: Any) -> bool: ...
     def add_signal_handler(self, sig: int, callback: Callable[..., object], *args: Any) -> None: ...
     def remove_signal_handler(self, sig: int) -> bool: ...
+    def sock_recv(self, sock: socket.socket, n: int) -> _SockOperation: ...
+    def sock_recv_into(self, sock: socket.socket, buf: Buffer) -> _SockOperation: ...
+    def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> _SockOperation: ...
+    def sock_recvfrom_into(
+        self, sock: socket.socket, buf: Buffer, nbytes: int = 0
+    ) -> _SockOperation: ...
+    def sock_sendall(self, sock: socket.socket, data: Buffer) -> _SockOperation: ...
+    def sock_sendto(self, sock: socket.socket, data: Buffer, address: Any) -> _SockOperation: ...
+    def sock_accept(self, sock: socket.socket) -> _SockOperation: ...

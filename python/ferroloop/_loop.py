@@ -7,6 +7,7 @@ loop, file descriptors, signals) is implemented by ``ferroloop._ferroloop.LoopCo
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import concurrent.futures
 import socket
 import sys
@@ -16,14 +17,19 @@ import warnings
 import weakref
 from asyncio import base_events, coroutines, events, futures, tasks, unix_events
 
-from . import _handles  # noqa: F401  (installs the handle classes)
+from . import (
+    _ferroloop,
+    _handles,  # noqa: F401  (installs the handle classes)
+)
 from ._ferroloop import LoopCore
 
 __all__ = ["Loop", "new_event_loop"]
 
 
 type_of = type
-_Future = futures.Future
+
+# The native sock_* operations are coroutines as far as asyncio can tell.
+collections.abc.Coroutine.register(_ferroloop._SockOperation)
 
 
 def _logger():
@@ -286,46 +292,9 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
                 self.call_soon_threadsafe(future.set_exception, ex)
 
     # ---- sockets -------------------------------------------------------------------
-    # The native core tries each operation at once and returns its result, or a future
-    # when the socket is not ready (asyncio's selector-loop semantics).
-
-    async def sock_recv(self, sock, n):
-        """Receive up to ``n`` bytes from a non-blocking socket."""
-        r = self._sock_recv(sock, n)
-        return (await r) if type_of(r) is _Future else r
-
-    async def sock_recv_into(self, sock, buf):
-        """Receive into ``buf``; return the number of bytes received."""
-        r = self._sock_recv_into(sock, buf)
-        return (await r) if type_of(r) is _Future else r
-
-    async def sock_recvfrom(self, sock, bufsize):
-        """Receive a datagram of up to ``bufsize`` bytes: ``(data, address)``."""
-        r = self._sock_recvfrom(sock, bufsize)
-        return (await r) if type_of(r) is _Future else r
-
-    async def sock_recvfrom_into(self, sock, buf, nbytes=0):
-        """Receive a datagram into ``buf``: ``(nbytes, address)``."""
-        if not nbytes:
-            nbytes = len(buf)
-        r = self._sock_recvfrom_into(sock, buf, nbytes)
-        return (await r) if type_of(r) is _Future else r
-
-    async def sock_sendall(self, sock, data):
-        """Send all of ``data`` on a connected non-blocking socket."""
-        r = self._sock_sendall(sock, data)
-        if type_of(r) is _Future:
-            await r
-
-    async def sock_sendto(self, sock, data, address):
-        """Send a datagram to ``address``; return the number of bytes sent."""
-        r = self._sock_sendto(sock, data, address)
-        return (await r) if type_of(r) is _Future else r
-
-    async def sock_accept(self, sock):
-        """Accept a connection: ``(conn, address)``, ``conn`` non-blocking."""
-        r = self._sock_accept(sock)
-        return (await r) if type_of(r) is _Future else r
+    # sock_recv, sock_recv_into, sock_recvfrom, sock_recvfrom_into, sock_sendall,
+    # sock_sendto and sock_accept are native: each returns a native coroutine that tries
+    # the operation at its first step (asyncio's selector-loop semantics).
 
     async def sock_connect(self, sock, address):
         """Connect a non-blocking socket, resolving a non-numeric address first."""
@@ -339,9 +308,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
                 address, family=sock.family, type=sock.type, proto=sock.proto, loop=self
             )
             _, _, _, _, address = resolved[0]
-        r = self._sock_connect(sock, address)
-        if type_of(r) is _Future:
-            await r
+        await self._sock_connect(sock, address)
 
     # asyncio's address helper: the numeric fast path, else loop.getaddrinfo().
     _ensure_resolved = base_events.BaseEventLoop._ensure_resolved

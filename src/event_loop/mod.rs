@@ -650,75 +650,89 @@ impl LoopCore {
         crate::signals::remove_signal_handler(slf, sig)
     }
 
-    // ---- sockets: each returns the result, or a future when the socket is not ready ---
+    // ---- sockets: each returns a native coroutine (see `sock::SockOperation`) ----------
 
-    fn _sock_recv<'py>(
-        slf: &Bound<'py, Self>,
-        sock: &Bound<'py, PyAny>,
-        n: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        match sock::recv_size(n)? {
-            Some(n) => sock::run(slf, sock, sock::Op::Recv(n)),
-            None => sock::call(slf, sock, "recv", &[n], sock::Dir::Read),
-        }
+    fn sock_recv(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        n: &Bound<'_, PyAny>,
+    ) -> PyResult<sock::SockOperation> {
+        let op = match sock::recv_size(n) {
+            Ok(Some(n)) => sock::Op::Recv(n),
+            // Unusual sizes: `sock.recv(n)` itself raises or handles them.
+            _ => sock::call_op("recv", &[n], sock::Dir::Read),
+        };
+        Ok(sock::SockOperation::new(slf, sock, "sock_recv", op))
     }
 
-    fn _sock_recv_into<'py>(
-        slf: &Bound<'py, Self>,
-        sock: &Bound<'py, PyAny>,
-        buf: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        sock::call(slf, sock, "recv_into", &[buf], sock::Dir::Read)
+    fn sock_recv_into(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        buf: &Bound<'_, PyAny>,
+    ) -> sock::SockOperation {
+        let op = sock::call_op("recv_into", &[buf], sock::Dir::Read);
+        sock::SockOperation::new(slf, sock, "sock_recv_into", op)
     }
 
-    fn _sock_recvfrom<'py>(
-        slf: &Bound<'py, Self>,
-        sock: &Bound<'py, PyAny>,
-        bufsize: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        sock::call(slf, sock, "recvfrom", &[bufsize], sock::Dir::Read)
+    fn sock_recvfrom(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        bufsize: &Bound<'_, PyAny>,
+    ) -> sock::SockOperation {
+        let op = sock::call_op("recvfrom", &[bufsize], sock::Dir::Read);
+        sock::SockOperation::new(slf, sock, "sock_recvfrom", op)
     }
 
-    fn _sock_recvfrom_into<'py>(
-        slf: &Bound<'py, Self>,
-        sock: &Bound<'py, PyAny>,
-        buf: &Bound<'py, PyAny>,
-        nbytes: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        sock::call(slf, sock, "recvfrom_into", &[buf, nbytes], sock::Dir::Read)
+    #[pyo3(signature = (sock, buf, nbytes=0))]
+    fn sock_recvfrom_into(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        buf: &Bound<'_, PyAny>,
+        nbytes: usize,
+    ) -> PyResult<sock::SockOperation> {
+        // asyncio: `if not nbytes: nbytes = len(buf)`.
+        let nbytes = if nbytes == 0 { buf.len()? } else { nbytes };
+        let nbytes = nbytes.into_pyobject(slf.py())?.into_any();
+        let op = sock::call_op("recvfrom_into", &[buf, &nbytes], sock::Dir::Read);
+        Ok(sock::SockOperation::new(
+            slf,
+            sock,
+            "sock_recvfrom_into",
+            op,
+        ))
     }
 
-    fn _sock_sendall<'py>(
-        slf: &Bound<'py, Self>,
-        sock: &Bound<'py, PyAny>,
-        data: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        sock::run(slf, sock, sock::Op::SendAll(data.clone().unbind(), 0))
+    fn sock_sendall(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        data: &Bound<'_, PyAny>,
+    ) -> sock::SockOperation {
+        let op = sock::Op::SendAll(data.clone().unbind(), 0);
+        sock::SockOperation::new(slf, sock, "sock_sendall", op)
     }
 
-    fn _sock_sendto<'py>(
-        slf: &Bound<'py, Self>,
-        sock: &Bound<'py, PyAny>,
-        data: &Bound<'py, PyAny>,
-        address: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        sock::call(slf, sock, "sendto", &[data, address], sock::Dir::Write)
+    fn sock_sendto(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        data: &Bound<'_, PyAny>,
+        address: &Bound<'_, PyAny>,
+    ) -> sock::SockOperation {
+        let op = sock::call_op("sendto", &[data, address], sock::Dir::Write);
+        sock::SockOperation::new(slf, sock, "sock_sendto", op)
     }
 
-    fn _sock_accept<'py>(
-        slf: &Bound<'py, Self>,
-        sock: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        sock::run(slf, sock, sock::Op::Accept)
+    fn sock_accept(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>) -> sock::SockOperation {
+        sock::SockOperation::new(slf, sock, "sock_accept", sock::Op::Accept)
     }
 
     /// Connects to an already resolved address (the Python `sock_connect` resolves).
-    fn _sock_connect<'py>(
-        slf: &Bound<'py, Self>,
-        sock: &Bound<'py, PyAny>,
-        address: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        sock::run(slf, sock, sock::Op::Connect(address.clone().unbind()))
+    fn _sock_connect(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        address: &Bound<'_, PyAny>,
+    ) -> sock::SockOperation {
+        let op = sock::Op::Connect(address.clone().unbind());
+        sock::SockOperation::new(slf, sock, "sock_connect", op)
     }
 
     // ---- name resolution ---------------------------------------------------------------
