@@ -369,6 +369,8 @@ enum CoroState {
     Done,
 }
 
+// DEVIATION(asyncio): asyncio's sock_* are `async def` coroutines; these are native
+//   coroutine objects (no "never awaited" warning, not an `inspect` coroutine function).
 /// The awaitable `loop.sock_*()` returns: a native coroutine (registered as a
 /// `collections.abc.Coroutine`, so `create_task` takes it) that runs the operation at
 /// its first step. A socket that is already ready completes within that step; otherwise
