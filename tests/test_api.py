@@ -314,7 +314,7 @@ def test_main_runs_script(tmp_path):
     rc, out, err = run_ferroloop_main([str(script), "a", "--b"], cwd=tmp_path)
     assert rc == 0, err
     assert out.splitlines() == [
-        "<class 'ferroloop._loop.Loop'>",
+        "<class 'ferroloop.Loop'>",
         repr([str(script), "a", "--b"]),
     ]
 
@@ -327,7 +327,7 @@ def test_main_runs_module(tmp_path):
     rc, out, err = run_ferroloop_main(["-m", "mypkg.app", "x", "y"], cwd=tmp_path)
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0] == "<class 'ferroloop._loop.Loop'>"
+    assert lines[0] == "<class 'ferroloop.Loop'>"
     argv = eval(lines[1])
     assert argv[0] == str(pkg / "app.py")
     assert argv[1:] == ["x", "y"]

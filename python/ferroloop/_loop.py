@@ -86,6 +86,8 @@ _PENDING_ASYNC = (
 class Loop(LoopCore, asyncio.AbstractEventLoop):
     """An asyncio event loop implemented in Rust."""
 
+    __module__ = "ferroloop"
+
     def __init__(self) -> None:
         self._exception_handler = None
         self._default_executor = None
