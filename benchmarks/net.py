@@ -21,11 +21,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import glob
 import json
 import os
-import platform
 import re
 import resource
 import select
@@ -48,8 +46,8 @@ from run import (
     ferroloop_build,
     fmt_rate,
     load_average,
-    loop_version,
     new_loop,
+    run_header,
     spread_pct,
 )
 
@@ -1135,16 +1133,8 @@ def run(args: argparse.Namespace) -> int:
     cases = [c for k in kinds for c in cases_for(k, args.smoke, args.matrix, args.idle_conns)]
 
     build_where, build_stamp = ferroloop_build()
-    command = shlex.join([os.path.basename(sys.executable), *sys.argv])
     header = [
-        f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"command: `{command}`" if args.markdown else f"command: {command}",
-        (
-            f"python: {platform.python_version()} ({platform.python_implementation()}, "
-            f"{sys.platform}, {platform.machine()}, {os.cpu_count()} CPUs)"
-        ),
-        "loops: " + ", ".join(f"{n} {loop_version(n)}" for n in loops),
-        f"ferroloop from: {build_where}",
+        *run_header(args.markdown, loops, build_where),
         f"netload: {build}; HTTP load: {wrk_version(wrk) + ' -t1' if wrk else 'load --http'}",
         f"TLS certificate: {cert_source}; open files limit: {nofile}",
         (

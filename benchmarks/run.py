@@ -591,6 +591,21 @@ def load_average() -> str:
         return "unknown"
 
 
+def run_header(markdown: bool, loops: list[str], build_where: str) -> list[str]:
+    """The first lines of a report: date, command, Python, loop versions, ferroloop build."""
+    command = shlex.join([os.path.basename(sys.executable), *sys.argv])
+    return [
+        f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"command: `{command}`" if markdown else f"command: {command}",
+        (
+            f"python: {platform.python_version()} ({platform.python_implementation()}, "
+            f"{sys.platform}, {platform.machine()}, {os.cpu_count()} CPUs)"
+        ),
+        "loops: " + ", ".join(f"{n} {loop_version(n)}" for n in loops),
+        f"ferroloop from: {build_where}",
+    ]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Compare ferroloop with asyncio, uvloop and rloop, rounds interleaved.",
@@ -668,16 +683,8 @@ def main(argv: list[str]) -> int:
             print(f"notice: skipping {name}: {reason}", file=sys.stderr)
 
     build_where, build_stamp = ferroloop_build()
-    command = shlex.join([os.path.basename(sys.executable), *sys.argv])
     header = [
-        f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"command: `{command}`" if args.markdown else f"command: {command}",
-        (
-            f"python: {platform.python_version()} ({platform.python_implementation()}, "
-            f"{sys.platform}, {platform.machine()}, {os.cpu_count()} CPUs)"
-        ),
-        "loops: " + ", ".join(f"{n} {loop_version(n)}" for n in loops),
-        f"ferroloop from: {build_where}",
+        *run_header(args.markdown, loops, build_where),
         f"load average at start: {load_average()}",
         (
             f"rounds: {args.rounds} x best of {args.repeat}"
