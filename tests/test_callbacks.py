@@ -340,3 +340,33 @@ def test_many_callbacks(loop):
         loop.call_soon(inc)
     run_briefly(loop)
     assert count == n
+
+
+def test_weak_references_to_handles_die_with_them(loop):
+    """A handle's weak references are cleared when it is freed (and not carried over to a
+    handle recycled from the same memory)."""
+    h = loop.call_soon(lambda: None)
+    ref = weakref.ref(h)
+    run_briefly(loop)
+    del h
+    assert ref() is None
+    h2 = loop.call_soon(lambda: None)
+    assert weakref.getweakrefcount(h2) == 0
+    run_briefly(loop)
+
+
+def test_timer_cancel_accounting_rejects_foreign_objects():
+    """ferroloop-only: the private hook asyncio's TimerHandle.cancel() calls must not read
+    timer slots of objects that are not ferroloop timer handles."""
+    loop = ferroloop.new_event_loop()
+    try:
+        plain = asyncio.Handle(lambda: None, (), loop)
+        with pytest.raises(AttributeError):
+            loop._timer_handle_cancelled(plain)  # asyncio looks up ._scheduled too
+        with pytest.raises(AttributeError):
+            loop._timer_handle_cancelled(42)
+        timer = asyncio.TimerHandle(loop.time() + 10, lambda: None, (), loop)
+        loop._timer_handle_cancelled(timer)  # not scheduled: nothing counted, no error
+        timer.cancel()
+    finally:
+        loop.close()

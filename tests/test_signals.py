@@ -466,3 +466,27 @@ def test_ctrl_c_delivered_to_other_thread(tmp_path, loop_name):
     proc.communicate(timeout=10)
     print(f"{loop_name} other thread: KeyboardInterrupt {latency * 1000:.1f} ms after SIGINT")
     assert latency < 1.0
+
+
+def test_wakeup_fd_not_left_stale_after_remove_while_running(loop):
+    """A handler added and removed while the loop runs, with another wake-up fd installed
+    when the loop started, must not leave the wake-up fd pointing at the loop's socket
+    (which close() then closes): removing the last handler resets it, as asyncio does."""
+    import socket
+
+    other_r, other_w = socket.socketpair()
+    other_w.setblocking(False)
+    previous = signal.set_wakeup_fd(other_w.fileno())
+    try:
+
+        async def main():
+            loop.add_signal_handler(signal.SIGUSR1, lambda: None)
+            loop.remove_signal_handler(signal.SIGUSR1)
+
+        loop.run_until_complete(main())
+        loop.close()
+        assert signal.set_wakeup_fd(-1) == -1
+    finally:
+        signal.set_wakeup_fd(previous)
+        other_r.close()
+        other_w.close()
