@@ -131,9 +131,7 @@ pub(crate) fn add_signal_handler<'py>(
 ) -> PyResult<()> {
     let py = slf.py();
     let core = slf.get();
-    let iscoro = import_attr!(py, "asyncio.coroutines", "iscoroutine")?;
-    let iscorofn = py::iscoroutinefunction(py)?;
-    if iscoro.call1((callback,))?.is_truthy()? || iscorofn.call1((callback,))?.is_truthy()? {
+    if py::is_coroutine_or_function(callback)? {
         return Err(PyTypeError::new_err(
             "coroutines cannot be used with add_signal_handler()",
         ));

@@ -87,8 +87,9 @@ impl<T> TimerQueue<T> {
         self.heap.pop().map(|e| (e.when, e.item))
     }
 
-    /// Pops the head unless its deadline is at or after `end` (asyncio's test, so a NaN
-    /// deadline is due at once, as it is there).
+    /// Pops the head unless its deadline is at or after `end` (asyncio's test: a NaN
+    /// deadline at the head is due. NaN sorts after every number here, so it comes due
+    /// once the timers before it have.)
     pub fn pop_due(&mut self, end: f64) -> Option<T> {
         match self.heap.peek() {
             Some(e)

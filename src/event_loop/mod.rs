@@ -245,10 +245,7 @@ impl LoopCore {
 
 /// asyncio's `_check_callback`.
 fn check_callback(callback: &Bound<'_, PyAny>, method: &str) -> PyResult<()> {
-    let py = callback.py();
-    let iscoro = import_attr!(py, "asyncio.coroutines", "iscoroutine")?;
-    let iscorofn = py::iscoroutinefunction(py)?;
-    if iscoro.call1((callback,))?.is_truthy()? || iscorofn.call1((callback,))?.is_truthy()? {
+    if py::is_coroutine_or_function(callback)? {
         return Err(PyTypeError::new_err(format!(
             "coroutines cannot be used with {method}()"
         )));

@@ -182,9 +182,20 @@ pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
     pyo3::panic::PanicException::new_err(msg)
 }
 
+/// asyncio's "coroutines cannot be used" test: `iscoroutine(obj) or
+/// iscoroutinefunction(obj)`.
+pub fn is_coroutine_or_function(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = obj.py();
+    let iscoro = import_attr!(py, "asyncio.coroutines", "iscoroutine")?;
+    Ok(
+        iscoro.call1((obj,))?.is_truthy()?
+            || iscoroutinefunction(py)?.call1((obj,))?.is_truthy()?,
+    )
+}
+
 /// `asyncio.coroutines.iscoroutinefunction` without the deprecation warning Python 3.14
 /// attaches to it (3.14's asyncio uses the private `_iscoroutinefunction`).
-pub fn iscoroutinefunction(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+fn iscoroutinefunction(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     static CELL: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
     CELL.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
         let m = py.import("asyncio.coroutines")?;
