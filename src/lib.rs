@@ -11,6 +11,7 @@ pub mod signals;
 pub mod sock;
 pub mod sys;
 pub mod timers;
+pub mod transports;
 
 use pyo3::prelude::*;
 
@@ -23,6 +24,9 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TimerHandle", timer)?;
     m.add_function(wrap_pyfunction!(signals::_sighandler_noop, m)?)?;
     m.add_class::<sock::SockOperation>()?;
+    m.add_class::<transports::stream::StreamCore>()?;
+    m.add_class::<transports::datagram::DatagramCore>()?;
+    transports::init(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -37,6 +37,10 @@ const MAXIMUM_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
 pub(crate) struct IoHandles {
     pub reader: Option<OwnedHandle>,
     pub writer: Option<OwnedHandle>,
+    /// Registered by a native transport: edge-triggered, so events are not re-armed
+    /// after dispatch; the transport asks for a re-arm (`LoopCore::rearm`) when it stops
+    /// short of draining the descriptor.
+    pub edge: bool,
 }
 
 /// Everything the loop mutates. Owned by whichever thread holds the GIL (see `GilCell`).
@@ -75,6 +79,9 @@ pub(crate) struct State {
     /// Futures of resolutions in flight, by request id.
     pub dns_pending: HashMap<u64, Py<PyAny>>,
     pub dns_next: u64,
+    /// Native transports that are not closing, by descriptor (asyncio's `_transports`):
+    /// `add_reader` & co. refuse their descriptors.
+    pub transports: HashMap<RawFd, Py<PyAny>>,
 }
 
 #[pyclass(
@@ -376,6 +383,7 @@ impl LoopCore {
                 dns_inbox,
                 dns_pending: HashMap::new(),
                 dns_next: 0,
+                transports: HashMap::new(),
             }),
             poller: Mutex::new(Some(poller)),
             clock_resolution: crate::sys::monotonic_resolution(),
@@ -406,11 +414,11 @@ impl LoopCore {
         self.state.with(py, |s| s.stopping = true);
     }
 
-    fn is_running(&self, py: Python<'_>) -> bool {
+    pub(crate) fn is_running(&self, py: Python<'_>) -> bool {
         self.state.with(py, |s| s.thread_id.is_some())
     }
 
-    fn is_closed(&self, py: Python<'_>) -> bool {
+    pub(crate) fn is_closed(&self, py: Python<'_>) -> bool {
         self.state.with(py, |s| s.closed)
     }
 
@@ -449,17 +457,19 @@ impl LoopCore {
         if closed {
             return Ok(());
         }
-        let (ready, timers, io, factory, registrar, dns_pending) = core.state.with(py, |s| {
-            s.closed = true;
-            (
-                s.ready.drain(),
-                s.timers.drain(),
-                std::mem::take(&mut s.io),
-                s.task_factory.take(),
-                s.registrar.take(),
-                std::mem::take(&mut s.dns_pending),
-            )
-        });
+        let (ready, timers, io, factory, registrar, dns_pending, transports) =
+            core.state.with(py, |s| {
+                s.closed = true;
+                (
+                    s.ready.drain(),
+                    s.timers.drain(),
+                    std::mem::take(&mut s.io),
+                    s.task_factory.take(),
+                    s.registrar.take(),
+                    std::mem::take(&mut s.dns_pending),
+                    std::mem::take(&mut s.transports),
+                )
+            });
         // NOTE: as asyncio's close: queued callbacks and timers are dropped (timers keep
         //       `_scheduled`, reader/writer handles are not cancelled), and nothing below
         //       can stop the clean-up half-way.
@@ -479,6 +489,7 @@ impl LoopCore {
             poller,
             signals,
             dns_pending,
+            transports,
         ));
         // As asyncio's unix loop: handlers are removed once the loop itself is closed, so
         // a failure here (e.g. closing from another thread) leaves a closed loop.
@@ -610,6 +621,7 @@ impl LoopCore {
         callback: &Bound<'py, PyAny>,
         args: Bound<'py, PyTuple>,
     ) -> PyResult<()> {
+        Self::check_no_transport(slf, fd)?;
         Self::add_io_handle(slf, fd, callback, args, true).map(drop)
     }
 
@@ -620,14 +632,77 @@ impl LoopCore {
         callback: &Bound<'py, PyAny>,
         args: Bound<'py, PyTuple>,
     ) -> PyResult<()> {
+        Self::check_no_transport(slf, fd)?;
         Self::add_io_handle(slf, fd, callback, args, false).map(drop)
     }
 
+    fn _ensure_fd_no_transport(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<()> {
+        let n = fileobj_to_int(fd)?;
+        if let FdNum::Fd(n) = classify_fd(&n)? {
+            slf.get().ensure_fd_no_transport(slf.py(), n)?;
+        }
+        Ok(())
+    }
+
+    // ---- transports --------------------------------------------------------------------
+
+    #[pyo3(signature = (sock, protocol, waiter=None, *, extra=None, server=None))]
+    fn _make_socket_transport<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+        protocol: &Bound<'py, PyAny>,
+        waiter: Option<&Bound<'py, PyAny>>,
+        extra: Option<&Bound<'py, PyAny>>,
+        server: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().check_closed(slf.py())?;
+        crate::transports::make_socket_transport(slf, sock, protocol, waiter, extra, server)
+    }
+
+    #[pyo3(signature = (pipe, protocol, waiter=None, extra=None))]
+    fn _make_read_pipe_transport<'py>(
+        slf: &Bound<'py, Self>,
+        pipe: &Bound<'py, PyAny>,
+        protocol: &Bound<'py, PyAny>,
+        waiter: Option<&Bound<'py, PyAny>>,
+        extra: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().check_closed(slf.py())?;
+        crate::transports::make_pipe_transport(slf, pipe, protocol, waiter, extra, true)
+    }
+
+    #[pyo3(signature = (pipe, protocol, waiter=None, extra=None))]
+    fn _make_write_pipe_transport<'py>(
+        slf: &Bound<'py, Self>,
+        pipe: &Bound<'py, PyAny>,
+        protocol: &Bound<'py, PyAny>,
+        waiter: Option<&Bound<'py, PyAny>>,
+        extra: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().check_closed(slf.py())?;
+        crate::transports::make_pipe_transport(slf, pipe, protocol, waiter, extra, false)
+    }
+
+    #[pyo3(signature = (sock, protocol, address=None, waiter=None, extra=None))]
+    fn _make_datagram_transport<'py>(
+        slf: &Bound<'py, Self>,
+        sock: &Bound<'py, PyAny>,
+        protocol: &Bound<'py, PyAny>,
+        address: Option<&Bound<'py, PyAny>>,
+        waiter: Option<&Bound<'py, PyAny>>,
+        extra: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().check_closed(slf.py())?;
+        crate::transports::make_datagram_transport(slf, sock, protocol, address, waiter, extra)
+    }
+
     fn remove_reader(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Self::check_no_transport(slf, fd)?;
         Self::remove_io(slf, fd, true)
     }
 
     fn remove_writer(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Self::check_no_transport(slf, fd)?;
         Self::remove_io(slf, fd, false)
     }
 
@@ -789,7 +864,7 @@ impl LoopCore {
         for h in handles {
             t.traverse_owned(h, |p| visit.call(p))?;
         }
-        for f in s.dns_pending.values() {
+        for f in s.dns_pending.values().chain(s.transports.values()) {
             visit.call(f)?;
         }
         visit.call(&s.task_factory)?;
@@ -808,6 +883,7 @@ impl LoopCore {
                 s.task_factory.take(),
                 s.current_handle.take(),
                 std::mem::take(&mut s.dns_pending),
+                std::mem::take(&mut s.transports),
             )
         });
         drop(taken);
@@ -975,15 +1051,29 @@ impl LoopCore {
         args: Bound<'py, PyTuple>,
         read: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        let core = slf.get();
         let fd = fileobj_to_int(fd)?;
-        core.check_closed(py)?;
+        slf.get().check_closed(slf.py())?;
         let FdNum::Fd(fd) = classify_fd(&fd)? else {
             return Err(PyOverflowError::new_err(
                 "Python int too large to convert to C int",
             ));
         };
+        Self::add_io_fd(slf, fd, callback, args, read, false)
+    }
+
+    /// Registers `callback(*args)` for `fd` and returns its handle, cancelling the one it
+    /// replaces. `edge`: see `IoHandles::edge`.
+    pub(crate) fn add_io_fd<'py>(
+        slf: &Bound<'py, Self>,
+        fd: RawFd,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        read: bool,
+        edge: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let core = slf.get();
+        core.check_closed(py)?;
         let handle = Self::new_handle(slf, callback, args, None, None, None)?;
         let item = OwnedHandle::new(&handle);
         let res = core.state.with(py, |s| {
@@ -1016,6 +1106,9 @@ impl LoopCore {
                 return Err((Some(e), item));
             }
             let e = s.io.entry(fd).or_default();
+            e.edge = edge;
+            // The re-arm above covers this descriptor until its next event.
+            s.rearm.remove(&fd);
             let slot = if read { &mut e.reader } else { &mut e.writer };
             Ok(slot.replace(item))
         });
@@ -1028,21 +1121,58 @@ impl LoopCore {
         Ok(handle)
     }
 
-    fn remove_io(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>, read: bool) -> PyResult<bool> {
+    /// `_ensure_fd_no_transport` for the public fd methods (any file object).
+    fn check_no_transport(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        if slf.get().state.with(py, |s| s.transports.is_empty()) {
+            return Ok(());
+        }
+        let n = fileobj_to_int(fd)?;
+        if let FdNum::Fd(n) = classify_fd(&n)? {
+            slf.get().ensure_fd_no_transport(py, n)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `fd` has a reader / writer handle (for transport reprs).
+    pub(crate) fn io_registered(&self, py: Python<'_>, fd: RawFd) -> (bool, bool) {
+        self.state.with(py, |s| {
+            s.io.get(&fd)
+                .map_or((false, false), |e| (e.reader.is_some(), e.writer.is_some()))
+        })
+    }
+
+    /// Asks for `fd` to be re-armed before the next poll (a transport that left data
+    /// unread on an edge-triggered descriptor).
+    pub(crate) fn rearm(&self, py: Python<'_>, fd: RawFd) {
+        self.state.with(py, |s| {
+            if s.io.contains_key(&fd) {
+                s.rearm.insert(fd);
+            }
+        });
+    }
+
+    /// asyncio's `_ensure_fd_no_transport`.
+    pub(crate) fn ensure_fd_no_transport(&self, py: Python<'_>, fd: RawFd) -> PyResult<()> {
+        let tr = self
+            .state
+            .with(py, |s| s.transports.get(&fd).map(|t| t.clone_ref(py)));
+        if let Some(tr) = tr {
+            return Err(PyValueError::new_err(format!(
+                "File descriptor {fd} is used by transport {}",
+                tr.bind(py).repr()?
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes `fd`'s reader or writer handle; whether there was one.
+    pub(crate) fn remove_io_fd(slf: &Bound<'_, Self>, fd: RawFd, read: bool) -> PyResult<bool> {
         let py = slf.py();
         let core = slf.get();
-        let fd = fileobj_to_int(fd)?;
         if core.state.with(py, |s| s.closed) {
             return Ok(false);
         }
-        let FdNum::Fd(fd) = classify_fd(&fd)? else {
-            return Ok(false);
-        };
-        // NOTE: removing a handle makes no system call: the registration keeps its
-        //       interest until the next re-arm, and an fd left without handles stays
-        //       registered (idle) so the next add is one re-arm, not register + remove +
-        //       register: a pending sock_recv costs one epoll_ctl instead of three. Events
-        //       for directions without a handle are ignored.
         let old = core.state.with(py, |s| {
             let entry = s.io.get_mut(&fd)?;
             let old = if read {
@@ -1063,5 +1193,21 @@ impl LoopCore {
             }
             None => Ok(false),
         }
+    }
+
+    fn remove_io(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>, read: bool) -> PyResult<bool> {
+        let fd = fileobj_to_int(fd)?;
+        if slf.get().state.with(slf.py(), |s| s.closed) {
+            return Ok(false);
+        }
+        let FdNum::Fd(fd) = classify_fd(&fd)? else {
+            return Ok(false);
+        };
+        // NOTE: removing a handle makes no system call: the registration keeps its
+        //       interest until the next re-arm, and an fd left without handles stays
+        //       registered (idle) so the next add is one re-arm, not register + remove +
+        //       register: a pending sock_recv costs one epoll_ctl instead of three. Events
+        //       for directions without a handle are ignored.
+        Self::remove_io_fd(slf, fd, read)
     }
 }

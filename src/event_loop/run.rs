@@ -251,7 +251,7 @@ fn process_io(
     if entry.reader.is_none() && entry.writer.is_none() {
         s.io.remove(&fd);
         s.idle_fds.insert(fd);
-    } else {
+    } else if !entry.edge {
         s.rearm.insert(fd);
     }
 }

@@ -100,7 +100,7 @@ pub fn types() -> PyResult<&'static HandleTypes> {
         .ok_or_else(|| PyRuntimeError::new_err("ferroloop handle types are not initialised"))
 }
 
-fn slot_offset(cls: &Bound<'_, PyType>, name: &str) -> PyResult<isize> {
+pub(crate) fn slot_offset(cls: &Bound<'_, PyType>, name: &str) -> PyResult<isize> {
     let descr = cls.getattr(name)?;
     // SAFETY: `descr` is live; the type check comes first and only then is it read as a
     // member descriptor, whose `d_member` points to the static PyMemberDef of the slot

@@ -2,6 +2,7 @@
 
 pub mod fastcall;
 pub mod handle;
+pub mod transport_type;
 
 use std::cell::UnsafeCell;
 
@@ -150,6 +151,46 @@ impl Drop for ByteView {
     fn drop(&mut self) {
         // SAFETY: the view was filled by a successful PyObject_GetBuffer; views are only
         // created and dropped with the GIL held.
+        unsafe { pyo3::ffi::PyBuffer_Release(&mut *self.view) };
+    }
+}
+
+/// A writable, C-contiguous byte view (`PyBUF_WRITABLE`, what `socket.recv_into` asks
+/// for); released on drop.
+pub struct WritableView {
+    view: Box<pyo3::ffi::Py_buffer>,
+}
+
+impl WritableView {
+    pub fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        // SAFETY: as ByteView::new, with a writable request.
+        unsafe {
+            let mut view: Box<pyo3::ffi::Py_buffer> = Box::new(std::mem::zeroed());
+            if pyo3::ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, pyo3::ffi::PyBUF_WRITABLE)
+                < 0
+            {
+                return Err(PyErr::fetch(obj.py()));
+            }
+            Ok(WritableView { view })
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.view.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.view.buf as *mut u8
+    }
+}
+
+impl Drop for WritableView {
+    fn drop(&mut self) {
+        // SAFETY: filled by a successful PyObject_GetBuffer; released once, GIL held.
         unsafe { pyo3::ffi::PyBuffer_Release(&mut *self.view) };
     }
 }

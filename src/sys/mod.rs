@@ -428,3 +428,80 @@ pub fn socket_error(fd: RawFd) -> io::Result<i32> {
     ))?;
     Ok(err)
 }
+
+/// `read(2)` into `len` bytes at `ptr` (sockets, pipes and ttys alike).
+///
+/// # Safety
+/// `ptr` points to `len` writable bytes.
+pub unsafe fn read(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
+    syscall!(read(fd, ptr.cast(), len)).map(|n| n as usize)
+}
+
+/// `write(2)` of `len` bytes at `ptr`. CPython ignores SIGPIPE, so a closed peer is an
+/// `EPIPE` error, as with `os.write`.
+///
+/// # Safety
+/// `ptr` points to `len` readable bytes.
+pub unsafe fn write(fd: RawFd, ptr: *const u8, len: usize) -> io::Result<usize> {
+    syscall!(write(fd, ptr.cast(), len)).map(|n| n as usize)
+}
+
+/// Most buffers one `writev` call takes (Linux's `IOV_MAX` is 1024).
+pub const WRITEV_MAX: usize = 64;
+
+/// `writev(2)` of up to `WRITEV_MAX` buffers given as (pointer, length).
+///
+/// # Safety
+/// Every pointer points to its length of readable bytes.
+pub unsafe fn writev(fd: RawFd, bufs: &[(*const u8, usize)]) -> io::Result<usize> {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; WRITEV_MAX];
+    let n = bufs.len().min(WRITEV_MAX);
+    for (v, &(p, len)) in iov.iter_mut().zip(bufs) {
+        v.iov_base = p as *mut libc::c_void;
+        v.iov_len = len;
+    }
+    syscall!(writev(fd, iov.as_ptr(), n as libc::c_int)).map(|n| n as usize)
+}
+
+/// `shutdown(fd, SHUT_WR)`.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    syscall!(shutdown(fd, libc::SHUT_WR)).map(drop)
+}
+
+/// What kind of file `fd` is, from `fstat(2)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Fifo,
+    Socket,
+    CharDevice,
+    Other,
+}
+
+pub fn file_kind(fd: RawFd) -> io::Result<FileKind> {
+    // SAFETY: a zeroed stat is a valid out-parameter that fstat fills.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    syscall!(fstat(fd, &mut st))?;
+    Ok(match st.st_mode & libc::S_IFMT {
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        libc::S_IFCHR => FileKind::CharDevice,
+        _ => FileKind::Other,
+    })
+}
+
+/// Puts `fd` in non-blocking mode (`os.set_blocking(fd, False)`).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    let flags = syscall!(fcntl(fd, libc::F_GETFL))?;
+    if flags & libc::O_NONBLOCK == 0 {
+        syscall!(fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// `AF_UNIX`, for choosing a transport class.
+pub const AF_UNIX: i32 = libc::AF_UNIX;
+/// `EIO`: what reading a pty whose other side closed reports.
+pub const EIO: i32 = libc::EIO;

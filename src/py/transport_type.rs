@@ -1,0 +1,428 @@
+//! Transports as real `asyncio.Transport` (and friends) instances.
+//!
+//! A transport's state and behaviour live in a Rust pyclass (its "core"); what protocols,
+//! servers and user code hold is a thin native heap type whose base is asyncio's class
+//! (`asyncio.Transport`, `asyncio.ReadTransport`, `asyncio.WriteTransport`,
+//! `asyncio.DatagramTransport`), so `isinstance` checks and `get_extra_info` (which reads
+//! asyncio's `_extra` slot) work. Its methods forward, by vectorcall, to the core's method
+//! of the same name. Instances also have a `__dict__` and weak-reference support, as
+//! asyncio's transports (plain Python classes) do.
+
+use std::ffi::{CStr, c_int, c_void};
+use std::ptr;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyString, PyTuple, PyType};
+
+/// Storage the wrapper adds after its asyncio base: the core, `__dict__`, `__weakref__`.
+#[repr(C)]
+struct Tail {
+    core: *mut ffi::PyObject,
+    dict: *mut ffi::PyObject,
+    weaklist: *mut ffi::PyObject,
+}
+
+/// One wrapper class: its type object and where its `Tail` starts.
+pub struct WrapperType {
+    tp: Py<PyType>,
+    tail: isize,
+}
+
+/// A forwarded method: its Python name and the generated C entry point.
+pub struct Forward {
+    pub name: &'static CStr,
+    pub func: ffi::PyCFunctionFastWithKeywords,
+}
+
+/// Declares C entry points that forward a wrapper method to its core, and the table
+/// listing them.
+macro_rules! forward_methods {
+    ($table:ident: $($name:ident),* $(,)?) => {
+        pub static $table: &[$crate::py::transport_type::Forward] = &[
+            $({
+                unsafe extern "C" fn $name(
+                    slf: *mut pyo3::ffi::PyObject,
+                    args: *const *mut pyo3::ffi::PyObject,
+                    nargsf: pyo3::ffi::Py_ssize_t,
+                    kwnames: *mut pyo3::ffi::PyObject,
+                ) -> *mut pyo3::ffi::PyObject {
+                    // SAFETY: installed as a METH_FASTCALL|METH_KEYWORDS method of a
+                    // wrapper type, so CPython passes a valid vectorcall frame.
+                    unsafe {
+                        $crate::py::transport_type::forward(
+                            slf,
+                            stringify!($name),
+                            args,
+                            nargsf,
+                            kwnames,
+                        )
+                    }
+                }
+                $crate::py::transport_type::Forward {
+                    name: match std::ffi::CStr::from_bytes_with_nul(
+                        concat!(stringify!($name), "\0").as_bytes(),
+                    ) {
+                        Ok(s) => s,
+                        Err(_) => panic!("method name"),
+                    },
+                    func: $name,
+                }
+            }),*
+        ];
+    };
+}
+pub(crate) use forward_methods;
+
+/// Byte offset of the tail: right after the base's own storage, pointer-aligned.
+fn tail_offset(base: &Bound<'_, PyType>) -> isize {
+    // SAFETY: reading a live type object's basic size.
+    let size = unsafe { (*base.as_type_ptr()).tp_basicsize };
+    let align = std::mem::align_of::<*mut ffi::PyObject>() as isize;
+    (size + align - 1) / align * align
+}
+
+/// Creates a wrapper class `name` with base `base` forwarding `methods` to the core.
+pub fn make_type(
+    base: &Bound<'_, PyType>,
+    name: &'static CStr,
+    doc: &'static CStr,
+    methods: &'static [Forward],
+) -> PyResult<WrapperType> {
+    let py = base.py();
+    let tail = tail_offset(base);
+    let mut defs: Vec<ffi::PyMethodDef> = methods
+        .iter()
+        .map(|m| ffi::PyMethodDef {
+            ml_name: m.name.as_ptr(),
+            ml_meth: ffi::PyMethodDefPointer {
+                PyCFunctionFastWithKeywords: m.func,
+            },
+            ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+            ml_doc: ptr::null(),
+        })
+        .collect();
+    defs.push(ffi::PyMethodDef::zeroed());
+    // NOTE: everything handed to PyType_FromSpecWithBases is leaked: CPython keeps
+    //       pointers into the method and member tables for the life of the type (the
+    //       process), and the types are created once, at module initialisation.
+    let defs: &'static mut [ffi::PyMethodDef] = Box::leak(defs.into_boxed_slice());
+    let member = |name: &'static CStr, off: isize| ffi::PyMemberDef {
+        name: name.as_ptr(),
+        type_code: ffi::Py_T_PYSSIZET,
+        offset: off,
+        flags: ffi::Py_READONLY,
+        doc: ptr::null(),
+    };
+    let members: &'static mut [ffi::PyMemberDef] = Box::leak(Box::new([
+        member(
+            c"__dictoffset__",
+            tail + std::mem::offset_of!(Tail, dict) as isize,
+        ),
+        member(
+            c"__weaklistoffset__",
+            tail + std::mem::offset_of!(Tail, weaklist) as isize,
+        ),
+        ffi::PyMemberDef {
+            name: ptr::null(),
+            type_code: 0,
+            offset: 0,
+            flags: 0,
+            doc: ptr::null(),
+        },
+    ]));
+    let slot = |slot: c_int, pfunc: *mut c_void| ffi::PyType_Slot { slot, pfunc };
+    let slots: &'static mut [ffi::PyType_Slot] = Box::leak(Box::new([
+        slot(ffi::Py_tp_dealloc, wrapper_dealloc as *mut c_void),
+        slot(ffi::Py_tp_traverse, wrapper_traverse as *mut c_void),
+        slot(ffi::Py_tp_clear, wrapper_clear as *mut c_void),
+        slot(ffi::Py_tp_finalize, wrapper_finalize as *mut c_void),
+        slot(ffi::Py_tp_repr, wrapper_repr as *mut c_void),
+        slot(ffi::Py_tp_methods, defs.as_mut_ptr() as *mut c_void),
+        slot(ffi::Py_tp_members, members.as_mut_ptr() as *mut c_void),
+        slot(ffi::Py_tp_doc, doc.as_ptr() as *mut c_void),
+        slot(0, ptr::null_mut()),
+    ]));
+    let spec: &'static mut ffi::PyType_Spec = Box::leak(Box::new(ffi::PyType_Spec {
+        name: name.as_ptr(),
+        basicsize: (tail + std::mem::size_of::<Tail>() as isize) as c_int,
+        itemsize: 0,
+        // Only the loop creates transports (Py_TPFLAGS_DISALLOW_INSTANTIATION), so every
+        // instance has a core. Not subclassable: the layout is fixed.
+        flags: (ffi::Py_TPFLAGS_DEFAULT
+            | ffi::Py_TPFLAGS_HAVE_GC
+            | ffi::Py_TPFLAGS_DISALLOW_INSTANTIATION) as _,
+        slots: slots.as_mut_ptr(),
+    }));
+    let bases = PyTuple::new(py, [base])?;
+    // SAFETY: the spec and everything it points to are 'static (leaked above); NULL means
+    // an exception is set.
+    let tp = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyType_FromSpecWithBases(spec, bases.as_ptr()))?
+    };
+    Ok(WrapperType {
+        tp: tp.cast_into::<PyType>()?.unbind(),
+        tail,
+    })
+}
+
+/// The tail of a wrapper instance.
+///
+/// # Safety
+/// `obj` is a live instance of a wrapper type whose tail starts at `tail`.
+#[inline(always)]
+unsafe fn tail_of(obj: *mut ffi::PyObject, tail: isize) -> *mut Tail {
+    // SAFETY: guaranteed by the caller.
+    unsafe { (obj as *mut u8).offset(tail) as *mut Tail }
+}
+
+/// The tail offset of `obj`'s type, which must be one of ours.
+///
+/// # Safety
+/// `obj` is a live instance of a wrapper type; GIL held.
+unsafe fn tail_for(obj: *mut ffi::PyObject) -> isize {
+    // NOTE: every wrapper's tail follows its base's storage, so the offset is recomputed
+    //       from the type: the instance's basic size minus the tail's size.
+    // SAFETY: guaranteed by the caller.
+    unsafe { (*ffi::Py_TYPE(obj)).tp_basicsize - std::mem::size_of::<Tail>() as isize }
+}
+
+impl WrapperType {
+    /// A new wrapper around `core`, with asyncio's `_extra` set to `extra`.
+    pub fn wrap<'py>(
+        &self,
+        core: &Bound<'py, PyAny>,
+        extra: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = core.py();
+        // SAFETY: tp_alloc (PyType_GenericAlloc) returns a zeroed instance, already tracked
+        // by the collector (or NULL with an exception); NULL fields are skipped by
+        // traverse, and the fields are filled before any Python code can run.
+        let obj = unsafe {
+            let tp = self.tp.as_ptr() as *mut ffi::PyTypeObject;
+            let alloc = (*tp).tp_alloc.unwrap_or(ffi::PyType_GenericAlloc);
+            let obj = alloc(tp, 0);
+            if obj.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            (*tail_of(obj, self.tail)).core = core.clone().into_ptr();
+            *extra_slot(obj) = extra.clone().into_ptr();
+            Bound::from_owned_ptr(py, obj)
+        };
+        Ok(obj)
+    }
+
+    pub fn type_object<'py>(&self, py: Python<'py>) -> &Bound<'py, PyType> {
+        self.tp.bind(py)
+    }
+}
+
+/// The core behind a wrapper instance.
+///
+/// # Safety
+/// `slf` is a live instance of a wrapper type; GIL held.
+unsafe fn core_of(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<Bound<'_, PyAny>> {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let core = (*tail_of(slf, tail_for(slf))).core;
+        if core.is_null() {
+            return Err(PyRuntimeError::new_err("the transport has been cleared"));
+        }
+        Ok(Bound::from_borrowed_ptr(py, core))
+    }
+}
+
+/// Forwards `wrapper.name(*args, **kwargs)` to `core.name(*args, **kwargs)`.
+///
+/// # Safety
+/// Called by CPython as a METH_FASTCALL|METH_KEYWORDS method of a wrapper type.
+pub unsafe fn forward(
+    slf: *mut ffi::PyObject,
+    name: &'static str,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: see the function's contract: `args` holds `nargs` positional arguments
+    // followed by one value per keyword name.
+    unsafe {
+        let py = Python::assume_attached();
+        super::guard(py, || {
+            let core = core_of(py, slf)?;
+            let nargs = ffi::PyVectorcall_NARGS(nargsf as usize);
+            let nkw = if kwnames.is_null() {
+                0
+            } else {
+                ffi::PyTuple_GET_SIZE(kwnames)
+            };
+            let total = (nargs + nkw) as usize;
+            let mut stack: [*mut ffi::PyObject; 8] = [ptr::null_mut(); 8];
+            let mut heap: Vec<*mut ffi::PyObject>;
+            let frame: &mut [*mut ffi::PyObject] = if total < stack.len() {
+                &mut stack[..total + 1]
+            } else {
+                heap = vec![ptr::null_mut(); total + 1];
+                &mut heap[..]
+            };
+            frame[0] = core.as_ptr();
+            for i in 0..total {
+                frame[i + 1] = *args.add(i);
+            }
+            let name = PyString::intern(py, name);
+            let r = ffi::PyObject_VectorcallMethod(
+                name.as_ptr(),
+                frame.as_ptr(),
+                nargs as usize + 1,
+                kwnames,
+            );
+            if r.is_null() {
+                Err(PyErr::fetch(py))
+            } else {
+                Ok(r)
+            }
+        })
+    }
+}
+
+unsafe extern "C" fn wrapper_repr(slf: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: installed as tp_repr of the wrapper types.
+    unsafe {
+        let py = Python::assume_attached();
+        super::guard(py, || {
+            let core = core_of(py, slf)?;
+            let tp = Bound::from_borrowed_ptr(py, ffi::Py_TYPE(slf) as *mut ffi::PyObject)
+                .cast_into::<PyType>()?;
+            let name = tp.name()?;
+            Ok(core
+                .call_method1(pyo3::intern!(py, "_repr"), (name,))?
+                .into_ptr())
+        })
+    }
+}
+
+/// `__del__`: asyncio's transports warn about (and close) a socket or pipe that was never
+/// closed. The core does that; an error is reported as unraisable, as `__del__`'s are.
+unsafe extern "C" fn wrapper_finalize(slf: *mut ffi::PyObject) {
+    // SAFETY: installed as tp_finalize; CPython calls it with the GIL held on a live
+    // instance. The pending exception, if any, is saved and restored around the call.
+    unsafe {
+        let py = Python::assume_attached();
+        let saved = PyErr::take(py);
+        if let Ok(core) = core_of(py, slf) {
+            let wrapper = Bound::from_borrowed_ptr(py, slf);
+            if let Err(e) = core.call_method1(pyo3::intern!(py, "_finalize"), (wrapper,)) {
+                e.write_unraisable(py, Some(&core));
+            }
+        }
+        if let Some(e) = saved {
+            e.restore(py);
+        }
+    }
+}
+
+unsafe extern "C" fn wrapper_traverse(
+    slf: *mut ffi::PyObject,
+    visit: ffi::visitproc,
+    arg: *mut c_void,
+) -> c_int {
+    // SAFETY: called by the collector on a live wrapper instance: the tail and the base's
+    // `_extra` slot. (The base's own tp_traverse, CPython's subtype_traverse, must not be
+    // called: it starts from the instance's type, which would recurse into this one.)
+    unsafe {
+        let t = tail_of(slf, tail_for(slf));
+        for p in [(*t).core, (*t).dict] {
+            if !p.is_null() {
+                let r = visit(p, arg);
+                if r != 0 {
+                    return r;
+                }
+            }
+        }
+        let extra = *extra_slot(slf);
+        if !extra.is_null() {
+            let r = visit(extra, arg);
+            if r != 0 {
+                return r;
+            }
+        }
+        visit(ffi::Py_TYPE(slf) as *mut ffi::PyObject, arg)
+    }
+}
+
+/// Drops the tail's references and the base's `_extra` slot.
+///
+/// # Safety
+/// `slf` is a live wrapper instance; GIL held.
+unsafe fn clear(slf: *mut ffi::PyObject) {
+    // SAFETY: see above; each field is set to NULL before its old value is released.
+    unsafe {
+        let t = tail_of(slf, tail_for(slf));
+        for p in [
+            ptr::addr_of_mut!((*t).core),
+            ptr::addr_of_mut!((*t).dict),
+            extra_slot(slf),
+        ] {
+            let old = *p;
+            if !old.is_null() {
+                *p = ptr::null_mut();
+                ffi::Py_DECREF(old);
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn wrapper_clear(slf: *mut ffi::PyObject) -> c_int {
+    // SAFETY: called by the collector on a live instance with the GIL held.
+    unsafe { clear(slf) };
+    0
+}
+
+unsafe extern "C" fn wrapper_dealloc(slf: *mut ffi::PyObject) {
+    // SAFETY: called by CPython when an instance's refcount drops to zero (GIL held). As
+    // subtype_dealloc: run the finalizer (it may resurrect), untrack, clear weak
+    // references, release the references, free, and drop the reference to the heap type.
+    unsafe {
+        let tp = ffi::Py_TYPE(slf);
+        if ffi::PyObject_CallFinalizerFromDealloc(slf) < 0 {
+            return; // resurrected
+        }
+        ffi::PyObject_GC_UnTrack(slf.cast());
+        let t = tail_of(slf, tail_for(slf));
+        if !(*t).weaklist.is_null() {
+            ffi::PyObject_ClearWeakRefs(slf);
+        }
+        clear(slf);
+        let free = (*tp).tp_free.unwrap_or(ffi::PyObject_GC_Del);
+        free(slf.cast());
+        ffi::Py_DECREF(tp.cast());
+    }
+}
+
+/// Offset of asyncio's `BaseTransport._extra` slot, found once.
+static EXTRA_OFFSET: std::sync::OnceLock<isize> = std::sync::OnceLock::new();
+
+/// Records where `BaseTransport` keeps `_extra`. Called at module initialisation, before
+/// any wrapper type is created.
+pub fn init(py: Python<'_>) -> PyResult<()> {
+    let base = py
+        .import("asyncio.transports")?
+        .getattr("BaseTransport")?
+        .cast_into::<PyType>()?;
+    let off = super::handle::slot_offset(&base, "_extra")?;
+    let _ = EXTRA_OFFSET.set(off);
+    Ok(())
+}
+
+/// The `_extra` slot of a wrapper instance.
+///
+/// # Safety
+/// `obj` is a live wrapper instance (whose bases all derive from BaseTransport) and
+/// `init` has run (wrapper types exist only after it).
+#[inline(always)]
+unsafe fn extra_slot(obj: *mut ffi::PyObject) -> *mut *mut ffi::PyObject {
+    let off = EXTRA_OFFSET.get().copied().unwrap_or(0);
+    debug_assert!(off > 0);
+    // SAFETY: guaranteed by the caller.
+    unsafe { (obj as *mut u8).offset(off) as *mut *mut ffi::PyObject }
+}

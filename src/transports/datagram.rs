@@ -1,0 +1,617 @@
+//! Datagram transport. Mirrors asyncio.selector_events._SelectorDatagramTransport (UDP
+//! and Unix datagram sockets, connected or not).
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{
+    PyBlockingIOError, PyInterruptedError, PyKeyboardInterrupt, PyOSError, PySystemExit,
+    PyTypeError, PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use super::flow::{FlowControl, call_protocol_hook};
+use super::stream::{LOG_THRESHOLD_FOR_CONNLOST_WRITES, MAX_SIZE};
+use crate::event_loop::LoopCore;
+use crate::py::{self, GilCell, import_attr};
+
+/// Datagrams read per readiness event before yielding to other callbacks.
+const READS_PER_EVENT: usize = 16;
+
+struct St {
+    fd: RawFd,
+    loop_: Option<Py<LoopCore>>,
+    wrapper: Option<Py<PyAny>>,
+    sock: Option<Py<PyAny>>,
+    protocol: Option<Py<PyAny>>,
+    protocol_connected: bool,
+    /// The `remote_addr` the socket is connected to, if any.
+    address: Option<Py<PyAny>>,
+    /// The socket has a peer (`extra['peername']`): use `send`, not `sendto`.
+    connected: bool,
+    buf: VecDeque<(Py<PyBytes>, Py<PyAny>)>,
+    buf_size: usize,
+    conn_lost: u32,
+    closing: bool,
+    paused: bool,
+    flow: FlowControl,
+}
+
+#[pyclass(frozen, name = "_DatagramCore", module = "ferroloop._ferroloop")]
+pub struct DatagramCore {
+    st: GilCell<St>,
+}
+
+fn passthrough(e: &PyErr, py: Python<'_>) -> bool {
+    e.is_instance_of::<PyKeyboardInterrupt>(py) || e.is_instance_of::<PySystemExit>(py)
+}
+
+fn would_block(e: &PyErr, py: Python<'_>) -> bool {
+    e.is_instance_of::<PyBlockingIOError>(py) || e.is_instance_of::<PyInterruptedError>(py)
+}
+
+impl DatagramCore {
+    fn with<R>(&self, py: Python<'_>, f: impl FnOnce(&mut St) -> R) -> R {
+        self.st.with(py, f)
+    }
+
+    fn loop_<'py>(&self, py: Python<'py>) -> Option<Bound<'py, LoopCore>> {
+        self.with(py, |s| s.loop_.as_ref().map(|l| l.clone_ref(py)))
+            .map(|l| l.into_bound(py))
+    }
+
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        f: impl FnOnce(&St) -> &Option<Py<PyAny>>,
+    ) -> Bound<'py, PyAny> {
+        self.with(py, |s| f(s).as_ref().map(|p| p.clone_ref(py)))
+            .map_or_else(|| py.None().into_bound(py), |p| p.into_bound(py))
+    }
+
+    fn protocol<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.get(py, |s| &s.protocol)
+    }
+
+    fn wrapper<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.get(py, |s| &s.wrapper)
+    }
+
+    fn sock<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.get(py, |s| &s.sock)
+    }
+
+    fn add_io(slf: &Bound<'_, Self>, method: &str, read: bool) -> PyResult<()> {
+        let py = slf.py();
+        let Some(lp) = slf.get().loop_(py) else {
+            return Ok(());
+        };
+        let cb = slf.getattr(method)?;
+        let fd = slf.get().with(py, |s| s.fd);
+        LoopCore::add_io_fd(&lp, fd, &cb, PyTuple::empty(py), read, true).map(drop)
+    }
+
+    fn remove_io(&self, py: Python<'_>, read: bool) -> PyResult<()> {
+        if let Some(lp) = self.loop_(py) {
+            LoopCore::remove_io_fd(&lp, self.with(py, |s| s.fd), read)?;
+        }
+        Ok(())
+    }
+
+    fn schedule_lost(slf: &Bound<'_, Self>, exc: Py<PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        if let Some(lp) = slf.get().loop_(py) {
+            lp.call_method1("call_soon", (slf.getattr("_call_connection_lost")?, exc))?;
+        }
+        Ok(())
+    }
+
+    fn fatal_error(slf: &Bound<'_, Self>, exc: PyErr, message: &str) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let wrapper = core.wrapper(py);
+        if let Some(lp) = core.loop_(py) {
+            if exc.is_instance_of::<PyOSError>(py) {
+                if lp.get().debug(py) {
+                    let kw = PyDict::new(py);
+                    kw.set_item("exc_info", exc.value(py))?;
+                    py::asyncio_logger(py)?.call_method(
+                        "debug",
+                        ("%r: %s", &wrapper, message),
+                        Some(&kw),
+                    )?;
+                }
+            } else {
+                let ctx = PyDict::new(py);
+                ctx.set_item("message", message)?;
+                ctx.set_item("exception", exc.value(py))?;
+                ctx.set_item("transport", &wrapper)?;
+                ctx.set_item("protocol", core.protocol(py))?;
+                lp.call_method1("call_exception_handler", (ctx,))?;
+            }
+        }
+        Self::force_close(slf, exc.into_value(py).into_any())
+    }
+
+    fn force_close(slf: &Bound<'_, Self>, exc: Py<PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (lost, had_buf, closing) =
+            core.with(py, |s| (s.conn_lost, !s.buf.is_empty(), s.closing));
+        if lost > 0 {
+            return Ok(());
+        }
+        if had_buf {
+            let old = core.with(py, |s| {
+                s.buf_size = 0;
+                std::mem::take(&mut s.buf)
+            });
+            drop(old);
+            core.remove_io(py, false)?;
+        }
+        if !closing {
+            core.set_closing(py);
+            core.remove_io(py, true)?;
+        }
+        core.with(py, |s| s.conn_lost += 1);
+        Self::schedule_lost(slf, exc)
+    }
+
+    fn maybe_pause_protocol(&self, py: Python<'_>) -> PyResult<()> {
+        if self.with(py, |s| s.flow.should_pause(s.buf_size)) {
+            call_protocol_hook(
+                py,
+                self.loop_(py),
+                &self.protocol(py),
+                &self.wrapper(py),
+                "pause_writing",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn maybe_resume_protocol(&self, py: Python<'_>) -> PyResult<()> {
+        if self.with(py, |s| s.flow.should_resume(s.buf_size)) {
+            call_protocol_hook(
+                py,
+                self.loop_(py),
+                &self.protocol(py),
+                &self.wrapper(py),
+                "resume_writing",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn set_closing(&self, py: Python<'_>) {
+        let (fd, w) = self.with(py, |s| {
+            s.closing = true;
+            (s.fd, s.wrapper.as_ref().map(|w| w.as_ptr()))
+        });
+        if let (Some(lp), Some(w)) = (self.loop_(py), w) {
+            super::forget_transport(&lp, fd, w);
+        }
+    }
+
+    fn send_one(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        addr: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let sock = self.sock(py);
+        if self.with(py, |s| s.connected) {
+            sock.call_method1(pyo3::intern!(py, "send"), (data,))?;
+        } else {
+            sock.call_method1(pyo3::intern!(py, "sendto"), (data, addr))?;
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl DatagramCore {
+    fn _start_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let reading = slf.get().with(slf.py(), |s| !s.paused && !s.closing);
+        if reading {
+            Self::add_io(slf, "_read_ready", true)?;
+        }
+        Ok(())
+    }
+
+    fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        // NOTE: the registration is edge-triggered: read until the socket is drained, or
+        //       READS_PER_EVENT datagrams and then ask the loop to re-arm.
+        for _ in 0..READS_PER_EVENT {
+            let (lost, paused, closing) = core.with(py, |s| (s.conn_lost, s.paused, s.closing));
+            if lost > 0 || paused || closing {
+                return Ok(());
+            }
+            let sock = core.sock(py);
+            match sock.call_method1(pyo3::intern!(py, "recvfrom"), (MAX_SIZE,)) {
+                Err(e) if would_block(&e, py) => return Ok(()),
+                Err(e) if e.is_instance_of::<PyOSError>(py) => {
+                    core.protocol(py)
+                        .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))?;
+                }
+                Err(e) if passthrough(&e, py) => return Err(e),
+                Err(e) => {
+                    return Self::fatal_error(slf, e, "Fatal read error on datagram transport");
+                }
+                Ok(pair) => {
+                    let pair = pair.cast_into::<PyTuple>()?;
+                    core.protocol(py).call_method1(
+                        pyo3::intern!(py, "datagram_received"),
+                        (pair.get_item(0)?, pair.get_item(1)?),
+                    )?;
+                }
+            }
+        }
+        if let Some(lp) = core.loop_(py) {
+            lp.get().rearm(py, core.with(py, |s| s.fd));
+        }
+        Ok(())
+    }
+
+    #[pyo3(signature = (data, addr=None))]
+    fn sendto(
+        slf: &Bound<'_, Self>,
+        data: &Bound<'_, PyAny>,
+        addr: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let ok = data.is_instance_of::<PyBytes>()
+            || data.is_instance_of::<pyo3::types::PyByteArray>()
+            || data.is_instance_of::<pyo3::types::PyMemoryView>();
+        if !ok {
+            return Err(PyTypeError::new_err(format!(
+                "data argument must be a bytes-like object, not {}",
+                data.get_type().name()?.repr()?
+            )));
+        }
+        let mut addr = addr.unwrap_or_else(|| py.None().into_bound(py));
+        let address = core.get(py, |s| &s.address);
+        if address.is_truthy()? {
+            if !addr.is_none() && !addr.eq(&address)? {
+                return Err(PyValueError::new_err(format!(
+                    "Invalid address: must be None or {}",
+                    address.str()?
+                )));
+            }
+            addr = address.clone();
+        }
+        let (lost, empty) = core.with(py, |s| (s.conn_lost, s.buf.is_empty()));
+        if lost > 0 && address.is_truthy()? {
+            if lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES {
+                py::asyncio_logger(py)?
+                    .call_method1("warning", ("socket.send() raised exception.",))?;
+            }
+            core.with(py, |s| s.conn_lost += 1);
+            return Ok(());
+        }
+        // NOTE: Python 3.12 sends empty datagrams; 3.11 and earlier drop them. ferroloop
+        //       follows the running Python's asyncio.
+        if data.len()? == 0 && py::version(py) < (3, 12) {
+            return Ok(());
+        }
+        if empty {
+            match core.send_one(py, data, &addr) {
+                Ok(()) => return Ok(()),
+                Err(e) if would_block(&e, py) => Self::add_io(slf, "_sendto_ready", false)?,
+                Err(e) if e.is_instance_of::<PyOSError>(py) => {
+                    core.protocol(py)
+                        .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))?;
+                    return Ok(());
+                }
+                Err(e) if passthrough(&e, py) => return Err(e),
+                Err(e) => {
+                    return Self::fatal_error(slf, e, "Fatal write error on datagram transport");
+                }
+            }
+        }
+        // Ensure that what is queued is immutable.
+        let bytes = if data.is_exact_instance_of::<PyBytes>() {
+            data.clone().cast_into::<PyBytes>()?
+        } else {
+            py.get_type::<PyBytes>()
+                .call1((data,))?
+                .cast_into::<PyBytes>()?
+        };
+        let n = bytes.as_bytes().len();
+        core.with(py, |s| {
+            s.buf.push_back((bytes.unbind(), addr.unbind()));
+            s.buf_size += n;
+        });
+        core.maybe_pause_protocol(py)
+    }
+
+    fn _sendto_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        loop {
+            let Some((data, addr)) = core.with(py, |s| {
+                let item = s.buf.pop_front()?;
+                s.buf_size -= item.0.bind(py).as_bytes().len();
+                Some(item)
+            }) else {
+                break;
+            };
+            match core.send_one(py, data.bind(py), addr.bind(py)) {
+                Ok(()) => {}
+                Err(e) if would_block(&e, py) => {
+                    core.with(py, |s| {
+                        s.buf_size += data.bind(py).as_bytes().len();
+                        s.buf.push_front((data, addr));
+                    });
+                    break;
+                }
+                Err(e) if e.is_instance_of::<PyOSError>(py) => {
+                    core.protocol(py)
+                        .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))?;
+                    return Ok(());
+                }
+                Err(e) if passthrough(&e, py) => return Err(e),
+                Err(e) => {
+                    return Self::fatal_error(slf, e, "Fatal write error on datagram transport");
+                }
+            }
+        }
+        core.maybe_resume_protocol(py)?;
+        if core.with(py, |s| s.buf.is_empty()) {
+            core.remove_io(py, false)?;
+            if core.with(py, |s| s.closing) {
+                Self::_call_connection_lost(slf, py.None().into_bound(py))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
+        self.with(py, |s| s.buf_size)
+    }
+
+    fn get_write_buffer_limits(&self, py: Python<'_>) -> (i64, i64) {
+        self.with(py, |s| (s.flow.low, s.flow.high))
+    }
+
+    #[pyo3(signature = (high=None, low=None))]
+    fn set_write_buffer_limits(
+        &self,
+        py: Python<'_>,
+        high: Option<&Bound<'_, PyAny>>,
+        low: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let (h, l) = super::flow::limits(high, low)?;
+        self.with(py, |s| {
+            s.flow.high = h;
+            s.flow.low = l;
+        });
+        self.maybe_pause_protocol(py)
+    }
+
+    fn is_reading(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| !s.paused && !s.closing)
+    }
+
+    fn pause_reading(&self, py: Python<'_>) -> PyResult<()> {
+        if !self.is_reading(py) {
+            return Ok(());
+        }
+        self.with(py, |s| s.paused = true);
+        self.remove_io(py, true)
+    }
+
+    fn resume_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let (closing, paused) = slf.get().with(py, |s| (s.closing, s.paused));
+        if closing || !paused {
+            return Ok(());
+        }
+        slf.get().with(py, |s| s.paused = false);
+        Self::add_io(slf, "_read_ready", true)
+    }
+
+    fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        if core.with(py, |s| s.closing) {
+            return Ok(());
+        }
+        core.set_closing(py);
+        core.remove_io(py, true)?;
+        if core.with(py, |s| s.buf.is_empty()) {
+            core.with(py, |s| s.conn_lost += 1);
+            core.remove_io(py, false)?;
+            Self::schedule_lost(slf, py.None())?;
+        }
+        Ok(())
+    }
+
+    fn abort(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::force_close(slf, slf.py().None())
+    }
+
+    #[pyo3(signature = (exc=None))]
+    fn _force_close(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        Self::force_close(slf, exc.unwrap_or_else(|| slf.py().None()))
+    }
+
+    #[pyo3(signature = (exc, message="Fatal error on transport"))]
+    fn _fatal_error(slf: &Bound<'_, Self>, exc: &Bound<'_, PyAny>, message: &str) -> PyResult<()> {
+        Self::fatal_error(slf, PyErr::from_value(exc.clone()), message)
+    }
+
+    fn is_closing(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.closing)
+    }
+
+    fn get_protocol(&self, py: Python<'_>) -> Py<PyAny> {
+        self.protocol(py).unbind()
+    }
+
+    fn set_protocol(&self, protocol: &Bound<'_, PyAny>) {
+        let py = protocol.py();
+        let old = self.with(py, |s| {
+            s.protocol_connected = true;
+            s.protocol.replace(protocol.clone().unbind())
+        });
+        drop(old);
+    }
+
+    fn _call_connection_lost(slf: &Bound<'_, Self>, exc: Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let connected = core.with(py, |s| s.protocol_connected);
+        let proto = core.protocol(py);
+        let res = if connected && !proto.is_none() {
+            proto.call_method1("connection_lost", (&exc,)).map(drop)
+        } else {
+            Ok(())
+        };
+        let taken = core.with(py, |s| {
+            (
+                s.sock.take(),
+                s.protocol.take(),
+                s.loop_.take(),
+                s.wrapper.take(),
+            )
+        });
+        let closed = match &taken.0 {
+            Some(sock) => sock.call_method0(py, "close").map(drop),
+            None => Ok(()),
+        };
+        drop(taken);
+        res.and(closed)
+    }
+
+    fn _repr(&self, py: Python<'_>, name: String) -> PyResult<String> {
+        let (fd, has_sock, closing, size) =
+            self.with(py, |s| (s.fd, s.sock.is_some(), s.closing, s.buf_size));
+        let mut info = vec![name];
+        if !has_sock {
+            info.push("closed".into());
+        } else if closing {
+            info.push("closing".into());
+        }
+        info.push(format!("fd={fd}"));
+        if let Some(lp) = self.loop_(py)
+            && !lp.get().is_closed(py)
+        {
+            let (r, w) = lp.get().io_registered(py, fd);
+            let state = |b: bool| if b { "polling" } else { "idle" };
+            info.push(format!("read={}", state(r)));
+            info.push(format!("write=<{}, bufsize={size}>", state(w)));
+        }
+        Ok(format!("<{}>", info.join(" ")))
+    }
+
+    fn _finalize(&self, py: Python<'_>, wrapper: &Bound<'_, PyAny>) -> PyResult<()> {
+        let sock = self.with(py, |s| s.sock.as_ref().map(|s| s.clone_ref(py)));
+        if let Some(sock) = sock {
+            let warn = import_attr!(py, "warnings", "warn")?;
+            let kw = PyDict::new(py);
+            kw.set_item("source", wrapper)?;
+            let msg = format!("unclosed transport {}", wrapper.repr()?);
+            let category = py.get_type::<pyo3::exceptions::PyResourceWarning>();
+            warn.call((msg, category), Some(&kw))?;
+            sock.call_method0(py, "close")?;
+        }
+        Ok(())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // SAFETY: the collector runs with the GIL held and never inside `GilCell::with`.
+        let s = unsafe { self.st.get_unchecked() };
+        visit.call(&s.loop_)?;
+        visit.call(&s.wrapper)?;
+        visit.call(&s.sock)?;
+        visit.call(&s.protocol)?;
+        visit.call(&s.address)?;
+        for (d, a) in &s.buf {
+            visit.call(d)?;
+            visit.call(a)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        // SAFETY: called by the collector with the GIL held, outside any `with`.
+        let py = unsafe { Python::assume_attached() };
+        let taken = self.with(py, |s| {
+            (
+                s.loop_.take(),
+                s.wrapper.take(),
+                s.sock.take(),
+                s.protocol.take(),
+                s.address.take(),
+                std::mem::take(&mut s.buf),
+            )
+        });
+        drop(taken);
+    }
+}
+
+/// asyncio's `_make_datagram_transport`.
+#[allow(clippy::too_many_arguments)]
+pub fn make<'py>(
+    lp: &Bound<'py, LoopCore>,
+    wrapper_type: &crate::py::transport_type::WrapperType,
+    sock: &Bound<'py, PyAny>,
+    fd: RawFd,
+    protocol: &Bound<'py, PyAny>,
+    address: Option<&Bound<'py, PyAny>>,
+    waiter: Option<&Bound<'py, PyAny>>,
+    extra: &Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = lp.py();
+    let connected = match extra.get_item("peername")? {
+        Some(p) => p.is_truthy()?,
+        None => false,
+    };
+    let core = Bound::new(
+        py,
+        DatagramCore {
+            st: GilCell::new(St {
+                fd,
+                loop_: Some(lp.clone().unbind()),
+                wrapper: None,
+                sock: Some(sock.clone().unbind()),
+                protocol: Some(protocol.clone().unbind()),
+                protocol_connected: true,
+                address: address.filter(|a| !a.is_none()).map(|a| a.clone().unbind()),
+                connected,
+                buf: VecDeque::new(),
+                buf_size: 0,
+                conn_lost: 0,
+                closing: false,
+                paused: false,
+                flow: FlowControl::default(),
+            }),
+        },
+    )?;
+    let wrapper = wrapper_type.wrap(core.as_any(), extra.as_any())?;
+    let w = wrapper.clone().unbind();
+    core.get().with(py, |s| s.wrapper = Some(w));
+    let old = lp
+        .get()
+        .state
+        .with(py, |s| s.transports.insert(fd, wrapper.clone().unbind()));
+    drop(old);
+    lp.call_method1(
+        "call_soon",
+        (protocol.getattr("connection_made")?, &wrapper),
+    )?;
+    lp.call_method1("call_soon", (core.getattr("_start_reading")?,))?;
+    if let Some(waiter) = waiter
+        && !waiter.is_none()
+    {
+        let set = import_attr!(py, "asyncio.futures", "_set_result_unless_cancelled")?;
+        lp.call_method1("call_soon", (set, waiter, py.None()))?;
+    }
+    Ok(wrapper)
+}

@@ -1,0 +1,257 @@
+//! Native transports: stream (TCP, Unix, pipes) and datagram. Mirrors
+//! asyncio.selector_events' and unix_events' transport classes; the Python-visible
+//! classes are wrappers deriving from asyncio's (see `py::transport_type`).
+
+pub mod datagram;
+pub mod flow;
+pub mod stream;
+
+use std::os::fd::RawFd;
+use std::sync::OnceLock;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyType};
+
+use crate::errors;
+use crate::event_loop::LoopCore;
+use crate::py::import_attr;
+use crate::py::transport_type::{self, WrapperType, forward_methods};
+
+forward_methods!(STREAM_METHODS:
+    write, writelines, write_eof, can_write_eof, get_write_buffer_size,
+    get_write_buffer_limits, set_write_buffer_limits, pause_reading, resume_reading,
+    is_reading, close, abort, is_closing, get_protocol, set_protocol, _force_close,
+    _fatal_error, _make_empty_waiter, _reset_empty_waiter,
+);
+forward_methods!(READ_PIPE_METHODS:
+    pause_reading, resume_reading, is_reading, close, is_closing, get_protocol,
+    set_protocol, _fatal_error, _force_close,
+);
+forward_methods!(WRITE_PIPE_METHODS:
+    write, writelines, write_eof, can_write_eof, get_write_buffer_size,
+    get_write_buffer_limits, set_write_buffer_limits, close, abort, is_closing,
+    get_protocol, set_protocol, _fatal_error, _force_close,
+);
+forward_methods!(DATAGRAM_METHODS:
+    sendto, abort, close, is_closing, get_protocol, set_protocol, get_write_buffer_size,
+    get_write_buffer_limits, set_write_buffer_limits, pause_reading, resume_reading,
+    is_reading, _force_close, _fatal_error,
+);
+
+/// The Python-visible transport classes.
+pub struct Types {
+    pub tcp: WrapperType,
+    pub unix: WrapperType,
+    pub read_pipe: WrapperType,
+    pub write_pipe: WrapperType,
+    pub udp: WrapperType,
+}
+
+static TYPES: OnceLock<Types> = OnceLock::new();
+
+pub fn types() -> PyResult<&'static Types> {
+    TYPES
+        .get()
+        .ok_or_else(|| PyRuntimeError::new_err("ferroloop transport types are not initialised"))
+}
+
+/// Creates the transport classes; called once from module initialisation.
+pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    transport_type::init(py)?;
+    if TYPES.get().is_none() {
+        let t = py.import("asyncio.transports")?;
+        let base = |name: &str| -> PyResult<Bound<'_, PyType>> {
+            Ok(t.getattr(name)?.cast_into::<PyType>()?)
+        };
+        let types = Types {
+            tcp: transport_type::make_type(
+                &base("Transport")?,
+                c"ferroloop.TCPTransport",
+                c"A TCP connection (an asyncio.Transport).",
+                STREAM_METHODS,
+            )?,
+            unix: transport_type::make_type(
+                &base("Transport")?,
+                c"ferroloop.UnixTransport",
+                c"A Unix stream socket connection (an asyncio.Transport).",
+                STREAM_METHODS,
+            )?,
+            read_pipe: transport_type::make_type(
+                &base("ReadTransport")?,
+                c"ferroloop.ReadPipeTransport",
+                c"The read end of a pipe (an asyncio.ReadTransport).",
+                READ_PIPE_METHODS,
+            )?,
+            write_pipe: transport_type::make_type(
+                &base("WriteTransport")?,
+                c"ferroloop.WritePipeTransport",
+                c"The write end of a pipe (an asyncio.WriteTransport).",
+                WRITE_PIPE_METHODS,
+            )?,
+            udp: transport_type::make_type(
+                &base("DatagramTransport")?,
+                c"ferroloop.UDPTransport",
+                c"A datagram socket (an asyncio.DatagramTransport).",
+                DATAGRAM_METHODS,
+            )?,
+        };
+        let _ = TYPES.set(types);
+    }
+    let t = types()?;
+    m.add("TCPTransport", t.tcp.type_object(py))?;
+    m.add("UnixTransport", t.unix.type_object(py))?;
+    m.add("ReadPipeTransport", t.read_pipe.type_object(py))?;
+    m.add("WritePipeTransport", t.write_pipe.type_object(py))?;
+    m.add("UDPTransport", t.udp.type_object(py))?;
+    Ok(())
+}
+
+/// Removes `wrapper` from the loop's `_transports` if it is still the entry for `fd`.
+pub(crate) fn forget_transport(
+    lp: &Bound<'_, LoopCore>,
+    fd: RawFd,
+    wrapper: *mut pyo3::ffi::PyObject,
+) {
+    let py = lp.py();
+    let old = lp.get().state.with(py, |s| {
+        if s.transports.get(&fd).is_some_and(|t| t.as_ptr() == wrapper) {
+            s.transports.remove(&fd)
+        } else {
+            None
+        }
+    });
+    drop(old);
+}
+
+/// `extra` as asyncio's transports fill it: a new dict unless one is given.
+fn extra_dict<'py>(
+    py: Python<'py>,
+    extra: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    match extra.filter(|e| !e.is_none()) {
+        Some(e) => Ok(e.clone().cast_into::<PyDict>()?),
+        None => Ok(PyDict::new(py)),
+    }
+}
+
+/// `_SelectorTransport.__init__`'s extra info: socket, sockname, peername.
+fn socket_extra(sock: &Bound<'_, PyAny>, extra: &Bound<'_, PyDict>) -> PyResult<()> {
+    let py = sock.py();
+    let trsock = import_attr!(py, "asyncio.trsock", "TransportSocket")?;
+    extra.set_item("socket", trsock.call1((sock,))?)?;
+    let oserror = |e: &PyErr| e.is_instance_of::<pyo3::exceptions::PyOSError>(py);
+    match sock.call_method0("getsockname") {
+        Ok(n) => extra.set_item("sockname", n)?,
+        Err(e) if oserror(&e) => extra.set_item("sockname", py.None())?,
+        Err(e) => return Err(e),
+    }
+    if !extra.contains("peername")? {
+        match sock.call_method0("getpeername") {
+            Ok(n) => extra.set_item("peername", n)?,
+            Err(e) if oserror(&e) => extra.set_item("peername", py.None())?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn fileno(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+    obj.call_method0("fileno")?.extract()
+}
+
+/// `loop._make_socket_transport(sock, protocol, waiter=None, *, extra=None, server=None)`.
+pub fn make_socket_transport<'py>(
+    lp: &Bound<'py, LoopCore>,
+    sock: &Bound<'py, PyAny>,
+    protocol: &Bound<'py, PyAny>,
+    waiter: Option<&Bound<'py, PyAny>>,
+    extra: Option<&Bound<'py, PyAny>>,
+    server: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = lp.py();
+    let t = types()?;
+    let extra = extra_dict(py, extra)?;
+    socket_extra(sock, &extra)?;
+    let fd = fileno(sock)?;
+    let family: i32 = sock.getattr("family")?.extract()?;
+    let wrapper_type = if family == crate::sys::AF_UNIX {
+        &t.unix
+    } else {
+        &t.tcp
+    };
+    import_attr!(py, "asyncio.base_events", "_set_nodelay")?.call1((sock,))?;
+    let server = server.filter(|s| !s.is_none());
+    stream::make(
+        lp,
+        stream::Kind::Socket,
+        wrapper_type,
+        sock,
+        fd,
+        protocol,
+        waiter,
+        &extra,
+        server,
+    )
+}
+
+/// `loop._make_read_pipe_transport` / `_make_write_pipe_transport(pipe, protocol,
+/// waiter=None, extra=None)`, with asyncio's checks on the kind of file.
+pub fn make_pipe_transport<'py>(
+    lp: &Bound<'py, LoopCore>,
+    pipe: &Bound<'py, PyAny>,
+    protocol: &Bound<'py, PyAny>,
+    waiter: Option<&Bound<'py, PyAny>>,
+    extra: Option<&Bound<'py, PyAny>>,
+    read: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    use crate::sys::FileKind;
+    let py = lp.py();
+    let t = types()?;
+    let extra = extra_dict(py, extra)?;
+    extra.set_item("pipe", pipe)?;
+    let fd = fileno(pipe)?;
+    let kind = crate::sys::file_kind(fd).map_err(errors::from_io)?;
+    if read {
+        if !matches!(
+            kind,
+            FileKind::Fifo | FileKind::Socket | FileKind::CharDevice
+        ) {
+            return Err(PyValueError::new_err(
+                "Pipe transport is for pipes/sockets only.",
+            ));
+        }
+    } else if !matches!(
+        kind,
+        FileKind::Fifo | FileKind::Socket | FileKind::CharDevice
+    ) {
+        return Err(PyValueError::new_err(
+            "Pipe transport is only for pipes, sockets and character devices",
+        ));
+    }
+    crate::sys::set_nonblocking(fd).map_err(errors::from_io)?;
+    let (k, wt) = if read {
+        (stream::Kind::ReadPipe, &t.read_pipe)
+    } else {
+        (stream::Kind::WritePipe, &t.write_pipe)
+    };
+    stream::make(lp, k, wt, pipe, fd, protocol, waiter, &extra, None)
+}
+
+/// `loop._make_datagram_transport(sock, protocol, address=None, waiter=None, extra=None)`.
+pub fn make_datagram_transport<'py>(
+    lp: &Bound<'py, LoopCore>,
+    sock: &Bound<'py, PyAny>,
+    protocol: &Bound<'py, PyAny>,
+    address: Option<&Bound<'py, PyAny>>,
+    waiter: Option<&Bound<'py, PyAny>>,
+    extra: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = lp.py();
+    let t = types()?;
+    let extra = extra_dict(py, extra)?;
+    socket_extra(sock, &extra)?;
+    let fd = fileno(sock)?;
+    datagram::make(lp, &t.udp, sock, fd, protocol, address, waiter, &extra)
+}

@@ -1,0 +1,1234 @@
+//! Stream transports. Mirrors asyncio.selector_events._SelectorSocketTransport (TCP and
+//! Unix sockets) and unix_events._UnixReadPipeTransport / _UnixWritePipeTransport.
+//!
+//! One core type serves the three kinds; the Python-visible classes are the wrapper types
+//! of `py::transport_type` (`TCPTransport`, `UnixTransport`, `ReadPipeTransport`,
+//! `WritePipeTransport`). Reads and writes are `read(2)` / `write(2)` / `writev(2)` on the
+//! descriptor, which serve sockets, pipes and ttys alike, driven by edge-triggered
+//! registrations: the loop re-arms a descriptor only when a read filled the whole buffer.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PySystemExit, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use super::flow::{FlowControl, call_protocol_hook};
+use crate::errors;
+use crate::event_loop::LoopCore;
+use crate::py::{self, ByteView, GilCell, WritableView, import_attr};
+
+/// asyncio's `max_size`: the most one read asks for.
+pub const MAX_SIZE: usize = 256 * 1024;
+
+/// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
+pub const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
+
+/// The read buffer shared by every stream transport of the process (the data is copied
+/// into a `bytes` object before any Python code runs, as uvloop does with libuv's buffer).
+static READ_BUF: GilCell<Vec<u8>> = GilCell::new(Vec::new());
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Socket,
+    ReadPipe,
+    WritePipe,
+}
+
+/// Queued outgoing data: `bytes` objects are kept by reference (immutable), anything else
+/// is copied when queued, as asyncio requires of `write`.
+enum Data {
+    Shared(Py<PyBytes>),
+    Owned(Vec<u8>),
+}
+
+struct Chunk {
+    data: Data,
+    /// Bytes of `data` already sent.
+    off: usize,
+}
+
+impl Chunk {
+    fn bytes<'a>(&'a self, py: Python<'a>) -> &'a [u8] {
+        let all = match &self.data {
+            Data::Shared(b) => b.as_bytes(py),
+            Data::Owned(v) => v.as_slice(),
+        };
+        &all[self.off..]
+    }
+}
+
+#[derive(Default)]
+struct WriteBuf {
+    chunks: VecDeque<Chunk>,
+    size: usize,
+}
+
+impl WriteBuf {
+    fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// Queues the part of `data` from `off` on.
+    fn push(&mut self, data: &Bound<'_, PyAny>, view: &ByteView, off: usize) {
+        let len = view.len() - off;
+        let chunk = match data.cast::<PyBytes>() {
+            Ok(b) if data.is_exact_instance_of::<PyBytes>() => Chunk {
+                data: Data::Shared(b.clone().unbind()),
+                off,
+            },
+            _ => {
+                // SAFETY: the view covers `view.len()` readable bytes and `off <= len`.
+                let s = unsafe { std::slice::from_raw_parts(view.as_ptr().add(off), len) };
+                Chunk {
+                    data: Data::Owned(s.to_vec()),
+                    off: 0,
+                }
+            }
+        };
+        self.size += len;
+        self.chunks.push_back(chunk);
+    }
+
+    /// Drops `n` sent bytes; the chunks released are returned (dropped by the caller
+    /// outside any `GilCell` borrow).
+    fn consume(&mut self, mut n: usize, done: &mut Vec<Chunk>) {
+        self.size -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let left = front.len_left();
+            if n >= left {
+                n -= left;
+                done.extend(self.chunks.pop_front());
+            } else {
+                front.off += n;
+                n = 0;
+            }
+        }
+    }
+
+    fn clear(&mut self) -> VecDeque<Chunk> {
+        self.size = 0;
+        std::mem::take(&mut self.chunks)
+    }
+}
+
+impl Chunk {
+    fn len_left(&self) -> usize {
+        let total = match &self.data {
+            // SAFETY: reading a bytes object's size needs no GIL-protected state beyond
+            // the object being alive, which the chunk guarantees.
+            Data::Shared(b) => unsafe { pyo3::ffi::PyBytes_Size(b.as_ptr()) as usize },
+            Data::Owned(v) => v.len(),
+        };
+        total - self.off
+    }
+}
+
+/// Everything a stream transport mutates; see `GilCell` for the access rules.
+struct St {
+    kind: Kind,
+    fd: RawFd,
+    /// asyncio clears `_loop` when the connection is lost.
+    loop_: Option<Py<LoopCore>>,
+    /// The Python-visible transport; released when the connection is lost.
+    wrapper: Option<Py<PyAny>>,
+    /// The socket or pipe object; closed and released when the connection is lost.
+    sock: Option<Py<PyAny>>,
+    protocol: Option<Py<PyAny>>,
+    /// The protocol is an `asyncio.BufferedProtocol`.
+    buffered: bool,
+    protocol_connected: bool,
+    server: Option<Py<PyAny>>,
+    buf: WriteBuf,
+    conn_lost: u32,
+    closing: bool,
+    paused: bool,
+    eof: bool,
+    empty_waiter: Option<Py<PyAny>>,
+    flow: FlowControl,
+}
+
+#[pyclass(frozen, name = "_StreamCore", module = "ferroloop._ferroloop")]
+pub struct StreamCore {
+    st: GilCell<St>,
+}
+
+fn is_fatal_passthrough(e: &PyErr, py: Python<'_>) -> bool {
+    e.is_instance_of::<PyKeyboardInterrupt>(py) || e.is_instance_of::<PySystemExit>(py)
+}
+
+impl StreamCore {
+    fn with<R>(&self, py: Python<'_>, f: impl FnOnce(&mut St) -> R) -> R {
+        self.st.with(py, f)
+    }
+
+    fn loop_<'py>(&self, py: Python<'py>) -> Option<Bound<'py, LoopCore>> {
+        self.with(py, |s| s.loop_.as_ref().map(|l| l.clone_ref(py)))
+            .map(|l| l.into_bound(py))
+    }
+
+    fn wrapper<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.with(py, |s| s.wrapper.as_ref().map(|w| w.clone_ref(py)))
+            .map_or_else(|| py.None().into_bound(py), |w| w.into_bound(py))
+    }
+
+    fn protocol<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.with(py, |s| s.protocol.as_ref().map(|p| p.clone_ref(py)))
+            .map_or_else(|| py.None().into_bound(py), |p| p.into_bound(py))
+    }
+
+    fn fd(&self, py: Python<'_>) -> RawFd {
+        self.with(py, |s| s.fd)
+    }
+
+    /// Registers `method` of this core as the reader or writer callback of its fd.
+    fn add_io(slf: &Bound<'_, Self>, method: &str, read: bool) -> PyResult<()> {
+        let py = slf.py();
+        let Some(lp) = slf.get().loop_(py) else {
+            return Ok(());
+        };
+        let cb = slf.getattr(method)?;
+        let fd = slf.get().fd(py);
+        LoopCore::add_io_fd(&lp, fd, &cb, PyTuple::empty(py), read, true).map(drop)
+    }
+
+    fn remove_io(&self, py: Python<'_>, read: bool) -> PyResult<()> {
+        if let Some(lp) = self.loop_(py) {
+            LoopCore::remove_io_fd(&lp, self.fd(py), read)?;
+        }
+        Ok(())
+    }
+
+    fn call_soon(&self, py: Python<'_>, args: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+        if let Some(lp) = self.loop_(py) {
+            lp.call_method1(pyo3::intern!(py, "call_soon"), PyTuple::new(py, args)?)?;
+        }
+        Ok(())
+    }
+
+    fn debug(&self, py: Python<'_>) -> bool {
+        self.loop_(py).is_some_and(|l| l.get().debug(py))
+    }
+
+    /// Marks the transport closing; a socket transport leaves the loop's `_transports`.
+    fn set_closing(&self, py: Python<'_>) {
+        let (fd, lp, w) = self.with(py, |s| {
+            s.closing = true;
+            (
+                s.fd,
+                s.loop_.as_ref().map(|l| l.clone_ref(py)),
+                s.wrapper.as_ref().map(|w| w.as_ptr()),
+            )
+        });
+        if let (Some(lp), Some(w)) = (lp, w) {
+            super::forget_transport(&lp.into_bound(py), fd, w);
+        }
+    }
+
+    /// `transport._fatal_error(exc, message)`.
+    fn fatal_error(slf: &Bound<'_, Self>, exc: PyErr, message: &str) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let kind = core.with(py, |s| s.kind);
+        let quiet = if kind == Kind::ReadPipe {
+            exc.value(py)
+                .getattr(pyo3::intern!(py, "errno"))
+                .ok()
+                .and_then(|e| e.extract::<i32>().ok())
+                == Some(crate::sys::EIO)
+        } else {
+            exc.is_instance_of::<pyo3::exceptions::PyOSError>(py)
+        };
+        let wrapper = core.wrapper(py);
+        if quiet {
+            if core.debug(py) {
+                let logger = py::asyncio_logger(py)?;
+                let kw = PyDict::new(py);
+                kw.set_item("exc_info", exc.value(py))?;
+                logger.call_method("debug", ("%r: %s", &wrapper, message), Some(&kw))?;
+            }
+        } else if let Some(lp) = core.loop_(py) {
+            let ctx = PyDict::new(py);
+            ctx.set_item("message", message)?;
+            ctx.set_item("exception", exc.value(py))?;
+            ctx.set_item("transport", &wrapper)?;
+            ctx.set_item("protocol", core.protocol(py))?;
+            lp.call_method1(pyo3::intern!(py, "call_exception_handler"), (ctx,))?;
+        }
+        match kind {
+            Kind::Socket => Self::force_close(slf, Some(exc.into_value(py).into_any())),
+            Kind::ReadPipe | Kind::WritePipe => {
+                Self::close_pipe(slf, Some(exc.into_value(py).into_any()))
+            }
+        }
+    }
+
+    /// Socket `_force_close(exc)`.
+    fn force_close(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (lost, had_buf, closing) =
+            core.with(py, |s| (s.conn_lost, !s.buf.is_empty(), s.closing));
+        if lost > 0 {
+            return Ok(());
+        }
+        if had_buf {
+            let old = core.with(py, |s| s.buf.clear());
+            drop(old);
+            core.remove_io(py, false)?;
+        }
+        if !closing {
+            core.set_closing(py);
+            core.remove_io(py, true)?;
+        }
+        core.with(py, |s| s.conn_lost += 1);
+        let exc = exc.unwrap_or_else(|| py.None());
+        core.call_soon(
+            py,
+            vec![slf.getattr("_call_connection_lost")?, exc.into_bound(py)],
+        )
+    }
+
+    /// Pipe `_close(exc)`.
+    fn close_pipe(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        core.set_closing(py);
+        if core.with(py, |s| s.kind) == Kind::WritePipe {
+            let had_buf = core.with(py, |s| !s.buf.is_empty());
+            if had_buf {
+                core.remove_io(py, false)?;
+            }
+            let old = core.with(py, |s| s.buf.clear());
+            drop(old);
+        }
+        core.remove_io(py, true)?;
+        let exc = exc.unwrap_or_else(|| py.None());
+        core.call_soon(
+            py,
+            vec![slf.getattr("_call_connection_lost")?, exc.into_bound(py)],
+        )
+    }
+
+    fn maybe_pause_protocol(&self, py: Python<'_>) -> PyResult<()> {
+        let pause = self.with(py, |s| s.flow.should_pause(s.buf.size));
+        if pause {
+            call_protocol_hook(
+                py,
+                self.loop_(py),
+                &self.protocol(py),
+                &self.wrapper(py),
+                "pause_writing",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn maybe_resume_protocol(&self, py: Python<'_>) -> PyResult<()> {
+        let resume = self.with(py, |s| s.flow.should_resume(s.buf.size));
+        if resume {
+            call_protocol_hook(
+                py,
+                self.loop_(py),
+                &self.protocol(py),
+                &self.wrapper(py),
+                "resume_writing",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Writes as much of the queue as the descriptor takes. `Ok(true)`: the queue is empty.
+    fn flush(&self, py: Python<'_>) -> io::Result<bool> {
+        let fd = self.fd(py);
+        let mut done: Vec<Chunk> = Vec::new();
+        let res = loop {
+            let mut bufs: Vec<(*const u8, usize)> = Vec::new();
+            let total = self.with(py, |s| {
+                let mut total = 0;
+                for c in s.buf.chunks.iter().take(crate::sys::WRITEV_MAX) {
+                    let b = c.bytes(py);
+                    bufs.push((b.as_ptr(), b.len()));
+                    total += b.len();
+                }
+                total
+            });
+            if total == 0 {
+                break Ok(true);
+            }
+            // SAFETY: every (pointer, length) points into a chunk the queue keeps alive;
+            // no Python code runs until the call returns.
+            let r = unsafe {
+                if bufs.len() == 1 {
+                    crate::sys::write(fd, bufs[0].0, bufs[0].1)
+                } else {
+                    crate::sys::writev(fd, &bufs)
+                }
+            };
+            match r {
+                Ok(n) => {
+                    let empty = self.with(py, |s| {
+                        s.buf.consume(n, &mut done);
+                        s.buf.is_empty()
+                    });
+                    if empty {
+                        break Ok(true);
+                    }
+                    if n < total {
+                        // The kernel buffer is full: the next writable edge resumes.
+                        break Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+                Err(e) => break Err(e),
+            }
+        };
+        drop(done);
+        res
+    }
+
+    /// The loop ran `_read_ready` and read `n` of the `asked` bytes: re-arm if the
+    /// descriptor may hold more.
+    fn rearm_if_full(&self, py: Python<'_>, n: usize, asked: usize) {
+        if n == asked
+            && let Some(lp) = self.loop_(py)
+        {
+            lp.get().rearm(py, self.fd(py));
+        }
+    }
+
+    /// Reads into the shared buffer and returns the data as `bytes` (or the error).
+    fn read_bytes<'py>(&self, py: Python<'py>) -> io::Result<Option<Bound<'py, PyBytes>>> {
+        let fd = self.fd(py);
+        let mut buf = READ_BUF.with(py, std::mem::take);
+        if buf.len() < MAX_SIZE {
+            buf = vec![0u8; MAX_SIZE];
+        }
+        let res = loop {
+            // SAFETY: `buf` has MAX_SIZE initialised bytes.
+            match unsafe { crate::sys::read(fd, buf.as_mut_ptr(), MAX_SIZE) } {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(None),
+                Err(e) => break Err(e),
+                Ok(n) => {
+                    self.rearm_if_full(py, n, MAX_SIZE);
+                    break Ok(Some(PyBytes::new(py, &buf[..n])));
+                }
+            }
+        };
+        READ_BUF.with(py, |b| {
+            if b.is_empty() {
+                *b = buf;
+            }
+        });
+        res
+    }
+
+    fn read_ready_data(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let kind = core.with(py, |s| s.kind);
+        let data = match core.read_bytes(py) {
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let msg = if kind == Kind::Socket {
+                    "Fatal read error on socket transport"
+                } else {
+                    "Fatal read error on pipe transport"
+                };
+                return Self::fatal_error(slf, errors::from_io(e), msg);
+            }
+            Ok(Some(d)) => d,
+        };
+        if data.as_bytes().is_empty() {
+            return Self::on_eof(slf);
+        }
+        let proto = core.protocol(py);
+        if let Err(e) = proto.call_method1(pyo3::intern!(py, "data_received"), (data,)) {
+            if kind != Kind::Socket || is_fatal_passthrough(&e, py) {
+                return Err(e);
+            }
+            return Self::fatal_error(slf, e, "Fatal error: protocol.data_received() call failed.");
+        }
+        Ok(())
+    }
+
+    fn read_ready_buffered(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let proto = core.protocol(py);
+        let got = proto
+            .call_method1(pyo3::intern!(py, "get_buffer"), (-1,))
+            .and_then(|buf| {
+                if buf.len()? == 0 {
+                    return Err(PyRuntimeError::new_err(
+                        "get_buffer() returned an empty buffer",
+                    ));
+                }
+                let view = WritableView::new(&buf)?;
+                Ok((buf, view))
+            });
+        let (buf, mut view) = match got {
+            Ok(v) => v,
+            Err(e) if is_fatal_passthrough(&e, py) => return Err(e),
+            Err(e) => {
+                return Self::fatal_error(
+                    slf,
+                    e,
+                    "Fatal error: protocol.get_buffer() call failed.",
+                );
+            }
+        };
+        let fd = core.fd(py);
+        let asked = view.len();
+        let res = loop {
+            // SAFETY: the view is a writable buffer of `asked` bytes, held until dropped.
+            match unsafe { crate::sys::read(fd, view.as_mut_ptr(), asked) } {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        drop(view);
+        drop(buf);
+        let n = match res {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => {
+                return Self::fatal_error(
+                    slf,
+                    errors::from_io(e),
+                    "Fatal read error on socket transport",
+                );
+            }
+            Ok(n) => n,
+        };
+        if n == 0 {
+            return Self::on_eof(slf);
+        }
+        core.rearm_if_full(py, n, asked);
+        if let Err(e) = proto.call_method1(pyo3::intern!(py, "buffer_updated"), (n,)) {
+            if is_fatal_passthrough(&e, py) {
+                return Err(e);
+            }
+            return Self::fatal_error(
+                slf,
+                e,
+                "Fatal error: protocol.buffer_updated() call failed.",
+            );
+        }
+        Ok(())
+    }
+
+    fn on_eof(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let kind = core.with(py, |s| s.kind);
+        let wrapper = core.wrapper(py);
+        if kind != Kind::Socket {
+            // _UnixReadPipeTransport: EOF closes the transport.
+            if core.debug(py) {
+                py::asyncio_logger(py)?
+                    .call_method1("info", ("%r was closed by peer", &wrapper))?;
+            }
+            core.set_closing(py);
+            core.remove_io(py, true)?;
+            let proto = core.protocol(py);
+            core.call_soon(py, vec![proto.getattr("eof_received")?])?;
+            return core.call_soon(
+                py,
+                vec![
+                    slf.getattr("_call_connection_lost")?,
+                    py.None().into_bound(py),
+                ],
+            );
+        }
+        if core.debug(py) {
+            py::asyncio_logger(py)?.call_method1("debug", ("%r received EOF", &wrapper))?;
+        }
+        let keep_open = match core
+            .protocol(py)
+            .call_method0(pyo3::intern!(py, "eof_received"))
+            .and_then(|r| r.is_truthy())
+        {
+            Ok(k) => k,
+            Err(e) if is_fatal_passthrough(&e, py) => return Err(e),
+            Err(e) => {
+                return Self::fatal_error(
+                    slf,
+                    e,
+                    "Fatal error: protocol.eof_received() call failed.",
+                );
+            }
+        };
+        if keep_open {
+            core.remove_io(py, true)
+        } else {
+            Self::close(slf)
+        }
+    }
+
+    fn check_data(data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let ok = data.is_instance_of::<PyBytes>()
+            || data.is_instance_of::<pyo3::types::PyByteArray>()
+            || data.is_instance_of::<pyo3::types::PyMemoryView>();
+        if !ok {
+            return Err(PyTypeError::new_err(format!(
+                "data argument must be a bytes-like object, not {}",
+                data.get_type().name()?.repr()?
+            )));
+        }
+        Ok(())
+    }
+
+    /// A write that found the transport dead: counted, and logged past the threshold.
+    fn write_after_loss(&self, py: Python<'_>) -> PyResult<()> {
+        let (n, kind) = self.with(py, |s| (s.conn_lost, s.kind));
+        if n >= LOG_THRESHOLD_FOR_CONNLOST_WRITES {
+            let msg = if kind == Kind::Socket {
+                "socket.send() raised exception."
+            } else {
+                "pipe closed by peer or os.write(pipe, data) raised exception."
+            };
+            py::asyncio_logger(py)?.call_method1("warning", (msg,))?;
+        }
+        self.with(py, |s| s.conn_lost += 1);
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl StreamCore {
+    fn _start_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let reading = slf.get().with(py, |s| !s.paused && !s.closing);
+        if reading {
+            Self::add_io(slf, "_read_ready", true)?;
+        }
+        Ok(())
+    }
+
+    /// A write pipe watches its descriptor for readability: the peer closed.
+    fn _start_watching(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::add_io(slf, "_read_ready", true)
+    }
+
+    fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (lost, kind, buffered) = core.with(py, |s| (s.conn_lost, s.kind, s.buffered));
+        if kind == Kind::WritePipe {
+            // Readable write pipe: the reader went away.
+            if core.debug(py) {
+                py::asyncio_logger(py)?
+                    .call_method1("info", ("%r was closed by peer", core.wrapper(py)))?;
+            }
+            let had_buf = core.with(py, |s| !s.buf.is_empty());
+            let exc = if had_buf {
+                Some(
+                    pyo3::exceptions::PyBrokenPipeError::new_err(())
+                        .into_value(py)
+                        .into_any(),
+                )
+            } else {
+                None
+            };
+            return Self::close_pipe(slf, exc);
+        }
+        if lost > 0 {
+            return Ok(());
+        }
+        if buffered && kind == Kind::Socket {
+            Self::read_ready_buffered(slf)
+        } else {
+            Self::read_ready_data(slf)
+        }
+    }
+
+    fn _write_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (lost, kind) = core.with(py, |s| (s.conn_lost, s.kind));
+        if lost > 0 && kind == Kind::Socket {
+            return Ok(());
+        }
+        match core.flush(py) {
+            Ok(false) => Ok(()),
+            Err(e) => {
+                let old = core.with(py, |s| {
+                    if kind == Kind::WritePipe {
+                        s.conn_lost += 1;
+                    }
+                    s.buf.clear()
+                });
+                drop(old);
+                core.remove_io(py, false)?;
+                let exc = errors::from_io(e);
+                let waiter_exc = exc.clone_ref(py);
+                let msg = if kind == Kind::Socket {
+                    "Fatal write error on socket transport"
+                } else {
+                    "Fatal write error on pipe transport"
+                };
+                Self::fatal_error(slf, exc, msg)?;
+                let waiter = core.with(py, |s| s.empty_waiter.as_ref().map(|w| w.clone_ref(py)));
+                if let Some(w) = waiter {
+                    w.call_method1(py, "set_exception", (waiter_exc.into_value(py),))?;
+                }
+                Ok(())
+            }
+            Ok(true) => {
+                if kind == Kind::WritePipe {
+                    core.remove_io(py, false)?;
+                    core.maybe_resume_protocol(py)?;
+                    if core.with(py, |s| s.closing) {
+                        core.remove_io(py, true)?;
+                        Self::_call_connection_lost(slf, py.None().into_bound(py))?;
+                    }
+                    return Ok(());
+                }
+                core.maybe_resume_protocol(py)?;
+                if !core.with(py, |s| s.buf.is_empty()) {
+                    return Ok(()); // resume_writing() wrote more
+                }
+                core.remove_io(py, false)?;
+                let waiter = core.with(py, |s| s.empty_waiter.as_ref().map(|w| w.clone_ref(py)));
+                if let Some(w) = waiter {
+                    w.call_method1(py, "set_result", (py.None(),))?;
+                }
+                let (closing, eof) = core.with(py, |s| (s.closing, s.eof));
+                if closing {
+                    Self::_call_connection_lost(slf, py.None().into_bound(py))?;
+                } else if eof {
+                    crate::sys::shutdown_write(core.fd(py)).map_err(errors::from_io)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        Self::check_data(data)?;
+        let (kind, eof, sendfile, lost, closing) = core.with(py, |s| {
+            (
+                s.kind,
+                s.eof,
+                s.empty_waiter.is_some(),
+                s.conn_lost,
+                s.closing,
+            )
+        });
+        if kind == Kind::Socket {
+            if eof {
+                return Err(PyRuntimeError::new_err(
+                    "Cannot call write() after write_eof()",
+                ));
+            }
+            if sendfile {
+                return Err(PyRuntimeError::new_err(
+                    "unable to write; sendfile is in progress",
+                ));
+            }
+        }
+        let view = ByteView::new(data)?;
+        if view.is_empty() {
+            return Ok(());
+        }
+        if lost > 0 || (kind == Kind::WritePipe && closing) {
+            return core.write_after_loss(py);
+        }
+        let mut off = 0;
+        if core.with(py, |s| s.buf.is_empty()) {
+            let fd = core.fd(py);
+            let res = loop {
+                // SAFETY: the view covers `view.len()` readable bytes until dropped.
+                match unsafe { crate::sys::write(fd, view.as_ptr(), view.len()) } {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            match res {
+                Ok(n) if n == view.len() => return Ok(()),
+                Ok(n) => off = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    let msg = if kind == Kind::Socket {
+                        "Fatal write error on socket transport"
+                    } else {
+                        core.with(py, |s| s.conn_lost += 1);
+                        "Fatal write error on pipe transport"
+                    };
+                    return Self::fatal_error(slf, errors::from_io(e), msg);
+                }
+            }
+            Self::add_io(slf, "_write_ready", false)?;
+        }
+        core.with(py, |s| s.buf.push(data, &view, off));
+        core.maybe_pause_protocol(py)
+    }
+
+    fn writelines(slf: &Bound<'_, Self>, list_of_data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let items: Vec<Bound<'_, PyAny>> = list_of_data.try_iter()?.collect::<PyResult<_>>()?;
+        let (kind, eof, sendfile) = core.with(py, |s| (s.kind, s.eof, s.empty_waiter.is_some()));
+        if kind == Kind::Socket {
+            if eof {
+                return Err(PyRuntimeError::new_err(
+                    "Cannot call writelines() after write_eof()",
+                ));
+            }
+            if sendfile {
+                return Err(PyRuntimeError::new_err(
+                    "unable to writelines; sendfile is in progress",
+                ));
+            }
+        }
+        // NOTE: one vectored write for the lot when the queue is empty, instead of
+        //       asyncio's b''.join() copy (3.11) or memoryview list (3.12).
+        if items.is_empty() {
+            return Ok(());
+        }
+        for d in &items {
+            Self::check_data(d)?;
+        }
+        let lost = core.with(py, |s| s.conn_lost);
+        if lost > 0 || (kind == Kind::WritePipe && core.with(py, |s| s.closing)) {
+            return core.write_after_loss(py);
+        }
+        let was_empty = core.with(py, |s| s.buf.is_empty());
+        for d in &items {
+            let view = ByteView::new(d)?;
+            if !view.is_empty() {
+                core.with(py, |s| s.buf.push(d, &view, 0));
+            }
+        }
+        if !was_empty {
+            return core.maybe_pause_protocol(py);
+        }
+        match core.flush(py) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                Self::add_io(slf, "_write_ready", false)?;
+                core.maybe_pause_protocol(py)
+            }
+            Err(e) => {
+                let old = core.with(py, |s| s.buf.clear());
+                drop(old);
+                let msg = if kind == Kind::Socket {
+                    "Fatal write error on socket transport"
+                } else {
+                    core.with(py, |s| s.conn_lost += 1);
+                    "Fatal write error on pipe transport"
+                };
+                Self::fatal_error(slf, errors::from_io(e), msg)
+            }
+        }
+    }
+
+    fn write_eof(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (kind, closing, eof, empty) =
+            core.with(py, |s| (s.kind, s.closing, s.eof, s.buf.is_empty()));
+        if kind == Kind::WritePipe {
+            if closing {
+                return Ok(());
+            }
+            core.set_closing(py);
+            if empty {
+                core.remove_io(py, true)?;
+                core.call_soon(
+                    py,
+                    vec![
+                        slf.getattr("_call_connection_lost")?,
+                        py.None().into_bound(py),
+                    ],
+                )?;
+            }
+            return Ok(());
+        }
+        if closing || eof {
+            return Ok(());
+        }
+        core.with(py, |s| s.eof = true);
+        if empty {
+            crate::sys::shutdown_write(core.fd(py)).map_err(errors::from_io)?;
+        }
+        Ok(())
+    }
+
+    fn can_write_eof(&self) -> bool {
+        true
+    }
+
+    fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
+        self.with(py, |s| s.buf.size)
+    }
+
+    fn get_write_buffer_limits(&self, py: Python<'_>) -> (i64, i64) {
+        self.with(py, |s| (s.flow.low, s.flow.high))
+    }
+
+    #[pyo3(signature = (high=None, low=None))]
+    fn set_write_buffer_limits(
+        &self,
+        py: Python<'_>,
+        high: Option<&Bound<'_, PyAny>>,
+        low: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let (h, l) = super::flow::limits(high, low)?;
+        self.with(py, |s| {
+            s.flow.high = h;
+            s.flow.low = l;
+        });
+        self.maybe_pause_protocol(py)
+    }
+
+    fn is_reading(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| !s.paused && !s.closing)
+    }
+
+    fn pause_reading(&self, py: Python<'_>) -> PyResult<()> {
+        if !self.is_reading(py) {
+            return Ok(());
+        }
+        self.with(py, |s| s.paused = true);
+        self.remove_io(py, true)?;
+        if self.debug(py) {
+            py::asyncio_logger(py)?
+                .call_method1("debug", ("%r pauses reading", self.wrapper(py)))?;
+        }
+        Ok(())
+    }
+
+    fn resume_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (closing, paused) = core.with(py, |s| (s.closing, s.paused));
+        if closing || !paused {
+            return Ok(());
+        }
+        core.with(py, |s| s.paused = false);
+        Self::add_io(slf, "_read_ready", true)?;
+        if core.debug(py) {
+            py::asyncio_logger(py)?
+                .call_method1("debug", ("%r resumes reading", core.wrapper(py)))?;
+        }
+        Ok(())
+    }
+
+    fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (kind, closing, has_sock) = core.with(py, |s| (s.kind, s.closing, s.sock.is_some()));
+        match kind {
+            Kind::ReadPipe => {
+                if !closing {
+                    Self::close_pipe(slf, None)?;
+                }
+                Ok(())
+            }
+            Kind::WritePipe => {
+                if has_sock && !closing {
+                    Self::write_eof(slf)?;
+                }
+                Ok(())
+            }
+            Kind::Socket => {
+                if closing {
+                    return Ok(());
+                }
+                core.set_closing(py);
+                core.remove_io(py, true)?;
+                if core.with(py, |s| s.buf.is_empty()) {
+                    core.with(py, |s| s.conn_lost += 1);
+                    core.remove_io(py, false)?;
+                    core.call_soon(
+                        py,
+                        vec![
+                            slf.getattr("_call_connection_lost")?,
+                            py.None().into_bound(py),
+                        ],
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn abort(slf: &Bound<'_, Self>) -> PyResult<()> {
+        match slf.get().with(slf.py(), |s| s.kind) {
+            Kind::Socket => Self::force_close(slf, None),
+            _ => Self::close_pipe(slf, None),
+        }
+    }
+
+    #[pyo3(signature = (exc=None))]
+    fn _force_close(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        let exc = exc.filter(|e| !e.is_none(slf.py()));
+        match slf.get().with(slf.py(), |s| s.kind) {
+            Kind::Socket => Self::force_close(slf, exc),
+            _ => Self::close_pipe(slf, exc),
+        }
+    }
+
+    #[pyo3(signature = (exc, message="Fatal error on transport"))]
+    fn _fatal_error(slf: &Bound<'_, Self>, exc: &Bound<'_, PyAny>, message: &str) -> PyResult<()> {
+        Self::fatal_error(slf, PyErr::from_value(exc.clone()), message)
+    }
+
+    fn is_closing(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.closing)
+    }
+
+    fn get_protocol(&self, py: Python<'_>) -> Py<PyAny> {
+        self.protocol(py).unbind()
+    }
+
+    fn set_protocol(&self, protocol: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = protocol.py();
+        let buffered_cls = import_attr!(py, "asyncio.protocols", "BufferedProtocol")?;
+        let buffered = protocol.is_instance(buffered_cls)?;
+        let old = self.with(py, |s| {
+            s.buffered = buffered;
+            s.protocol_connected = true;
+            s.protocol.replace(protocol.clone().unbind())
+        });
+        drop(old);
+        Ok(())
+    }
+
+    fn _make_empty_waiter(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        if self.with(py, |s| s.empty_waiter.is_some()) {
+            return Err(PyRuntimeError::new_err("Empty waiter is already set"));
+        }
+        let Some(lp) = self.loop_(py) else {
+            return Err(PyRuntimeError::new_err("the transport is closed"));
+        };
+        let fut = LoopCore::create_future(&lp)?;
+        let old = self.with(py, |s| s.empty_waiter.replace(fut.clone().unbind()));
+        drop(old);
+        if self.with(py, |s| s.buf.is_empty()) {
+            fut.call_method1("set_result", (py.None(),))?;
+        }
+        Ok(fut.unbind())
+    }
+
+    fn _reset_empty_waiter(&self, py: Python<'_>) {
+        let old = self.with(py, |s| s.empty_waiter.take());
+        drop(old);
+    }
+
+    fn _call_connection_lost(slf: &Bound<'_, Self>, exc: Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (kind, connected) = core.with(py, |s| (s.kind, s.protocol_connected));
+        let proto = core.protocol(py);
+        let res = if (kind != Kind::Socket || connected) && !proto.is_none() {
+            proto
+                .call_method1(pyo3::intern!(py, "connection_lost"), (&exc,))
+                .map(drop)
+        } else {
+            Ok(())
+        };
+        let (sock, protocol, lp, server, wrapper) = core.with(py, |s| {
+            (
+                s.sock.take(),
+                s.protocol.take(),
+                s.loop_.take(),
+                s.server.take(),
+                s.wrapper.take(),
+            )
+        });
+        let closed = match &sock {
+            Some(sock) => sock.call_method0(py, pyo3::intern!(py, "close")).map(drop),
+            None => Ok(()),
+        };
+        drop((sock, protocol, lp));
+        let detached = match (&server, &wrapper) {
+            (Some(server), Some(w)) => server
+                .call_method1(py, pyo3::intern!(py, "_detach"), (w,))
+                .map(drop),
+            _ => Ok(()),
+        };
+        drop(server);
+        res?;
+        closed?;
+        detached?;
+        if kind == Kind::Socket {
+            let waiter = core.with(py, |s| s.empty_waiter.as_ref().map(|w| w.clone_ref(py)));
+            if let Some(w) = waiter {
+                let e =
+                    pyo3::exceptions::PyConnectionError::new_err("Connection is closed by peer");
+                w.call_method1(py, "set_exception", (e.into_value(py),))?;
+            }
+        }
+        drop(wrapper);
+        Ok(())
+    }
+
+    /// `repr()` of the wrapper, named `name`.
+    fn _repr(&self, py: Python<'_>, name: String) -> PyResult<String> {
+        let (kind, fd, has_sock, closing, size) = self.with(py, |s| {
+            (s.kind, s.fd, s.sock.is_some(), s.closing, s.buf.size)
+        });
+        let mut info = vec![name];
+        if !has_sock {
+            info.push("closed".into());
+        } else if closing {
+            info.push("closing".into());
+        }
+        info.push(format!("fd={fd}"));
+        if let Some(lp) = self.loop_(py)
+            && !lp.get().is_closed(py)
+        {
+            let (r, w) = lp.get().io_registered(py, fd);
+            let state = |b: bool| if b { "polling" } else { "idle" };
+            match kind {
+                Kind::Socket => {
+                    info.push(format!("read={}", state(r)));
+                    info.push(format!("write=<{}, bufsize={size}>", state(w)));
+                }
+                Kind::ReadPipe => info.push(state(r).into()),
+                Kind::WritePipe => {
+                    info.push(state(w).into());
+                    info.push(format!("bufsize={size}"));
+                }
+            }
+        }
+        Ok(format!("<{}>", info.join(" ")))
+    }
+
+    /// The wrapper's `__del__`: warn about and close a socket or pipe never closed.
+    fn _finalize(&self, py: Python<'_>, wrapper: &Bound<'_, PyAny>) -> PyResult<()> {
+        let sock = self.with(py, |s| s.sock.as_ref().map(|s| s.clone_ref(py)));
+        if let Some(sock) = sock {
+            let warn = import_attr!(py, "warnings", "warn")?;
+            let kw = PyDict::new(py);
+            kw.set_item("source", wrapper)?;
+            let msg = format!("unclosed transport {}", wrapper.repr()?);
+            let category = py.get_type::<pyo3::exceptions::PyResourceWarning>();
+            warn.call((msg, category), Some(&kw))?;
+            sock.call_method0(py, "close")?;
+        }
+        Ok(())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // SAFETY: the collector runs with the GIL held and never inside `GilCell::with`.
+        let s = unsafe { self.st.get_unchecked() };
+        visit.call(&s.loop_)?;
+        visit.call(&s.wrapper)?;
+        visit.call(&s.sock)?;
+        visit.call(&s.protocol)?;
+        visit.call(&s.server)?;
+        visit.call(&s.empty_waiter)?;
+        for c in &s.buf.chunks {
+            if let Data::Shared(b) = &c.data {
+                visit.call(b)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        // SAFETY: called by the collector with the GIL held, outside any `with`.
+        let py = unsafe { Python::assume_attached() };
+        let taken = self.with(py, |s| {
+            (
+                s.loop_.take(),
+                s.wrapper.take(),
+                s.sock.take(),
+                s.protocol.take(),
+                s.server.take(),
+                s.empty_waiter.take(),
+                s.buf.clear(),
+            )
+        });
+        drop(taken);
+    }
+}
+
+/// Builds a stream transport for `sock` (a socket) or `pipe` (a pipe / tty file object)
+/// as asyncio's selector loop does, scheduling `connection_made`, the first read and the
+/// waiter in asyncio's order.
+#[allow(clippy::too_many_arguments)]
+pub fn make<'py>(
+    lp: &Bound<'py, LoopCore>,
+    kind: Kind,
+    wrapper_type: &crate::py::transport_type::WrapperType,
+    obj: &Bound<'py, PyAny>,
+    fd: RawFd,
+    protocol: &Bound<'py, PyAny>,
+    waiter: Option<&Bound<'py, PyAny>>,
+    extra: &Bound<'py, PyDict>,
+    server: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = lp.py();
+    let core = Bound::new(
+        py,
+        StreamCore {
+            st: GilCell::new(St {
+                kind,
+                fd,
+                loop_: Some(lp.clone().unbind()),
+                wrapper: None,
+                sock: Some(obj.clone().unbind()),
+                protocol: None,
+                buffered: false,
+                protocol_connected: false,
+                server: server.map(|s| s.clone().unbind()),
+                buf: WriteBuf::default(),
+                conn_lost: 0,
+                closing: false,
+                paused: false,
+                eof: false,
+                empty_waiter: None,
+                flow: FlowControl::default(),
+            }),
+        },
+    )?;
+    let wrapper = wrapper_type.wrap(core.as_any(), extra.as_any())?;
+    let w = wrapper.clone().unbind();
+    core.get().with(py, |s| s.wrapper = Some(w));
+    core.get().set_protocol(protocol)?;
+    if kind == Kind::Socket {
+        if let Some(server) = server {
+            server.call_method1(pyo3::intern!(py, "_attach"), (&wrapper,))?;
+        }
+        let old = lp
+            .get()
+            .state
+            .with(py, |s| s.transports.insert(fd, wrapper.clone().unbind()));
+        drop(old);
+    }
+    let call_soon = |args: Vec<Bound<'py, PyAny>>| -> PyResult<()> {
+        lp.call_method1(pyo3::intern!(py, "call_soon"), PyTuple::new(py, args)?)
+            .map(drop)
+    };
+    call_soon(vec![protocol.getattr("connection_made")?, wrapper.clone()])?;
+    match kind {
+        Kind::Socket | Kind::ReadPipe => call_soon(vec![core.getattr("_start_reading")?])?,
+        Kind::WritePipe => {
+            let k = crate::sys::file_kind(fd).map_err(errors::from_io)?;
+            if matches!(k, crate::sys::FileKind::Socket | crate::sys::FileKind::Fifo) {
+                call_soon(vec![core.getattr("_start_watching")?])?;
+            }
+        }
+    }
+    if let Some(waiter) = waiter
+        && !waiter.is_none()
+    {
+        let set = import_attr!(py, "asyncio.futures", "_set_result_unless_cancelled")?;
+        call_soon(vec![set.clone(), waiter.clone(), py.None().into_bound(py)])?;
+    }
+    Ok(wrapper)
+}
