@@ -327,7 +327,7 @@ fn error(py: Python<'_>, e: GaiError) -> PyErr {
     }
 }
 
-fn sockaddr<'py>(py: Python<'py>, a: &SockAddr) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn sockaddr<'py>(py: Python<'py>, a: &SockAddr) -> PyResult<Bound<'py, PyAny>> {
     Ok(match a {
         SockAddr::V4 { host, port } => (host.as_str(), *port).into_pyobject(py)?.into_any(),
         SockAddr::V6 {

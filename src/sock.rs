@@ -320,6 +320,7 @@ pub(crate) fn run<'py>(
     if let Attempt::Done(v) = attempt(sock, fd, &op, true)? {
         return Ok(Outcome::Ready(v));
     }
+    slf.get().ensure_fd_no_transport(py, fd)?;
     let fut = LoopCore::create_future(slf)?;
     let callback = Bound::new(
         py,

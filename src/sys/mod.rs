@@ -505,3 +505,27 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 pub const AF_UNIX: i32 = libc::AF_UNIX;
 /// `EIO`: what reading a pty whose other side closed reports.
 pub const EIO: i32 = libc::EIO;
+
+/// `recvfrom(2)` into `buf` without blocking; the sender's address converted as CPython's
+/// `makesockaddr` does for AF_INET / AF_INET6 (`SockAddr::Other` for anything else).
+pub fn recvfrom(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SockAddr)> {
+    // SAFETY: a zeroed sockaddr_storage is a valid out-parameter of the size passed.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let n = syscall!(recvfrom(
+        fd,
+        buf.as_mut_ptr().cast(),
+        buf.len(),
+        libc::MSG_DONTWAIT,
+        (&mut ss as *mut libc::sockaddr_storage).cast(),
+        &mut len
+    ))?;
+    // SAFETY: the kernel filled `len` bytes of the storage with the sender's address.
+    let addr = unsafe { sockaddr_of((&ss as *const libc::sockaddr_storage).cast(), len) };
+    Ok((n as usize, addr))
+}
+
+/// `AF_INET` / `AF_INET6`: the families whose addresses `recvfrom` converts.
+pub fn is_inet(family: i32) -> bool {
+    family == libc::AF_INET || family == libc::AF_INET6
+}

@@ -31,6 +31,9 @@ struct St {
     address: Option<Py<PyAny>>,
     /// The socket has a peer (`extra['peername']`): use `send`, not `sendto`.
     connected: bool,
+    /// AF_INET / AF_INET6: datagrams are received natively (other families through the
+    /// socket object's `recvfrom`, which knows how to convert their addresses).
+    inet: bool,
     buf: VecDeque<(Py<PyBytes>, Py<PyAny>)>,
     buf_size: usize,
     conn_lost: u32,
@@ -185,6 +188,22 @@ impl DatagramCore {
         Ok(())
     }
 
+    /// One `recvfrom` into the shared read buffer: `(data, address)`.
+    fn recv_native<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let fd = self.with(py, |s| s.fd);
+        let mut buf = super::stream::take_read_buf(py);
+        let res = loop {
+            match crate::sys::recvfrom(fd, &mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        let out = res.map(|(n, addr)| (PyBytes::new(py, &buf[..n]), addr));
+        super::stream::give_read_buf(py, buf);
+        let (data, addr) = out.map_err(crate::errors::from_io)?;
+        PyTuple::new(py, [data.into_any(), crate::dns::sockaddr(py, &addr)?])
+    }
+
     fn set_closing(&self, py: Python<'_>) {
         let (fd, w) = self.with(py, |s| {
             s.closing = true;
@@ -231,8 +250,14 @@ impl DatagramCore {
             if lost > 0 || paused || closing {
                 return Ok(());
             }
-            let sock = core.sock(py);
-            match sock.call_method1(pyo3::intern!(py, "recvfrom"), (MAX_SIZE,)) {
+            let got = if core.with(py, |s| s.inet) {
+                core.recv_native(py)
+            } else {
+                core.sock(py)
+                    .call_method1(pyo3::intern!(py, "recvfrom"), (MAX_SIZE,))
+                    .and_then(|p| Ok(p.cast_into::<PyTuple>()?))
+            };
+            match got {
                 Err(e) if would_block(&e, py) => return Ok(()),
                 Err(e) if e.is_instance_of::<PyOSError>(py) => {
                     core.protocol(py)
@@ -569,6 +594,7 @@ pub fn make<'py>(
     extra: &Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = lp.py();
+    let family: i32 = sock.getattr("family")?.extract()?;
     let connected = match extra.get_item("peername")? {
         Some(p) => p.is_truthy()?,
         None => false,
@@ -585,6 +611,7 @@ pub fn make<'py>(
                 protocol_connected: true,
                 address: address.filter(|a| !a.is_none()).map(|a| a.clone().unbind()),
                 connected,
+                inet: crate::sys::is_inet(family),
                 buf: VecDeque::new(),
                 buf_size: 0,
                 conn_lost: 0,

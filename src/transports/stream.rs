@@ -31,6 +31,26 @@ pub const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
 /// into a `bytes` object before any Python code runs, as uvloop does with libuv's buffer).
 static READ_BUF: GilCell<Vec<u8>> = GilCell::new(Vec::new());
 
+/// Borrows the shared read buffer (`MAX_SIZE` bytes). A re-entrant user (there is none
+/// today: no Python code runs while it is out) would get a fresh one.
+pub fn take_read_buf(py: Python<'_>) -> Vec<u8> {
+    let buf = READ_BUF.with(py, std::mem::take);
+    if buf.len() < MAX_SIZE {
+        vec![0u8; MAX_SIZE]
+    } else {
+        buf
+    }
+}
+
+/// Returns the buffer `take_read_buf` lent.
+pub fn give_read_buf(py: Python<'_>, buf: Vec<u8>) {
+    READ_BUF.with(py, |b| {
+        if b.is_empty() {
+            *b = buf;
+        }
+    });
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
     Socket,
@@ -407,10 +427,7 @@ impl StreamCore {
     /// Reads into the shared buffer and returns the data as `bytes` (or the error).
     fn read_bytes<'py>(&self, py: Python<'py>) -> io::Result<Option<Bound<'py, PyBytes>>> {
         let fd = self.fd(py);
-        let mut buf = READ_BUF.with(py, std::mem::take);
-        if buf.len() < MAX_SIZE {
-            buf = vec![0u8; MAX_SIZE];
-        }
+        let mut buf = take_read_buf(py);
         let res = loop {
             // SAFETY: `buf` has MAX_SIZE initialised bytes.
             match unsafe { crate::sys::read(fd, buf.as_mut_ptr(), MAX_SIZE) } {
@@ -423,11 +440,7 @@ impl StreamCore {
                 }
             }
         };
-        READ_BUF.with(py, |b| {
-            if b.is_empty() {
-                *b = buf;
-            }
-        });
+        give_read_buf(py, buf);
         res
     }
 
