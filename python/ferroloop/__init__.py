@@ -11,15 +11,29 @@ import asyncio as _asyncio
 import sys as _sys
 import warnings as _warnings
 
-from ._ferroloop import __version__
+from ._ferroloop import (
+    ReadPipeTransport,
+    TCPTransport,
+    UDPTransport,
+    UnixTransport,
+    WritePipeTransport,
+    __version__,
+)
 from ._handles import Handle, TimerHandle
 from ._loop import Loop, new_event_loop
+from ._net import Server
 
 __all__ = [
     "EventLoopPolicy",
     "Handle",
     "Loop",
+    "ReadPipeTransport",
+    "Server",
+    "TCPTransport",
     "TimerHandle",
+    "UDPTransport",
+    "UnixTransport",
+    "WritePipeTransport",
     "__version__",
     "install",
     "new_event_loop",

@@ -22,6 +22,8 @@ from . import (
     _handles,  # noqa: F401  (installs the handle classes)
 )
 from ._ferroloop import LoopCore
+from ._net import NetworkMixin
+from ._process import ProcessMixin
 
 __all__ = ["Loop", "new_event_loop"]
 
@@ -47,43 +49,7 @@ _iscoroutinefunction = getattr(coroutines, "_iscoroutinefunction", coroutines.is
 _HANDLER_IN_CONTEXT = sys.version_info >= (3, 12)
 
 
-def _not_implemented(name: str, is_async: bool):
-    message = f"ferroloop does not implement loop.{name}() yet"
-
-    if is_async:
-
-        async def method(self, *args, **kwargs):
-            raise NotImplementedError(message)
-
-    else:
-
-        def method(self, *args, **kwargs):
-            raise NotImplementedError(message)
-
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = f"Not implemented yet: raises NotImplementedError. ({name})"
-    return method
-
-
-# Networking, pipe and subprocess methods land with their own issues; until then each
-# one raises NotImplementedError naming itself rather than misbehaving.
-_PENDING_ASYNC = (
-    "create_connection",
-    "create_server",
-    "create_unix_connection",
-    "create_unix_server",
-    "create_datagram_endpoint",
-    "connect_accepted_socket",
-    "start_tls",
-    "sendfile",
-    "connect_read_pipe",
-    "connect_write_pipe",
-    "subprocess_exec",
-    "subprocess_shell",
-)
-
-
-class Loop(LoopCore, asyncio.AbstractEventLoop):
+class Loop(LoopCore, NetworkMixin, ProcessMixin, asyncio.AbstractEventLoop):
     """An asyncio event loop implemented in Rust."""
 
     __module__ = "ferroloop"
@@ -179,7 +145,8 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
         if self.get_debug():
             _logger().debug("Close %r", self)
         try:
-            super().close()
+            self._process_close()
+            LoopCore.close(self)
         finally:
             self._executor_shutdown_called = True
             executor = self._default_executor
@@ -451,12 +418,6 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):
                     "unexpected error in custom exception handler",
                     exc_info=True,
                 )
-
-    # ---- not implemented yet -------------------------------------------------------
-
-    for _name in _PENDING_ASYNC:
-        locals()[_name] = _not_implemented(_name, True)
-    del _name
 
 
 async def _wait_with_timeout(future, timeout):

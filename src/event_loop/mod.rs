@@ -1158,7 +1158,7 @@ impl LoopCore {
             .state
             .with(py, |s| s.transports.get(&fd).map(|t| t.clone_ref(py)));
         if let Some(tr) = tr {
-            return Err(PyValueError::new_err(format!(
+            return Err(PyRuntimeError::new_err(format!(
                 "File descriptor {fd} is used by transport {}",
                 tr.bind(py).repr()?
             )));

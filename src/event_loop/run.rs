@@ -96,11 +96,15 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         };
         // DEVIATION(asyncio): with callbacks ready, a non-blocking poll costs a system call
         //   per iteration (a one-future-at-a-time chain of 100k futures made 200k
-        //   epoll_wait calls; 568 with the skip). It is skipped while the last poll is
-        //   under SKIP_POLL_NS old, as rloop does; I/O and signals wait at most that long.
-        //   The first iteration of run_forever and a stopping iteration always poll.
+        //   epoll_wait calls; 568 with the skip). While no descriptor has a reader or
+        //   writer, it is skipped if the last poll is under SKIP_POLL_NS old; only signal
+        //   delivery can wait that long. With descriptors watched, every iteration polls,
+        //   as asyncio's does, so I/O callbacks interleave with ready callbacks exactly as
+        //   they do there. The first iteration of run_forever and a stopping iteration
+        //   always poll.
         let skip = !s.ready.is_empty()
             && !s.stopping
+            && s.io.is_empty()
             && crate::sys::monotonic_ns().saturating_sub(s.last_poll_ns) < SKIP_POLL_NS;
         if !skip && let Some(reg) = s.registrar.as_ref() {
             // Level-triggered semantics: descriptors dispatched since the last poll are
@@ -251,7 +255,11 @@ fn process_io(
     if entry.reader.is_none() && entry.writer.is_none() {
         s.io.remove(&fd);
         s.idle_fds.insert(fd);
-    } else if !entry.edge {
+    } else if !entry.edge || ev.sticky {
+        // NOTE: an edge-triggered transport reads once per event; when the event also
+        //       carries an end-of-stream or error, that condition produced no edge of its
+        //       own after the data, so the descriptor is re-armed (level semantics) until
+        //       the transport has seen it.
         s.rearm.insert(fd);
     }
 }

@@ -31,6 +31,9 @@ pub struct Readiness {
     pub token: usize,
     pub readable: bool,
     pub writable: bool,
+    /// The peer closed its side or the descriptor has an error: a condition that stays,
+    /// so an edge-triggered reader that stops short of it must be told again.
+    pub sticky: bool,
 }
 
 /// The blocking half: owned by the thread running the loop, used with the GIL released.
@@ -83,6 +86,7 @@ impl Poller {
                 token: ev.token().0,
                 readable: ev.is_readable() || ev.is_read_closed() || err,
                 writable: ev.is_writable() || ev.is_write_closed() || err,
+                sticky: ev.is_read_closed() || ev.is_write_closed() || err,
             });
         }
     }

@@ -189,7 +189,7 @@ impl DatagramCore {
     }
 
     /// One `recvfrom` into the shared read buffer: `(data, address)`.
-    fn recv_native<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+    fn recv_native<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let fd = self.with(py, |s| s.fd);
         let mut buf = super::stream::take_read_buf(py);
         let res = loop {
@@ -200,8 +200,11 @@ impl DatagramCore {
         };
         let out = res.map(|(n, addr)| (PyBytes::new(py, &buf[..n]), addr));
         super::stream::give_read_buf(py, buf);
-        let (data, addr) = out.map_err(crate::errors::from_io)?;
-        PyTuple::new(py, [data.into_any(), crate::dns::sockaddr(py, &addr)?])
+        let (data, addr) = match out {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+            other => other.map_err(crate::errors::from_io)?,
+        };
+        PyTuple::new(py, [data.into_any(), crate::dns::sockaddr(py, &addr)?]).map(Some)
     }
 
     fn set_closing(&self, py: Python<'_>) {
@@ -255,9 +258,10 @@ impl DatagramCore {
             } else {
                 core.sock(py)
                     .call_method1(pyo3::intern!(py, "recvfrom"), (MAX_SIZE,))
-                    .and_then(|p| Ok(p.cast_into::<PyTuple>()?))
+                    .and_then(|p| Ok(Some(p.cast_into::<PyTuple>()?)))
             };
             match got {
+                Ok(None) => return Ok(()),
                 Err(e) if would_block(&e, py) => return Ok(()),
                 Err(e) if e.is_instance_of::<PyOSError>(py) => {
                     core.protocol(py)
@@ -267,8 +271,7 @@ impl DatagramCore {
                 Err(e) => {
                     return Self::fatal_error(slf, e, "Fatal read error on datagram transport");
                 }
-                Ok(pair) => {
-                    let pair = pair.cast_into::<PyTuple>()?;
+                Ok(Some(pair)) => {
                     core.protocol(py).call_method1(
                         pyo3::intern!(py, "datagram_received"),
                         (pair.get_item(0)?, pair.get_item(1)?),

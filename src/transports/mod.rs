@@ -100,6 +100,15 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         let _ = TYPES.set(types);
     }
     let t = types()?;
+    // What asyncio's sendfile() and start_tls() look for on a transport class.
+    let native = py
+        .import("asyncio.constants")?
+        .getattr("_SendfileMode")?
+        .getattr("TRY_NATIVE")?;
+    for w in [&t.tcp, &t.unix] {
+        w.type_object(py).setattr("_sendfile_compatible", &native)?;
+        w.type_object(py).setattr("_start_tls_compatible", true)?;
+    }
     m.add("TCPTransport", t.tcp.type_object(py))?;
     m.add("UnixTransport", t.unix.type_object(py))?;
     m.add("ReadPipeTransport", t.read_pipe.type_object(py))?;

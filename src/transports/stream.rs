@@ -1027,8 +1027,19 @@ impl StreamCore {
             return Err(PyRuntimeError::new_err("the transport is closed"));
         };
         let fut = LoopCore::create_future(&lp)?;
-        let old = self.with(py, |s| s.empty_waiter.replace(fut.clone().unbind()));
+        let (old, fd, w) = self.with(py, |s| {
+            (
+                s.empty_waiter.replace(fut.clone().unbind()),
+                s.fd,
+                s.wrapper.as_ref().map(|w| w.as_ptr()),
+            )
+        });
         drop(old);
+        // As asyncio's selector loop during sendfile: the transport's descriptor is
+        // lent to sock_sendfile (add_writer) until `_reset_empty_waiter`.
+        if let Some(w) = w {
+            super::forget_transport(&lp, fd, w);
+        }
         if self.with(py, |s| s.buf.is_empty()) {
             fut.call_method1("set_result", (py.None(),))?;
         }
@@ -1036,8 +1047,19 @@ impl StreamCore {
     }
 
     fn _reset_empty_waiter(&self, py: Python<'_>) {
-        let old = self.with(py, |s| s.empty_waiter.take());
+        let (old, fd, w, closing) = self.with(py, |s| {
+            (
+                s.empty_waiter.take(),
+                s.fd,
+                s.wrapper.as_ref().map(|w| w.clone_ref(py)),
+                s.closing,
+            )
+        });
         drop(old);
+        if let (Some(lp), Some(w), false) = (self.loop_(py), w, closing) {
+            let prev = lp.get().state.with(py, |s| s.transports.insert(fd, w));
+            drop(prev);
+        }
     }
 
     fn _call_connection_lost(slf: &Bound<'_, Self>, exc: Bound<'_, PyAny>) -> PyResult<()> {
