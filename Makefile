@@ -56,10 +56,12 @@ conformance: dev
 bench: dev
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/net.py
+	$(PY) benchmarks/proc.py
 
 bench-smoke: dev
 	$(PY) benchmarks/run.py --smoke
 	$(PY) benchmarks/net.py --smoke
+	$(PY) benchmarks/proc.py --smoke
 
 clean:
 	cargo clean

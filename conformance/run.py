@@ -46,6 +46,7 @@ MODULES = [
     "test_sendfile",
     "test_timeouts",
     "test_runners",
+    "test_subprocess",
     "test_unix_events",
     "test_sock_lowlevel",
     "test_server",
@@ -106,8 +107,10 @@ LOOP_CLASSES: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
 
 # Test classes left out of a module: in test_unix_events, everything but the Unix-socket
 # classes.  The signal tests hard-code SelectorEventLoop and mock asyncio.unix_events.signal;
-# the pipe-transport and child-watcher tests belong to pipes/subprocess (issue 4) and drive
-# stdlib transports over a mocked TestLoop; PolicyTests is about child watchers too.
+# the pipe-transport tests drive the stdlib's own transport classes over a mocked TestLoop
+# (ferroloop's pipe transports are covered by test_events and test_subprocess); the
+# child-watcher tests and PolicyTests exercise the stdlib's watchers, which ferroloop does not
+# use (it watches children with pidfds).
 DROP_CLASSES: dict[str, tuple[str, ...]] = {
     "test_unix_events": (
         "SelectorEventLoopSignalTests",

@@ -411,7 +411,6 @@ def test_kwarg_process_group(loop, no_leaks):
     run(loop, main())
 
 
-@pytest.mark.skipif(sys.version_info < (3, 9), reason="Popen(umask=) is new in 3.9")
 def test_kwarg_umask(loop, no_leaks):
     out, _ = run(loop, _output(loop, SH, "-c", "umask", umask=0o027))
     assert out.strip() == b"0027"

@@ -13,8 +13,15 @@ _T = TypeVar("_T")
 __all__ = [
     "Handle",
     "LoopCore",
+    "ReadPipeTransport",
+    "TCPTransport",
     "TimerHandle",
+    "UDPTransport",
+    "UnixTransport",
+    "WritePipeTransport",
+    "_DatagramCore",
     "_SockOperation",
+    "_StreamCore",
     "__version__",
     "_sighandler_noop",
 ]
@@ -32,6 +39,53 @@ class TimerHandle(asyncio.TimerHandle):
     """A callback scheduled with call_later() / call_at() (an asyncio.TimerHandle)."""
 
     def get_context(self) -> contextvars.Context: ...
+
+@final
+class _StreamCore:
+    """The native state and behaviour behind a stream transport (private)."""
+
+@final
+class _DatagramCore:
+    """The native state and behaviour behind a datagram transport (private)."""
+
+@final
+class TCPTransport(asyncio.Transport):
+    """A TCP connection (an asyncio.Transport)."""
+
+    def _make_empty_waiter(self) -> asyncio.Future[None]: ...
+    def _reset_empty_waiter(self) -> None: ...
+    def _force_close(self, exc: BaseException | None = None) -> None: ...
+    def _fatal_error(self, exc: BaseException, message: str = ...) -> None: ...
+
+@final
+class UnixTransport(asyncio.Transport):
+    """A Unix stream socket connection (an asyncio.Transport)."""
+
+    def _make_empty_waiter(self) -> asyncio.Future[None]: ...
+    def _reset_empty_waiter(self) -> None: ...
+    def _force_close(self, exc: BaseException | None = None) -> None: ...
+    def _fatal_error(self, exc: BaseException, message: str = ...) -> None: ...
+
+@final
+class ReadPipeTransport(asyncio.ReadTransport):
+    """The read end of a pipe (an asyncio.ReadTransport)."""
+
+    def _force_close(self, exc: BaseException | None = None) -> None: ...
+    def _fatal_error(self, exc: BaseException, message: str = ...) -> None: ...
+
+@final
+class WritePipeTransport(asyncio.WriteTransport):
+    """The write end of a pipe (an asyncio.WriteTransport)."""
+
+    def _force_close(self, exc: BaseException | None = None) -> None: ...
+    def _fatal_error(self, exc: BaseException, message: str = ...) -> None: ...
+
+@final
+class UDPTransport(asyncio.Transport, asyncio.DatagramTransport):
+    """A datagram socket (an asyncio.DatagramTransport)."""
+
+    def _force_close(self, exc: BaseException | None = None) -> None: ...
+    def _fatal_error(self, exc: BaseException, message: str = ...) -> None: ...
 
 def _sighandler_noop(_signum: Any, _frame: Any) -> None:
     """Dummy Python-level signal handler used with add_signal_handler()."""

@@ -83,13 +83,15 @@ fn tail_offset(base: &Bound<'_, PyType>) -> isize {
     (size + align - 1) / align * align
 }
 
-/// Creates a wrapper class `name` with base `base` forwarding `methods` to the core.
+/// Creates a wrapper class `name` with bases `bases` (asyncio classes sharing
+/// `BaseTransport`'s layout; the first one's size is used) forwarding `methods` to the core.
 pub fn make_type(
-    base: &Bound<'_, PyType>,
+    bases: &[Bound<'_, PyType>],
     name: &'static CStr,
     doc: &'static CStr,
     methods: &'static [Forward],
 ) -> PyResult<WrapperType> {
+    let base = &bases[0];
     let py = base.py();
     let tail = tail_offset(base);
     let mut defs: Vec<ffi::PyMethodDef> = methods
@@ -155,7 +157,7 @@ pub fn make_type(
             | ffi::Py_TPFLAGS_DISALLOW_INSTANTIATION) as _,
         slots: slots.as_mut_ptr(),
     }));
-    let bases = PyTuple::new(py, [base])?;
+    let bases = PyTuple::new(py, bases)?;
     // SAFETY: the spec and everything it points to are 'static (leaked above); NULL means
     // an exception is set.
     let tp = unsafe {

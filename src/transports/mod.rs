@@ -67,31 +67,31 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         };
         let types = Types {
             tcp: transport_type::make_type(
-                &base("Transport")?,
+                &[base("Transport")?],
                 c"ferroloop.TCPTransport",
                 c"A TCP connection (an asyncio.Transport).",
                 STREAM_METHODS,
             )?,
             unix: transport_type::make_type(
-                &base("Transport")?,
+                &[base("Transport")?],
                 c"ferroloop.UnixTransport",
                 c"A Unix stream socket connection (an asyncio.Transport).",
                 STREAM_METHODS,
             )?,
             read_pipe: transport_type::make_type(
-                &base("ReadTransport")?,
+                &[base("ReadTransport")?],
                 c"ferroloop.ReadPipeTransport",
                 c"The read end of a pipe (an asyncio.ReadTransport).",
                 READ_PIPE_METHODS,
             )?,
             write_pipe: transport_type::make_type(
-                &base("WriteTransport")?,
+                &[base("WriteTransport")?],
                 c"ferroloop.WritePipeTransport",
                 c"The write end of a pipe (an asyncio.WriteTransport).",
                 WRITE_PIPE_METHODS,
             )?,
             udp: transport_type::make_type(
-                &base("DatagramTransport")?,
+                &[base("Transport")?, base("DatagramTransport")?],
                 c"ferroloop.UDPTransport",
                 c"A datagram socket (an asyncio.DatagramTransport).",
                 DATAGRAM_METHODS,

@@ -1122,9 +1122,12 @@ impl StreamCore {
             info.push("closing".into());
         }
         info.push(format!("fd={fd}"));
-        if let Some(lp) = self.loop_(py)
-            && !lp.get().is_closed(py)
-        {
+        let open = self.loop_(py).filter(|lp| !lp.get().is_closed(py));
+        if kind != Kind::Socket && open.is_none() {
+            // asyncio's pipe transports without a selector to ask.
+            info.push(if has_sock { "open" } else { "closed" }.into());
+        }
+        if let Some(lp) = open {
             let (r, w) = lp.get().io_registered(py, fd);
             let state = |b: bool| if b { "polling" } else { "idle" };
             match kind {
