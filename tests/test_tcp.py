@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import random
+import resource
 import socket
 import ssl
 import sys
@@ -1297,3 +1299,104 @@ def test_stress_many_connections(loop):
     assert len(results) == len(payloads)
     for got, want in zip(results, payloads, strict=True):
         assert got == want
+
+
+@pytest.fixture
+def many_fds():
+    """Raise the soft RLIMIT_NOFILE so that 1,000 connections (2,000+ descriptors) fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4096
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_stress_1000_connections(loop, many_fds):
+    """1,000 concurrent connections through a Protocol echo server, each writing a random
+    number of random-sized chunks and reading everything back; every byte is checked."""
+    rng = random.Random(1000)
+    plans = [
+        [rng.randbytes(rng.randint(1, 16 * 1024)) for _ in range(rng.randint(1, 4))]
+        for _ in range(1000)
+    ]
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            self.transport.write(data)
+
+        # eof_received() returns None: the transport closes once the echo is flushed.
+
+    async def client(addr, chunks):
+        reader, writer = await asyncio.open_connection(*addr)
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+            return await reader.read()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def main():
+        server = await loop.create_server(Echo, HOST, 0, backlog=1000)
+        async with server:
+            addr = server.sockets[0].getsockname()
+            return await asyncio.gather(*(client(addr, c) for c in plans))
+
+    results = run(loop, main(), timeout=60)
+    for got, chunks in zip(results, plans, strict=True):
+        assert got == b"".join(chunks)
+
+
+def test_accept_survives_emfile(loop, loop_errors):
+    """Running out of descriptors during accept() is reported ('socket.accept() out of
+    system resource'), accepting pauses, and the pending connection is served once
+    descriptors are free again."""
+    made = []
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport):
+            made.append(transport)
+            transport.write(b"hi")
+            transport.close()
+
+    async def main():
+        server = await loop.create_server(Server, HOST, 0)
+        async with server:
+            addr = server.sockets[0].getsockname()
+            client = socket.socket()
+            client.settimeout(5)
+            hog = []
+            try:
+                # Exhaust the descriptor table, then connect: the kernel completes the
+                # handshake, and the loop's accept() fails with EMFILE.
+                with contextlib.suppress(OSError):
+                    while True:
+                        hog.append(os.open(os.devnull, os.O_RDONLY))
+                client.connect(addr)
+                deadline = loop.time() + 5
+                while not loop_errors and loop.time() < deadline:
+                    await asyncio.sleep(0.01)
+            finally:
+                for fd in hog:
+                    os.close(fd)
+            # asyncio reports each failed accept() of the batch (up to backlog of them).
+            assert loop_errors
+            assert {c["message"] for c in loop_errors} == {"socket.accept() out of system resource"}
+            assert {c["exception"].errno for c in loop_errors} == {errno.EMFILE}
+            loop_errors.clear()
+            assert made == []
+            # Accepting resumes after asyncio's ACCEPT_RETRY_DELAY (1 s).
+            data = await loop.run_in_executor(None, client.recv, 10)
+            client.close()
+            return data
+
+    assert run(loop, main()) == b"hi"
+    assert len(made) == 1
