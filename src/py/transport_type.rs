@@ -90,16 +90,25 @@ pub fn make_type(
     name: &'static CStr,
     doc: &'static CStr,
     methods: &'static [Forward],
+    direct: &[Forward],
 ) -> PyResult<WrapperType> {
     let base = &bases[0];
     let py = base.py();
     let tail = tail_offset(base);
+    // A `direct` entry replaces the forwarder of the same name: a hand-written entry point
+    // that calls the core's Rust method without a Python-level method call.
+    let pick = |m: &Forward| -> ffi::PyCFunctionFastWithKeywords {
+        direct
+            .iter()
+            .find(|d| d.name == m.name)
+            .map_or(m.func, |d| d.func)
+    };
     let mut defs: Vec<ffi::PyMethodDef> = methods
         .iter()
         .map(|m| ffi::PyMethodDef {
             ml_name: m.name.as_ptr(),
             ml_meth: ffi::PyMethodDefPointer {
-                PyCFunctionFastWithKeywords: m.func,
+                PyCFunctionFastWithKeywords: pick(m),
             },
             ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
             ml_doc: ptr::null(),
@@ -224,7 +233,7 @@ impl WrapperType {
 ///
 /// # Safety
 /// `slf` is a live instance of a wrapper type; GIL held.
-unsafe fn core_of(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<Bound<'_, PyAny>> {
+pub unsafe fn core_of(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<Bound<'_, PyAny>> {
     // SAFETY: guaranteed by the caller.
     unsafe {
         let core = (*tail_of(slf, tail_for(slf))).core;

@@ -39,6 +39,40 @@ forward_methods!(DATAGRAM_METHODS:
     is_reading, _force_close, _fatal_error,
 );
 
+/// `transport.write(data)` without the forwarder's method call: the hottest transport
+/// method (a Protocol's `data_received` usually ends in it).
+unsafe extern "C" fn stream_write(
+    slf: *mut pyo3::ffi::PyObject,
+    args: *const *mut pyo3::ffi::PyObject,
+    nargsf: pyo3::ffi::Py_ssize_t,
+    kwnames: *mut pyo3::ffi::PyObject,
+) -> *mut pyo3::ffi::PyObject {
+    // SAFETY: installed as a METH_FASTCALL|METH_KEYWORDS method of the stream wrapper
+    // types: `slf` is a wrapper instance and `args` a valid vectorcall frame. Anything but
+    // exactly one positional argument goes through the generic forwarder, which reports
+    // the error as the core's method does.
+    unsafe {
+        let nargs = pyo3::ffi::PyVectorcall_NARGS(nargsf as usize);
+        if nargs != 1 || !kwnames.is_null() {
+            return transport_type::forward(slf, "write", args, nargsf, kwnames);
+        }
+        let py = Python::assume_attached();
+        crate::py::guard(py, || {
+            let core = transport_type::core_of(py, slf)?;
+            let core = core.cast::<stream::StreamCore>()?;
+            let data = Bound::from_borrowed_ptr(py, *args);
+            stream::StreamCore::write(core, &data)?;
+            Ok(pyo3::ffi::Py_NewRef(pyo3::ffi::Py_None()))
+        })
+    }
+}
+
+static STREAM_DIRECT: &[transport_type::Forward] = &[transport_type::Forward {
+    name: c"write",
+    func: stream_write,
+}];
+static WRITE_PIPE_DIRECT: &[transport_type::Forward] = STREAM_DIRECT;
+
 /// The Python-visible transport classes.
 pub struct Types {
     pub tcp: WrapperType,
@@ -71,30 +105,35 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
                 c"ferroloop.TCPTransport",
                 c"A TCP connection (an asyncio.Transport).",
                 STREAM_METHODS,
+                STREAM_DIRECT,
             )?,
             unix: transport_type::make_type(
                 &[base("Transport")?],
                 c"ferroloop.UnixTransport",
                 c"A Unix stream socket connection (an asyncio.Transport).",
                 STREAM_METHODS,
+                STREAM_DIRECT,
             )?,
             read_pipe: transport_type::make_type(
                 &[base("ReadTransport")?],
                 c"ferroloop.ReadPipeTransport",
                 c"The read end of a pipe (an asyncio.ReadTransport).",
                 READ_PIPE_METHODS,
+                &[],
             )?,
             write_pipe: transport_type::make_type(
                 &[base("WriteTransport")?],
                 c"ferroloop.WritePipeTransport",
                 c"The write end of a pipe (an asyncio.WriteTransport).",
                 WRITE_PIPE_METHODS,
+                WRITE_PIPE_DIRECT,
             )?,
             udp: transport_type::make_type(
                 &[base("Transport")?, base("DatagramTransport")?],
                 c"ferroloop.UDPTransport",
                 c"A datagram socket (an asyncio.DatagramTransport).",
                 DATAGRAM_METHODS,
+                &[],
             )?,
         };
         let _ = TYPES.set(types);
