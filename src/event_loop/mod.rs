@@ -79,8 +79,8 @@ pub(crate) struct State {
     /// Futures of resolutions in flight, by request id.
     pub dns_pending: HashMap<u64, Py<PyAny>>,
     pub dns_next: u64,
-    /// Native transports that are not closing, by descriptor (asyncio's `_transports`):
-    /// `add_reader` & co. refuse their descriptors.
+    /// Weak references to the native transports that are not closing, by descriptor
+    /// (asyncio's `_transports`): `add_reader` & co. refuse their descriptors.
     pub transports: HashMap<RawFd, Py<PyAny>>,
 }
 
@@ -1142,6 +1142,30 @@ impl LoopCore {
         })
     }
 
+    /// A native transport is about to close `fd`: drop its handles and its epoll
+    /// registration (a duplicate of the descriptor elsewhere, e.g. in a forked child,
+    /// would otherwise keep reporting events under a number that may be reused).
+    pub(crate) fn forget_fd(slf: &Bound<'_, Self>, fd: RawFd) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (entry, tr) = core.state.with(py, |s| {
+            let entry = s.io.remove(&fd);
+            let known = entry.is_some() | s.idle_fds.remove(&fd);
+            s.rearm.remove(&fd);
+            if known && let Some(reg) = s.registrar.as_ref() {
+                let _ = reg.deregister(fd);
+            }
+            (entry, s.transports.remove(&fd))
+        });
+        drop(tr);
+        if let Some(e) = entry {
+            for h in e.reader.iter().chain(e.writer.iter()) {
+                crate::handles::cancel(h.bind(py))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Asks for `fd` to be re-armed before the next poll (a transport that left data
     /// unread on an edge-triggered descriptor).
     pub(crate) fn rearm(&self, py: Python<'_>, fd: RawFd) {
@@ -1154,13 +1178,21 @@ impl LoopCore {
 
     /// asyncio's `_ensure_fd_no_transport`.
     pub(crate) fn ensure_fd_no_transport(&self, py: Python<'_>, fd: RawFd) -> PyResult<()> {
-        let tr = self
+        let entry = self
             .state
             .with(py, |s| s.transports.get(&fd).map(|t| t.clone_ref(py)));
+        // A weak reference (asyncio's WeakValueDictionary): a collected transport no
+        // longer claims its descriptor.
+        let tr = entry.and_then(|w| {
+            w.bind(py)
+                .cast::<pyo3::types::PyWeakrefReference>()
+                .ok()
+                .and_then(|w| w.upgrade())
+        });
         if let Some(tr) = tr {
             return Err(PyRuntimeError::new_err(format!(
                 "File descriptor {fd} is used by transport {}",
-                tr.bind(py).repr()?
+                tr.repr()?
             )));
         }
         Ok(())

@@ -143,6 +143,22 @@ pub fn make_type(
             doc: ptr::null(),
         },
     ]));
+    let getset: &'static mut [ffi::PyGetSetDef] = Box::leak(Box::new([
+        ffi::PyGetSetDef {
+            name: c"__dict__".as_ptr(),
+            get: Some(ffi::PyObject_GenericGetDict),
+            set: Some(ffi::PyObject_GenericSetDict),
+            doc: ptr::null(),
+            closure: ptr::null_mut(),
+        },
+        ffi::PyGetSetDef {
+            name: ptr::null(),
+            get: None,
+            set: None,
+            doc: ptr::null(),
+            closure: ptr::null_mut(),
+        },
+    ]));
     let slot = |slot: c_int, pfunc: *mut c_void| ffi::PyType_Slot { slot, pfunc };
     let slots: &'static mut [ffi::PyType_Slot] = Box::leak(Box::new([
         slot(ffi::Py_tp_dealloc, wrapper_dealloc as *mut c_void),
@@ -152,6 +168,7 @@ pub fn make_type(
         slot(ffi::Py_tp_repr, wrapper_repr as *mut c_void),
         slot(ffi::Py_tp_methods, defs.as_mut_ptr() as *mut c_void),
         slot(ffi::Py_tp_members, members.as_mut_ptr() as *mut c_void),
+        slot(ffi::Py_tp_getset, getset.as_mut_ptr() as *mut c_void),
         slot(ffi::Py_tp_doc, doc.as_ptr() as *mut c_void),
         slot(0, ptr::null_mut()),
     ]));
@@ -316,19 +333,29 @@ unsafe extern "C" fn wrapper_repr(slf: *mut ffi::PyObject) -> *mut ffi::PyObject
 /// closed. The core does that; an error is reported as unraisable, as `__del__`'s are.
 unsafe extern "C" fn wrapper_finalize(slf: *mut ffi::PyObject) {
     // SAFETY: installed as tp_finalize; CPython calls it with the GIL held on a live
-    // instance. The pending exception, if any, is saved and restored around the call.
+    // instance. The pending exception is saved and restored with the raw API (PyO3's
+    // `PyErr::take` would turn a pending PanicException back into a panic, and nothing may
+    // unwind out of this function: panics are caught).
     unsafe {
         let py = Python::assume_attached();
-        let saved = PyErr::take(py);
-        if let Ok(core) = core_of(py, slf) {
-            let wrapper = Bound::from_borrowed_ptr(py, slf);
-            if let Err(e) = core.call_method1(pyo3::intern!(py, "_finalize"), (wrapper,)) {
-                e.write_unraisable(py, Some(&core));
+        let (mut t, mut v, mut tb) = (ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
+        ffi::PyErr_Fetch(&mut t, &mut v, &mut tb);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Ok(core) = core_of(py, slf) {
+                let wrapper = Bound::from_borrowed_ptr(py, slf);
+                let r = ffi::PyObject_CallMethodOneArg(
+                    core.as_ptr(),
+                    pyo3::intern!(py, "_finalize").as_ptr(),
+                    wrapper.as_ptr(),
+                );
+                if r.is_null() {
+                    ffi::PyErr_WriteUnraisable(core.as_ptr());
+                } else {
+                    ffi::Py_DECREF(r);
+                }
             }
-        }
-        if let Some(e) = saved {
-            e.restore(py);
-        }
+        }));
+        ffi::PyErr_Restore(t, v, tb);
     }
 }
 

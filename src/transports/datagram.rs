@@ -93,12 +93,18 @@ impl DatagramCore {
         };
         let cb = slf.getattr(method)?;
         let fd = slf.get().with(py, |s| s.fd);
+        if fd < 0 {
+            return Ok(());
+        }
         LoopCore::add_io_fd(&lp, fd, &cb, PyTuple::empty(py), read, true).map(drop)
     }
 
     fn remove_io(&self, py: Python<'_>, read: bool) -> PyResult<()> {
-        if let Some(lp) = self.loop_(py) {
-            LoopCore::remove_io_fd(&lp, self.with(py, |s| s.fd), read)?;
+        let fd = self.with(py, |s| s.fd);
+        if let Some(lp) = self.loop_(py)
+            && fd >= 0
+        {
+            LoopCore::remove_io_fd(&lp, fd, read)?;
         }
         Ok(())
     }
@@ -158,7 +164,7 @@ impl DatagramCore {
             core.set_closing(py);
             core.remove_io(py, true)?;
         }
-        core.with(py, |s| s.conn_lost += 1);
+        core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
         Self::schedule_lost(slf, exc)
     }
 
@@ -246,8 +252,14 @@ impl DatagramCore {
     fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
-        // NOTE: the registration is edge-triggered: read until the socket is drained, or
-        //       READS_PER_EVENT datagrams and then ask the loop to re-arm.
+        // DEVIATION(asyncio): the registration is edge-triggered, so one event delivers
+        //   the datagrams queued at that moment, up to READS_PER_EVENT (then the loop
+        //   re-arms): asyncio delivers one per loop iteration.
+        let rearm = || {
+            if let Some(lp) = core.loop_(py) {
+                lp.get().rearm(py, core.with(py, |s| s.fd));
+            }
+        };
         for _ in 0..READS_PER_EVENT {
             let (lost, paused, closing) = core.with(py, |s| (s.conn_lost, s.paused, s.closing));
             if lost > 0 || paused || closing {
@@ -260,28 +272,33 @@ impl DatagramCore {
                     .call_method1(pyo3::intern!(py, "recvfrom"), (MAX_SIZE,))
                     .and_then(|p| Ok(Some(p.cast_into::<PyTuple>()?)))
             };
-            match got {
+            let delivered = match got {
                 Ok(None) => return Ok(()),
                 Err(e) if would_block(&e, py) => return Ok(()),
-                Err(e) if e.is_instance_of::<PyOSError>(py) => {
-                    core.protocol(py)
-                        .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))?;
-                }
+                Err(e) if e.is_instance_of::<PyOSError>(py) => core
+                    .protocol(py)
+                    .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))
+                    .map(drop),
                 Err(e) if passthrough(&e, py) => return Err(e),
                 Err(e) => {
                     return Self::fatal_error(slf, e, "Fatal read error on datagram transport");
                 }
-                Ok(Some(pair)) => {
-                    core.protocol(py).call_method1(
+                Ok(Some(pair)) => core
+                    .protocol(py)
+                    .call_method1(
                         pyo3::intern!(py, "datagram_received"),
                         (pair.get_item(0)?, pair.get_item(1)?),
-                    )?;
-                }
+                    )
+                    .map(drop),
+            };
+            if let Err(e) = delivered {
+                // The protocol's error goes to the exception handler (as asyncio's does);
+                // datagrams still queued are delivered at the next iteration.
+                rearm();
+                return Err(e);
             }
         }
-        if let Some(lp) = core.loop_(py) {
-            lp.get().rearm(py, core.with(py, |s| s.fd));
-        }
+        rearm();
         Ok(())
     }
 
@@ -313,13 +330,14 @@ impl DatagramCore {
             }
             addr = address.clone();
         }
-        let (lost, empty) = core.with(py, |s| (s.conn_lost, s.buf.is_empty()));
-        if lost > 0 && address.is_truthy()? {
+        let (lost, empty, gone) =
+            core.with(py, |s| (s.conn_lost, s.buf.is_empty(), s.sock.is_none()));
+        if (lost > 0 && address.is_truthy()?) || gone {
             if lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES {
                 py::asyncio_logger(py)?
                     .call_method1("warning", ("socket.send() raised exception.",))?;
             }
-            core.with(py, |s| s.conn_lost += 1);
+            core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
             return Ok(());
         }
         // NOTE: Python 3.12 sends empty datagrams; 3.11 and earlier drop them. ferroloop
@@ -379,9 +397,10 @@ impl DatagramCore {
                     break;
                 }
                 Err(e) if e.is_instance_of::<PyOSError>(py) => {
+                    // That datagram is dropped, as asyncio drops it; asyncio's
+                    // level-triggered writer then retries the rest, so carry on.
                     core.protocol(py)
                         .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))?;
-                    return Ok(());
                 }
                 Err(e) if passthrough(&e, py) => return Err(e),
                 Err(e) => {
@@ -453,7 +472,7 @@ impl DatagramCore {
         core.set_closing(py);
         core.remove_io(py, true)?;
         if core.with(py, |s| s.buf.is_empty()) {
-            core.with(py, |s| s.conn_lost += 1);
+            core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
             core.remove_io(py, false)?;
             Self::schedule_lost(slf, py.None())?;
         }
@@ -501,14 +520,24 @@ impl DatagramCore {
         } else {
             Ok(())
         };
-        let taken = core.with(py, |s| {
+        let (taken, fd) = core.with(py, |s| {
+            s.conn_lost = s.conn_lost.max(1);
             (
-                s.sock.take(),
-                s.protocol.take(),
-                s.loop_.take(),
-                s.wrapper.take(),
+                (
+                    s.sock.take(),
+                    s.protocol.take(),
+                    s.loop_.take(),
+                    s.wrapper.take(),
+                    std::mem::take(&mut s.buf),
+                ),
+                std::mem::replace(&mut s.fd, -1),
             )
         });
+        if let Some(lp) = &taken.2
+            && fd >= 0
+        {
+            LoopCore::forget_fd(lp.bind(py), fd)?;
+        }
         let closed = match &taken.0 {
             Some(sock) => sock.call_method0(py, "close").map(drop),
             None => Ok(()),
@@ -627,11 +656,7 @@ pub fn make<'py>(
     let wrapper = wrapper_type.wrap(core.as_any(), extra.as_any())?;
     let w = wrapper.clone().unbind();
     core.get().with(py, |s| s.wrapper = Some(w));
-    let old = lp
-        .get()
-        .state
-        .with(py, |s| s.transports.insert(fd, wrapper.clone().unbind()));
-    drop(old);
+    super::register_transport(lp, fd, &wrapper)?;
     lp.call_method1(
         "call_soon",
         (protocol.getattr("connection_made")?, &wrapper),

@@ -156,6 +156,22 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+/// Records `wrapper` as the transport owning `fd` (asyncio's `_transports`, a
+/// WeakValueDictionary: the loop does not keep a transport alive).
+pub(crate) fn register_transport(
+    lp: &Bound<'_, LoopCore>,
+    fd: RawFd,
+    wrapper: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let py = lp.py();
+    let weak = pyo3::types::PyWeakrefReference::new(wrapper)?
+        .into_any()
+        .unbind();
+    let old = lp.get().state.with(py, |s| s.transports.insert(fd, weak));
+    drop(old);
+    Ok(())
+}
+
 /// Removes `wrapper` from the loop's `_transports` if it is still the entry for `fd`.
 pub(crate) fn forget_transport(
     lp: &Bound<'_, LoopCore>,
@@ -163,14 +179,20 @@ pub(crate) fn forget_transport(
     wrapper: *mut pyo3::ffi::PyObject,
 ) {
     let py = lp.py();
-    let old = lp.get().state.with(py, |s| {
-        if s.transports.get(&fd).is_some_and(|t| t.as_ptr() == wrapper) {
-            s.transports.remove(&fd)
-        } else {
-            None
-        }
-    });
-    drop(old);
+    let entry = lp
+        .get()
+        .state
+        .with(py, |s| s.transports.get(&fd).map(|w| w.clone_ref(py)));
+    let Some(entry) = entry else { return };
+    let referent = entry
+        .bind(py)
+        .cast::<pyo3::types::PyWeakrefReference>()
+        .ok()
+        .and_then(|w| w.upgrade());
+    if referent.is_none_or(|r| r.as_ptr() == wrapper) {
+        let old = lp.get().state.with(py, |s| s.transports.remove(&fd));
+        drop(old);
+    }
 }
 
 /// `extra` as asyncio's transports fill it: a new dict unless one is given.

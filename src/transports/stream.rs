@@ -214,13 +214,22 @@ impl StreamCore {
             return Ok(());
         };
         let cb = slf.getattr(method)?;
-        let fd = slf.get().fd(py);
-        LoopCore::add_io_fd(&lp, fd, &cb, PyTuple::empty(py), read, true).map(drop)
+        let (fd, kind) = slf.get().with(py, |s| (s.fd, s.kind));
+        if fd < 0 {
+            return Ok(());
+        }
+        // NOTE: a read pipe may be a tty, whose read() returns one line at a time however
+        //       much is buffered: it stays level-triggered, as asyncio's.
+        let edge = kind != Kind::ReadPipe;
+        LoopCore::add_io_fd(&lp, fd, &cb, PyTuple::empty(py), read, edge).map(drop)
     }
 
     fn remove_io(&self, py: Python<'_>, read: bool) -> PyResult<()> {
-        if let Some(lp) = self.loop_(py) {
-            LoopCore::remove_io_fd(&lp, self.fd(py), read)?;
+        let fd = self.fd(py);
+        if let Some(lp) = self.loop_(py)
+            && fd >= 0
+        {
+            LoopCore::remove_io_fd(&lp, fd, read)?;
         }
         Ok(())
     }
@@ -307,7 +316,7 @@ impl StreamCore {
             core.set_closing(py);
             core.remove_io(py, true)?;
         }
-        core.with(py, |s| s.conn_lost += 1);
+        core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
         let exc = exc.unwrap_or_else(|| py.None());
         core.call_soon(
             py,
@@ -367,6 +376,9 @@ impl StreamCore {
     /// Writes as much of the queue as the descriptor takes. `Ok(true)`: the queue is empty.
     fn flush(&self, py: Python<'_>) -> io::Result<bool> {
         let fd = self.fd(py);
+        if fd < 0 {
+            return Ok(true);
+        }
         let mut done: Vec<Chunk> = Vec::new();
         let res = loop {
             let mut bufs: Vec<(*const u8, usize)> = Vec::new();
@@ -610,7 +622,7 @@ impl StreamCore {
             };
             py::asyncio_logger(py)?.call_method1("warning", (msg,))?;
         }
-        self.with(py, |s| s.conn_lost += 1);
+        self.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
         Ok(())
     }
 }
@@ -634,7 +646,10 @@ impl StreamCore {
     fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
-        let (lost, kind, buffered) = core.with(py, |s| (s.conn_lost, s.kind, s.buffered));
+        let (lost, kind, buffered, fd) = core.with(py, |s| (s.conn_lost, s.kind, s.buffered, s.fd));
+        if fd < 0 {
+            return Ok(());
+        }
         if kind == Kind::WritePipe {
             // Readable write pipe: the reader went away.
             if core.debug(py) {
@@ -666,16 +681,19 @@ impl StreamCore {
     fn _write_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
-        let (lost, kind) = core.with(py, |s| (s.conn_lost, s.kind));
-        if lost > 0 && kind == Kind::Socket {
+        let (lost, kind, fd) = core.with(py, |s| (s.conn_lost, s.kind, s.fd));
+        if (lost > 0 && kind == Kind::Socket) || fd < 0 {
             return Ok(());
         }
         match core.flush(py) {
+            // As asyncio's socket transport: the protocol may resume as soon as the
+            // buffer is below the low-water mark (pipes resume once it is empty).
+            Ok(false) if kind == Kind::Socket => core.maybe_resume_protocol(py),
             Ok(false) => Ok(()),
             Err(e) => {
                 let old = core.with(py, |s| {
                     if kind == Kind::WritePipe {
-                        s.conn_lost += 1;
+                        s.conn_lost = s.conn_lost.saturating_add(1);
                     }
                     s.buf.clear()
                 });
@@ -754,7 +772,7 @@ impl StreamCore {
         if view.is_empty() {
             return Ok(());
         }
-        if lost > 0 || (kind == Kind::WritePipe && closing) {
+        if lost > 0 || (kind == Kind::WritePipe && closing) || core.fd(py) < 0 {
             return core.write_after_loss(py);
         }
         let mut off = 0;
@@ -775,7 +793,7 @@ impl StreamCore {
                     let msg = if kind == Kind::Socket {
                         "Fatal write error on socket transport"
                     } else {
-                        core.with(py, |s| s.conn_lost += 1);
+                        core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
                         "Fatal write error on pipe transport"
                     };
                     return Self::fatal_error(slf, errors::from_io(e), msg);
@@ -813,16 +831,22 @@ impl StreamCore {
             Self::check_data(d)?;
         }
         let lost = core.with(py, |s| s.conn_lost);
-        if lost > 0 || (kind == Kind::WritePipe && core.with(py, |s| s.closing)) {
+        if lost > 0 || (kind == Kind::WritePipe && core.with(py, |s| s.closing)) || core.fd(py) < 0
+        {
             return core.write_after_loss(py);
         }
         let was_empty = core.with(py, |s| s.buf.is_empty());
-        for d in &items {
-            let view = ByteView::new(d)?;
+        // Every item's buffer first: a bad one rejects the whole call, as asyncio's join.
+        let views = items
+            .iter()
+            .map(ByteView::new)
+            .collect::<PyResult<Vec<_>>>()?;
+        for (d, view) in items.iter().zip(&views) {
             if !view.is_empty() {
-                core.with(py, |s| s.buf.push(d, &view, 0));
+                core.with(py, |s| s.buf.push(d, view, 0));
             }
         }
+        drop(views);
         if !was_empty {
             return core.maybe_pause_protocol(py);
         }
@@ -838,7 +862,7 @@ impl StreamCore {
                 let msg = if kind == Kind::Socket {
                     "Fatal write error on socket transport"
                 } else {
-                    core.with(py, |s| s.conn_lost += 1);
+                    core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
                     "Fatal write error on pipe transport"
                 };
                 Self::fatal_error(slf, errors::from_io(e), msg)
@@ -962,7 +986,7 @@ impl StreamCore {
                 core.set_closing(py);
                 core.remove_io(py, true)?;
                 if core.with(py, |s| s.buf.is_empty()) {
-                    core.with(py, |s| s.conn_lost += 1);
+                    core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
                     core.remove_io(py, false)?;
                     core.call_soon(
                         py,
@@ -1046,7 +1070,7 @@ impl StreamCore {
         Ok(fut.unbind())
     }
 
-    fn _reset_empty_waiter(&self, py: Python<'_>) {
+    fn _reset_empty_waiter(&self, py: Python<'_>) -> PyResult<()> {
         let (old, fd, w, closing) = self.with(py, |s| {
             (
                 s.empty_waiter.take(),
@@ -1057,9 +1081,9 @@ impl StreamCore {
         });
         drop(old);
         if let (Some(lp), Some(w), false) = (self.loop_(py), w, closing) {
-            let prev = lp.get().state.with(py, |s| s.transports.insert(fd, w));
-            drop(prev);
+            super::register_transport(&lp, fd, w.bind(py))?;
         }
+        Ok(())
     }
 
     fn _call_connection_lost(slf: &Bound<'_, Self>, exc: Bound<'_, PyAny>) -> PyResult<()> {
@@ -1074,15 +1098,29 @@ impl StreamCore {
         } else {
             Ok(())
         };
-        let (sock, protocol, lp, server, wrapper) = core.with(py, |s| {
+        let (sock, protocol, lp, server, wrapper, fd) = core.with(py, |s| {
+            // From here on the descriptor is not ours: nothing may read or write it (its
+            // number can be reused as soon as the socket closes), and later writes are
+            // dropped as writes to a lost connection.
+            s.conn_lost = s.conn_lost.max(1);
+            let fd = std::mem::replace(&mut s.fd, -1);
+            let old = s.buf.clear();
             (
                 s.sock.take(),
                 s.protocol.take(),
                 s.loop_.take(),
                 s.server.take(),
                 s.wrapper.take(),
+                (fd, old),
             )
         });
+        let (fd, old_buf) = fd;
+        drop(old_buf);
+        if let Some(lp) = &lp
+            && fd >= 0
+        {
+            LoopCore::forget_fd(lp.bind(py), fd)?;
+        }
         let closed = match &sock {
             Some(sock) => sock.call_method0(py, pyo3::intern!(py, "close")).map(drop),
             None => Ok(()),
@@ -1242,11 +1280,7 @@ pub fn make<'py>(
         if let Some(server) = server {
             server.call_method1(pyo3::intern!(py, "_attach"), (&wrapper,))?;
         }
-        let old = lp
-            .get()
-            .state
-            .with(py, |s| s.transports.insert(fd, wrapper.clone().unbind()));
-        drop(old);
+        super::register_transport(lp, fd, &wrapper)?;
     }
     let call_soon = |args: Vec<Bound<'py, PyAny>>| -> PyResult<()> {
         lp.call_method1(pyo3::intern!(py, "call_soon"), PyTuple::new(py, args)?)

@@ -1,0 +1,163 @@
+"""Transport edge cases found in review of the native transports: descriptor reuse after
+the connection is lost, ttys that return one line per read, protocol errors in the
+middle of a datagram burst, rejected writelines() and per-instance attributes.
+
+Parity: every test runs on stdlib asyncio and on ferroloop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+
+from _net import HOST, RecordingProtocol, run
+
+
+def test_write_after_connection_lost_never_reaches_a_reused_fd(loop):
+    """close() with data pending flushes it, then the socket closes; a later write() is
+    dropped (asyncio raises AttributeError) and never reaches a new socket that got the
+    same descriptor number."""
+
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        proto = RecordingProtocol()
+        tr, _ = await loop.connect_accepted_socket(lambda: proto, a)
+        old_fd = a.fileno()
+        tr.write(b"x" * (4 * 1024 * 1024))  # more than the socket buffers hold
+        tr.close()
+        got = 0
+        b.setblocking(False)
+        while True:  # everything, then EOF
+            try:
+                chunk = b.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0)
+                continue
+            if not chunk:
+                break
+            got += len(chunk)
+        await proto.lost
+        b.close()
+        # The next socket gets the lowest free descriptor: the one the transport had.
+        c, d = socket.socketpair()
+        try:
+            assert old_fd in (c.fileno(), d.fileno())
+            with contextlib.suppress(AttributeError):
+                tr.write(b"LEAKED")
+            with contextlib.suppress(AttributeError):
+                tr.writelines([b"LEAKED"])
+            await asyncio.sleep(0.05)
+            for s in (c, d):
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    assert s.recv(100) == b""
+        finally:
+            c.close()
+            d.close()
+        return got
+
+    assert run(loop, main()) == 4 * 1024 * 1024
+
+
+def test_tty_lines_are_all_delivered(loop):
+    """A tty in canonical mode returns one line per read(): every line of a burst still
+    arrives without more input."""
+
+    async def main():
+        master, slave = os.openpty()
+        proto = RecordingProtocol()
+        slave_file = open(slave, "rb", buffering=0)  # noqa: SIM115 (closed by the transport)
+        tr, _ = await loop.connect_read_pipe(lambda: proto, slave_file)
+        try:
+            os.write(master, b"one\ntwo\nthree\n")
+            deadline = loop.time() + 5
+            while proto.data.count(b"\n") < 3 and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            return bytes(proto.data)
+        finally:
+            tr.close()
+            await proto.lost
+            os.close(master)
+
+    assert run(loop, main()) == b"one\ntwo\nthree\n"
+
+
+def test_datagram_protocol_error_does_not_stall_the_queue(loop, loop_errors):
+    """datagram_received() raising goes to the exception handler; the datagrams behind it
+    are still delivered."""
+    got = []
+
+    class Picky(asyncio.DatagramProtocol):
+        def datagram_received(self, data, addr):
+            got.append(data)
+            if data == b"bad":
+                raise ValueError("bad datagram")
+
+    async def main():
+        tr, _ = await loop.create_datagram_endpoint(Picky, local_addr=(HOST, 0))
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            addr = tr.get_extra_info("sockname")
+            for d in (b"bad", b"1", b"2"):
+                sender.sendto(d, addr)
+            deadline = loop.time() + 5
+            while len(got) < 3 and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            sender.close()
+            tr.close()
+            await asyncio.sleep(0)
+
+    run(loop, main())
+    assert got == [b"bad", b"1", b"2"]
+    assert [type(c.get("exception")) for c in loop_errors] == [ValueError]
+    loop_errors.clear()
+
+
+def test_rejected_writelines_leaves_the_transport_usable(loop):
+    """writelines() with an item that is not bytes-like raises and queues nothing; later
+    writes go through."""
+
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.settimeout(5)
+        proto = RecordingProtocol()
+        tr, _ = await loop.connect_accepted_socket(lambda: proto, a)
+        try:
+            bad = [b"first", memoryview(b"xxxx")[::2], b"last"]  # non-contiguous view
+            try:
+                tr.writelines(bad)
+            except (TypeError, ValueError, BufferError):
+                pass
+            tr.write(b"after")
+            await asyncio.sleep(0.05)
+            data = b.recv(100)
+            return data, tr.get_write_buffer_size()
+        finally:
+            tr.close()
+            await proto.lost
+            b.close()
+
+    data, size = run(loop, main())
+    assert data.endswith(b"after")
+    assert size == 0
+
+
+def test_transport_has_a_dict(loop):
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        proto = RecordingProtocol()
+        tr, _ = await loop.connect_accepted_socket(lambda: proto, a)
+        try:
+            tr.custom = 1
+            return vars(tr).get("custom")
+        finally:
+            tr.close()
+            await proto.lost
+            b.close()
+
+    assert run(loop, main()) == 1
