@@ -68,7 +68,7 @@ def test_tty_lines_are_all_delivered(loop):
     async def main():
         master, slave = os.openpty()
         proto = RecordingProtocol()
-        slave_file = open(slave, "rb", buffering=0)  # noqa: SIM115 (closed by the transport)
+        slave_file = open(slave, "rb", buffering=0)  # closed by the transport
         tr, _ = await loop.connect_read_pipe(lambda: proto, slave_file)
         try:
             os.write(master, b"one\ntwo\nthree\n")
