@@ -154,6 +154,10 @@ impl Chunk {
 struct St {
     kind: Kind,
     fd: RawFd,
+    /// Edge-triggered registrations: everything except a read pipe that is a character
+    /// device (a tty's read() returns one line at a time however much is buffered, so it
+    /// stays level-triggered, as asyncio's).
+    edge: bool,
     /// asyncio clears `_loop` when the connection is lost.
     loop_: Option<Py<LoopCore>>,
     /// The Python-visible transport; released when the connection is lost.
@@ -214,13 +218,10 @@ impl StreamCore {
             return Ok(());
         };
         let cb = slf.getattr(method)?;
-        let (fd, kind) = slf.get().with(py, |s| (s.fd, s.kind));
+        let (fd, edge) = slf.get().with(py, |s| (s.fd, s.edge));
         if fd < 0 {
             return Ok(());
         }
-        // NOTE: a read pipe may be a tty, whose read() returns one line at a time however
-        //       much is buffered: it stays level-triggered, as asyncio's.
-        let edge = kind != Kind::ReadPipe;
         LoopCore::add_io_fd(&lp, fd, &cb, PyTuple::empty(py), read, edge).map(drop)
     }
 
@@ -1249,12 +1250,18 @@ pub fn make<'py>(
     server: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = lp.py();
+    let edge = kind != Kind::ReadPipe
+        || matches!(
+            crate::sys::file_kind(fd).map_err(errors::from_io)?,
+            crate::sys::FileKind::Fifo | crate::sys::FileKind::Socket
+        );
     let core = Bound::new(
         py,
         StreamCore {
             st: GilCell::new(St {
                 kind,
                 fd,
+                edge,
                 loop_: Some(lp.clone().unbind()),
                 wrapper: None,
                 sock: Some(obj.clone().unbind()),
