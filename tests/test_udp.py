@@ -168,6 +168,74 @@ def test_ipv6_endpoint(loop):
     run(loop, main())
 
 
+def test_sendto_address_forms(loop, loop_errors):
+    """Every address form socket.sendto takes reaches the peer: numeric tuples (sent
+    natively by ferroloop), a host name, IPv6 tuples of 2 and 4 items; a bad port is
+    refused as socket.sendto refuses it."""
+
+    async def main():
+        a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        b = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        c = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=("::1", 0))
+        d = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=("::1", 0))
+        try:
+            port_b = b[0].get_extra_info("sockname")[1]
+            port_d = d[0].get_extra_info("sockname")[1]
+            a[0].sendto(b"numeric", (HOST, port_b))
+            a[0].sendto(b"name", ("localhost", port_b))
+            c[0].sendto(b"v6-2", ("::1", port_d))
+            c[0].sendto(b"v6-4", ("::1", port_d, 0, 0))
+            got_b = await b[1].wait_for(2)
+            assert sorted(dg for dg, _ in got_b) == [b"name", b"numeric"]
+            got_d = await d[1].wait_for(2)
+            assert sorted(dg for dg, _ in got_d) == [b"v6-2", b"v6-4"]
+            sender = c[0].get_extra_info("sockname")
+            assert {addr for _, addr in got_d} == {sender}
+            # The address a datagram came with answers it (the echo pattern), twice.
+            _, back = got_b[0]
+            b[0].sendto(b"echo-1", back)
+            b[0].sendto(b"echo-2", back)
+            assert [dg for dg, _ in await a[1].wait_for(2)] == [b"echo-1", b"echo-2"]
+            a[0].sendto(b"bad port", (HOST, 70000))
+            assert type(await a[1].lost) is OverflowError
+        finally:
+            for tr, _ in (a, b, c, d):
+                tr.close()
+            await asyncio.sleep(0)
+
+    run(loop, main())
+    assert [type(c["exception"]) for c in loop_errors] == [OverflowError]
+    loop_errors.clear()
+
+
+def test_many_peers(loop):
+    """More peers than ferroloop remembers address tuples for: every reply reaches the
+    peer that asked, with the peer's address."""
+
+    async def main():
+        server = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        srv_addr = server[0].get_extra_info("sockname")
+        peers = [
+            await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+            for _ in range(150)
+        ]
+        try:
+            for rnd in range(2):
+                for i, (tr, _) in enumerate(peers):
+                    tr.sendto(b"%d:%d" % (rnd, i), srv_addr)
+                got = await server[1].wait_for(len(peers) * (rnd + 1))
+                for data, addr in got[len(peers) * rnd :]:
+                    server[0].sendto(data, addr)
+                for i, (tr, proto) in enumerate(peers):
+                    replies = await proto.wait_for(rnd + 1)
+                    assert replies[rnd] == (b"%d:%d" % (rnd, i), srv_addr)
+                    assert tr.get_extra_info("sockname") in [a for d, a in got if d.endswith(b":%d" % i)]
+        finally:
+            await close(server, *peers)
+
+    run(loop, main())
+
+
 def test_empty_datagram(loop):
     """sendto(b"") does nothing up to asyncio 3.12; from 3.13 it sends an empty
     datagram."""

@@ -508,21 +508,97 @@ pub const EIO: i32 = libc::EIO;
 
 /// `recvfrom(2)` into `buf` without blocking; the sender's address converted as CPython's
 /// `makesockaddr` does for AF_INET / AF_INET6 (`SockAddr::Other` for anything else).
-pub fn recvfrom(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SockAddr)> {
-    // SAFETY: a zeroed sockaddr_storage is a valid out-parameter of the size passed.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+pub fn recvfrom(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, RawAddr)> {
+    let mut addr = RawAddr::empty();
+    addr.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     let n = syscall!(recvfrom(
         fd,
         buf.as_mut_ptr().cast(),
         buf.len(),
         libc::MSG_DONTWAIT,
-        (&mut ss as *mut libc::sockaddr_storage).cast(),
-        &mut len
+        (&mut addr.ss as *mut libc::sockaddr_storage).cast(),
+        &mut addr.len
     ))?;
-    // SAFETY: the kernel filled `len` bytes of the storage with the sender's address.
-    let addr = unsafe { sockaddr_of((&ss as *const libc::sockaddr_storage).cast(), len) };
     Ok((n as usize, addr))
+}
+
+/// A socket address in the kernel's binary form, as `recvfrom(2)` fills it and
+/// `sendto(2)` takes it.
+#[derive(Clone, Copy)]
+pub struct RawAddr {
+    ss: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl RawAddr {
+    fn empty() -> Self {
+        RawAddr {
+            // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
+            ss: unsafe { std::mem::zeroed() },
+            len: 0,
+        }
+    }
+
+    /// The meaningful bytes (`len` of them).
+    pub fn bytes(&self) -> &[u8] {
+        let len = (self.len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+        // SAFETY: `ss` is plain data of at least `len` bytes.
+        unsafe {
+            std::slice::from_raw_parts((&self.ss as *const libc::sockaddr_storage).cast(), len)
+        }
+    }
+
+    pub fn v4(ip: std::net::Ipv4Addr, port: u16) -> Self {
+        let mut a = Self::empty();
+        // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in.
+        let sin =
+            unsafe { &mut *(&mut a.ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_port = port.to_be();
+        sin.sin_addr.s_addr = u32::from(ip).to_be();
+        a.len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        a
+    }
+
+    pub fn v6(ip: std::net::Ipv6Addr, port: u16, flowinfo: u32, scope_id: u32) -> Self {
+        let mut a = Self::empty();
+        // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in6.
+        let sin6 = unsafe {
+            &mut *(&mut a.ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+        };
+        sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sin6.sin6_port = port.to_be();
+        sin6.sin6_flowinfo = flowinfo.to_be();
+        sin6.sin6_addr.s6_addr = ip.octets();
+        sin6.sin6_scope_id = scope_id;
+        a.len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        a
+    }
+
+    /// The address as CPython's `makesockaddr` converts it.
+    pub fn to_sockaddr(&self) -> SockAddr {
+        // SAFETY: the storage holds `len` bytes of a socket address (zeroed past them).
+        unsafe { sockaddr_of((&self.ss as *const libc::sockaddr_storage).cast(), self.len) }
+    }
+}
+
+impl PartialEq for RawAddr {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+/// `sendto(2)` of `data` to `addr`, never blocking (no `MSG_NOSIGNAL`, as `send`).
+pub fn sendto(fd: RawFd, data: &[u8], addr: &RawAddr) -> io::Result<usize> {
+    let n = syscall!(sendto(
+        fd,
+        data.as_ptr().cast(),
+        data.len(),
+        libc::MSG_DONTWAIT,
+        (&addr.ss as *const libc::sockaddr_storage).cast(),
+        addr.len
+    ))?;
+    Ok(n as usize)
 }
 
 /// `AF_INET` / `AF_INET6`: the families whose addresses `recvfrom` converts.

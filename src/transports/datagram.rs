@@ -18,7 +18,86 @@ use crate::event_loop::LoopCore;
 use crate::py::{self, GilCell, import_attr};
 
 /// Datagrams read per readiness event before yielding to other callbacks.
-const READS_PER_EVENT: usize = 16;
+const READS_PER_EVENT: usize = 32;
+
+/// Peers whose address tuples are remembered (see `Peers`).
+const PEERS_CACHED: usize = 64;
+
+/// The address tuples of recent peers with their binary form: a datagram from a known
+/// peer reuses its tuple (no `inet_ntop`, no new objects), and `sendto(data, addr)` with
+/// a tuple handed out here (the echo pattern) or sent to before skips parsing it.
+#[derive(Default)]
+struct Peers {
+    entries: Vec<(crate::sys::RawAddr, Py<PyAny>)>,
+    /// The entry replaced next once the cache is full.
+    next: usize,
+}
+
+impl Peers {
+    fn by_raw(&self, py: Python<'_>, raw: &crate::sys::RawAddr) -> Option<Py<PyAny>> {
+        let found = self.entries.iter().rev().find(|(r, _)| r == raw);
+        found.map(|(_, t)| t.clone_ref(py))
+    }
+
+    fn by_object(&self, obj: &Bound<'_, PyAny>) -> Option<crate::sys::RawAddr> {
+        let found = self
+            .entries
+            .iter()
+            .rev()
+            .find(|(_, t)| t.as_ptr() == obj.as_ptr());
+        found.map(|(r, _)| *r)
+    }
+
+    /// Remembers `obj` as `raw`; returns the entry it displaced (dropped by the caller
+    /// outside any borrow).
+    fn insert(&mut self, raw: crate::sys::RawAddr, obj: Py<PyAny>) -> Option<Py<PyAny>> {
+        if self.entries.len() < PEERS_CACHED {
+            self.entries.push((raw, obj));
+            return None;
+        }
+        let i = self.next;
+        self.next = (i + 1) % PEERS_CACHED;
+        Some(std::mem::replace(&mut self.entries[i], (raw, obj)).1)
+    }
+}
+
+/// The binary form of an `AF_INET` / `AF_INET6` address tuple when it is a numeric host
+/// and a port in range, exactly as `socket.sendto` would take it; anything else (host
+/// names, `''`, `'<broadcast>'`, scoped IPv6 hosts, odd types) is left to the socket
+/// object, which resolves or rejects it.
+fn parse_inet(family: i32, addr: &Bound<'_, PyAny>) -> Option<crate::sys::RawAddr> {
+    let t = addr.cast_exact::<PyTuple>().ok()?;
+    let host = t.get_item(0).ok()?;
+    let host = host.cast_exact::<pyo3::types::PyString>().ok()?;
+    let host = host.to_str().ok()?;
+    let int = |i: usize| -> Option<u64> {
+        let v = t.get_item(i).ok()?;
+        if !v.is_exact_instance_of::<pyo3::types::PyInt>() {
+            return None;
+        }
+        v.extract::<u64>().ok()
+    };
+    let port = u16::try_from(int(1)?).ok()?;
+    if family == libc::AF_INET && t.len() == 2 {
+        return Some(crate::sys::RawAddr::v4(host.parse().ok()?, port));
+    }
+    if family == libc::AF_INET6 && (2..=4).contains(&t.len()) {
+        let flowinfo = if t.len() > 2 { int(2)? } else { 0 };
+        let scope_id = if t.len() > 3 { int(3)? } else { 0 };
+        // socket.sendto: "flowinfo must be 0-1048575."
+        if flowinfo > 0xfffff {
+            return None;
+        }
+        let ip: std::net::Ipv6Addr = host.parse().ok()?;
+        return Some(crate::sys::RawAddr::v6(
+            ip,
+            port,
+            flowinfo as u32,
+            u32::try_from(scope_id).ok()?,
+        ));
+    }
+    None
+}
 
 struct St {
     fd: RawFd,
@@ -34,6 +113,8 @@ struct St {
     /// AF_INET / AF_INET6: datagrams are received natively (other families through the
     /// socket object's `recvfrom`, which knows how to convert their addresses).
     inet: bool,
+    family: i32,
+    peers: Peers,
     buf: VecDeque<(Py<PyBytes>, Py<PyAny>)>,
     buf_size: usize,
     conn_lost: u32,
@@ -206,11 +287,20 @@ impl DatagramCore {
         };
         let out = res.map(|(n, addr)| (PyBytes::new(py, &buf[..n]), addr));
         super::stream::give_read_buf(py, buf);
-        let (data, addr) = match out {
+        let (data, raw) = match out {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
             other => other.map_err(crate::errors::from_io)?,
         };
-        PyTuple::new(py, [data.into_any(), crate::dns::sockaddr(py, &addr)?]).map(Some)
+        let addr = match self.with(py, |s| s.peers.by_raw(py, &raw)) {
+            Some(a) => a.into_bound(py),
+            None => {
+                let a = crate::dns::sockaddr(py, &raw.to_sockaddr())?;
+                let old = self.with(py, |s| s.peers.insert(raw, a.clone().unbind()));
+                drop(old);
+                a
+            }
+        };
+        PyTuple::new(py, [data.into_any(), addr]).map(Some)
     }
 
     fn set_closing(&self, py: Python<'_>) {
@@ -229,13 +319,54 @@ impl DatagramCore {
         data: &Bound<'_, PyAny>,
         addr: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        let (fd, inet, family, connected) =
+            self.with(py, |s| (s.fd, s.inet, s.family, s.connected));
+        if inet && fd >= 0 {
+            // NOTE: the native paths skip the socket object, so no "socket.sendto" audit event.
+            if connected {
+                let view = py::ByteView::new(data)?;
+                return Self::native_send(&view, |b| unsafe {
+                    // SAFETY: `b` is a live slice.
+                    crate::sys::send(fd, b.as_ptr(), b.len())
+                });
+            }
+            let raw = match self.with(py, |s| s.peers.by_object(addr)) {
+                Some(raw) => Some(raw),
+                None => {
+                    let raw = parse_inet(family, addr);
+                    if let Some(raw) = raw {
+                        let old = self.with(py, |s| s.peers.insert(raw, addr.clone().unbind()));
+                        drop(old);
+                    }
+                    raw
+                }
+            };
+            if let Some(raw) = raw {
+                let view = py::ByteView::new(data)?;
+                return Self::native_send(&view, |b| crate::sys::sendto(fd, b, &raw));
+            }
+        }
         let sock = self.sock(py);
-        if self.with(py, |s| s.connected) {
+        if connected {
             sock.call_method1(pyo3::intern!(py, "send"), (data,))?;
         } else {
             sock.call_method1(pyo3::intern!(py, "sendto"), (data, addr))?;
         }
         Ok(())
+    }
+
+    fn native_send(
+        view: &py::ByteView,
+        send: impl Fn(&[u8]) -> std::io::Result<usize>,
+    ) -> PyResult<()> {
+        // SAFETY: the view covers `len` readable bytes and outlives the call.
+        let bytes = unsafe { std::slice::from_raw_parts(view.as_ptr(), view.len()) };
+        loop {
+            match send(bytes) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => return other.map(drop).map_err(crate::errors::from_io),
+            }
+        }
     }
 }
 
@@ -644,6 +775,8 @@ pub fn make<'py>(
                 address: address.filter(|a| !a.is_none()).map(|a| a.clone().unbind()),
                 connected,
                 inet: crate::sys::is_inet(family),
+                family,
+                peers: Peers::default(),
                 buf: VecDeque::new(),
                 buf_size: 0,
                 conn_lost: 0,
