@@ -38,8 +38,8 @@ pub(crate) struct IoHandles {
     pub reader: Option<OwnedHandle>,
     pub writer: Option<OwnedHandle>,
     /// Registered by a native transport: edge-triggered, so events are not re-armed
-    /// after dispatch; the transport asks for a re-arm (`LoopCore::rearm`) when it stops
-    /// short of draining the descriptor.
+    /// after dispatch; the transport asks for its reader to run again
+    /// (`LoopCore::redispatch`) when it stops short of draining the descriptor.
     pub edge: bool,
 }
 
@@ -62,6 +62,10 @@ pub(crate) struct State {
     /// Descriptors whose events were dispatched since the last poll: re-armed right
     /// before the next poll if they still have handles (see `run_once`).
     pub rearm: HashSet<RawFd>,
+    /// Edge-triggered descriptors a transport left readable on purpose (it stopped at
+    /// its per-event budget): their readers run again at the next iteration without a
+    /// system call (see `LoopCore::redispatch`).
+    pub redispatch: Vec<RawFd>,
     pub signals: SignalState,
     /// The handle being run, in debug mode (for the default exception handler).
     pub current_handle: Option<OwnedHandle>,
@@ -374,6 +378,7 @@ impl LoopCore {
                 io: HashMap::new(),
                 idle_fds: HashSet::new(),
                 rearm: HashSet::new(),
+                redispatch: Vec::new(),
                 signals,
                 current_handle: None,
                 registrar: Some(registrar),
@@ -1152,6 +1157,7 @@ impl LoopCore {
             let entry = s.io.remove(&fd);
             let known = entry.is_some() | s.idle_fds.remove(&fd);
             s.rearm.remove(&fd);
+            s.redispatch.retain(|&f| f != fd);
             if known && let Some(reg) = s.registrar.as_ref() {
                 let _ = reg.deregister(fd);
             }
@@ -1166,12 +1172,13 @@ impl LoopCore {
         Ok(())
     }
 
-    /// Asks for `fd` to be re-armed before the next poll (a transport that left data
-    /// unread on an edge-triggered descriptor).
-    pub(crate) fn rearm(&self, py: Python<'_>, fd: RawFd) {
+    /// Runs `fd`'s reader again at the next iteration, as if epoll had reported it
+    /// readable: for an edge-triggered transport that stopped reading with data left
+    /// (cheaper than re-arming, which costs an `epoll_ctl`). The next poll does not block.
+    pub(crate) fn redispatch(&self, py: Python<'_>, fd: RawFd) {
         self.state.with(py, |s| {
-            if s.io.contains_key(&fd) {
-                s.rearm.insert(fd);
+            if s.io.get(&fd).is_some_and(|e| e.reader.is_some()) && !s.redispatch.contains(&fd) {
+                s.redispatch.push(fd);
             }
         });
     }

@@ -87,7 +87,7 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     drop(removed);
 
     let (timeout, skip_poll) = core.state.with(py, |s| {
-        let timeout = if !s.ready.is_empty() || s.stopping {
+        let timeout = if !s.ready.is_empty() || s.stopping || !s.redispatch.is_empty() {
             Some(0.0)
         } else {
             s.timers
@@ -180,6 +180,20 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                 .state
                 .with(py, |s| process_io(py, s, t, fd as i32, ev, &mut released)),
         }
+    }
+    let again = core.state.with(py, |s| std::mem::take(&mut s.redispatch));
+    for fd in again {
+        if events.iter().any(|e| e.token == fd as usize && e.readable) {
+            continue; // epoll reported it anyway
+        }
+        let ev = Readiness {
+            token: fd as usize,
+            readable: true,
+            writable: false,
+            sticky: false,
+        };
+        core.state
+            .with(py, |s| process_io(py, s, t, fd, &ev, &mut released));
     }
     for h in &released {
         crate::handles::cancel(h.bind(py))?;

@@ -384,11 +384,11 @@ impl DatagramCore {
         let py = slf.py();
         let core = slf.get();
         // DEVIATION(asyncio): the registration is edge-triggered, so one event delivers
-        //   the datagrams queued at that moment, up to READS_PER_EVENT (then the loop
-        //   re-arms): asyncio delivers one per loop iteration.
-        let rearm = || {
+        //   the datagrams queued at that moment, up to READS_PER_EVENT (then the reader
+        //   runs again at the next iteration): asyncio delivers one per loop iteration.
+        let again = || {
             if let Some(lp) = core.loop_(py) {
-                lp.get().rearm(py, core.with(py, |s| s.fd));
+                lp.get().redispatch(py, core.with(py, |s| s.fd));
             }
         };
         for _ in 0..READS_PER_EVENT {
@@ -425,16 +425,16 @@ impl DatagramCore {
             if let Err(e) = delivered {
                 // The protocol's error goes to the exception handler (as asyncio's does);
                 // datagrams still queued are delivered at the next iteration.
-                rearm();
+                again();
                 return Err(e);
             }
         }
-        rearm();
+        again();
         Ok(())
     }
 
     #[pyo3(signature = (data, addr=None))]
-    fn sendto(
+    pub(crate) fn sendto(
         slf: &Bound<'_, Self>,
         data: &Bound<'_, PyAny>,
         addr: Option<Bound<'_, PyAny>>,

@@ -67,6 +67,38 @@ unsafe extern "C" fn stream_write(
     }
 }
 
+/// `transport.sendto(data[, addr])` without the forwarder's method call (a
+/// DatagramProtocol's `datagram_received` usually ends in it).
+unsafe extern "C" fn datagram_sendto(
+    slf: *mut pyo3::ffi::PyObject,
+    args: *const *mut pyo3::ffi::PyObject,
+    nargsf: pyo3::ffi::Py_ssize_t,
+    kwnames: *mut pyo3::ffi::PyObject,
+) -> *mut pyo3::ffi::PyObject {
+    // SAFETY: as `stream_write`, for the datagram wrapper type; one or two positional
+    // arguments are handled here, anything else by the generic forwarder.
+    unsafe {
+        let nargs = pyo3::ffi::PyVectorcall_NARGS(nargsf as usize);
+        if !(1..=2).contains(&nargs) || !kwnames.is_null() {
+            return transport_type::forward(slf, "sendto", args, nargsf, kwnames);
+        }
+        let py = Python::assume_attached();
+        crate::py::guard(py, || {
+            let core = transport_type::core_of(py, slf)?;
+            let core = core.cast::<datagram::DatagramCore>()?;
+            let data = Bound::from_borrowed_ptr(py, *args);
+            let addr = (nargs == 2).then(|| Bound::from_borrowed_ptr(py, *args.add(1)));
+            datagram::DatagramCore::sendto(core, &data, addr)?;
+            Ok(pyo3::ffi::Py_NewRef(pyo3::ffi::Py_None()))
+        })
+    }
+}
+
+static DATAGRAM_DIRECT: &[transport_type::Forward] = &[transport_type::Forward {
+    name: c"sendto",
+    func: datagram_sendto,
+}];
+
 static STREAM_DIRECT: &[transport_type::Forward] = &[transport_type::Forward {
     name: c"write",
     func: stream_write,
@@ -133,7 +165,7 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
                 c"ferroloop.UDPTransport",
                 c"A datagram socket (an asyncio.DatagramTransport).",
                 DATAGRAM_METHODS,
-                &[],
+                DATAGRAM_DIRECT,
             )?,
         };
         let _ = TYPES.set(types);

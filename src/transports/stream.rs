@@ -427,13 +427,13 @@ impl StreamCore {
         res
     }
 
-    /// The loop ran `_read_ready` and read `n` of the `asked` bytes: re-arm if the
-    /// descriptor may hold more.
-    fn rearm_if_full(&self, py: Python<'_>, n: usize, asked: usize) {
+    /// The loop ran `_read_ready` and read `n` of the `asked` bytes: if the descriptor
+    /// may hold more, the reader runs again at the next iteration.
+    fn again_if_full(&self, py: Python<'_>, n: usize, asked: usize) {
         if n == asked
             && let Some(lp) = self.loop_(py)
         {
-            lp.get().rearm(py, self.fd(py));
+            lp.get().redispatch(py, self.fd(py));
         }
     }
 
@@ -448,7 +448,7 @@ impl StreamCore {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(None),
                 Err(e) => break Err(e),
                 Ok(n) => {
-                    self.rearm_if_full(py, n, MAX_SIZE);
+                    self.again_if_full(py, n, MAX_SIZE);
                     break Ok(Some(PyBytes::new(py, &buf[..n])));
                 }
             }
@@ -537,7 +537,7 @@ impl StreamCore {
         if n == 0 {
             return Self::on_eof(slf);
         }
-        core.rearm_if_full(py, n, asked);
+        core.again_if_full(py, n, asked);
         if let Err(e) = proto.call_method1(pyo3::intern!(py, "buffer_updated"), (n,)) {
             if is_fatal_passthrough(&e, py) {
                 return Err(e);
