@@ -265,12 +265,9 @@ impl SockDone {
         if t.is_cancelled(self.handle.bind(py)) {
             return Ok(());
         }
-        let fd = self.fd.into_pyobject(py)?.into_any();
-        let loop_ = self.loop_.bind(py);
-        match self.dir {
-            Dir::Read => loop_.call_method1(pyo3::intern!(py, "remove_reader"), (fd,))?,
-            Dir::Write => loop_.call_method1(pyo3::intern!(py, "remove_writer"), (fd,))?,
-        };
+        // The registration is the operation's own (its handle is still the fd's): drop
+        // it as `remove_reader` / `remove_writer` would, without the method call.
+        LoopCore::remove_io_fd(self.loop_.bind(py), self.fd, self.dir == Dir::Read)?;
         Ok(())
     }
 
@@ -331,13 +328,26 @@ pub(crate) fn run<'py>(
             op,
         },
     )?;
-    let handle = LoopCore::add_io_handle(
-        slf,
-        &fd_obj,
-        callback.as_any(),
-        PyTuple::empty(py),
-        dir == Dir::Read,
-    )?;
+    // The operation's callback always makes the system call (or finds its future done
+    // and is then unregistered), so it needs no re-arm after an event: edge-triggered.
+    let handle = if fd >= 0 {
+        LoopCore::add_io_fd(
+            slf,
+            fd,
+            callback.as_any(),
+            PyTuple::empty(py),
+            dir == Dir::Read,
+            true,
+        )?
+    } else {
+        LoopCore::add_io_handle(
+            slf,
+            &fd_obj,
+            callback.as_any(),
+            PyTuple::empty(py),
+            dir == Dir::Read,
+        )?
+    };
     let done = Bound::new(
         py,
         SockDone {

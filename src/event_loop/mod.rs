@@ -37,10 +37,19 @@ const MAXIMUM_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
 pub(crate) struct IoHandles {
     pub reader: Option<OwnedHandle>,
     pub writer: Option<OwnedHandle>,
-    /// Registered by a native transport: edge-triggered, so events are not re-armed
-    /// after dispatch; the transport asks for its reader to run again
-    /// (`LoopCore::redispatch`) when it stops short of draining the descriptor.
-    pub edge: bool,
+    /// The reader / writer was registered edge-triggered (by a native transport or a
+    /// sock_* operation): its events are not re-armed after dispatch; the owner asks for
+    /// the reader to run again (`LoopCore::redispatch`) when it stops short of draining
+    /// the descriptor.
+    pub edge_r: bool,
+    pub edge_w: bool,
+}
+
+impl IoHandles {
+    /// Some handle wants level-triggered events (re-armed after each dispatch).
+    pub fn level(&self) -> bool {
+        (self.reader.is_some() && !self.edge_r) || (self.writer.is_some() && !self.edge_w)
+    }
 }
 
 /// Everything the loop mutates. Owned by whichever thread holds the GIL (see `GilCell`).
@@ -1111,7 +1120,11 @@ impl LoopCore {
                 return Err((Some(e), item));
             }
             let e = s.io.entry(fd).or_default();
-            e.edge = edge;
+            if read {
+                e.edge_r = edge;
+            } else {
+                e.edge_w = edge;
+            }
             // The re-arm above covers this descriptor until its next event.
             s.rearm.remove(&fd);
             let slot = if read { &mut e.reader } else { &mut e.writer };

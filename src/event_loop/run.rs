@@ -269,7 +269,7 @@ fn process_io(
     if entry.reader.is_none() && entry.writer.is_none() {
         s.io.remove(&fd);
         s.idle_fds.insert(fd);
-    } else if !entry.edge || ev.sticky {
+    } else if entry.level() || ev.sticky {
         // NOTE: an edge-triggered transport reads once per event; when the event also
         //       carries an end-of-stream or error, that condition produced no edge of its
         //       own after the data, so the descriptor is re-armed (level semantics) until
