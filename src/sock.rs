@@ -331,13 +331,14 @@ pub(crate) fn run<'py>(
     // The operation's callback always makes the system call (or finds its future done
     // and is then unregistered), so it needs no re-arm after an event: edge-triggered.
     let handle = if fd >= 0 {
-        LoopCore::add_io_fd(
+        LoopCore::add_io_fd_owned(
             slf,
             fd,
             callback.as_any(),
             PyTuple::empty(py),
             dir == Dir::Read,
             true,
+            Some(sock),
         )?
     } else {
         LoopCore::add_io_handle(

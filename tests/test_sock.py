@@ -109,6 +109,66 @@ def test_sock_recv_waits_for_data(loop, sockpair):
     assert run(loop, main()) == b"later"
 
 
+def test_sock_recv_reused_descriptor(loop):
+    """A socket that waited in sock_recv is closed and its descriptor number reused by
+    a new socket (and a new socket object, possibly at the same address): a wait on the
+    new one is still woken (ferroloop skips re-registering only for the same live
+    socket object)."""
+
+    async def wait_then_send(a, b, payload):
+        task = asyncio.ensure_future(loop.sock_recv(a, 100))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert_pending(task)
+        loop.call_later(0.01, b.send, payload)
+        return await asyncio.wait_for(task, 5)
+
+    async def main():
+        fds = set()
+        for i in range(20):
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            try:
+                fds.add(a.fileno())
+                assert await wait_then_send(a, b, b"first %d" % i) == b"first %d" % i
+                # The same socket again: its registration is reused.
+                assert await wait_then_send(a, b, b"again %d" % i) == b"again %d" % i
+                # A user reader in between, then the operation again.
+                got = asyncio.Event()
+                loop.add_reader(a, got.set)
+                b.send(b"x")
+                await asyncio.wait_for(got.wait(), 5)
+                assert loop.remove_reader(a)
+                assert a.recv(1) == b"x"
+                assert await wait_then_send(a, b, b"after %d" % i) == b"after %d" % i
+            finally:
+                a.close()
+                b.close()
+            del a, b
+        return fds
+
+    fds = run(loop, main())
+    assert len(fds) <= 2  # the descriptor numbers were reused
+
+
+def test_sock_recv_reused_descriptor_same_object_dup(loop):
+    """A registration reused for the same socket object still holds after another
+    descriptor of the same connection came and went."""
+
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with a, b:
+            for i in range(3):
+                task = asyncio.ensure_future(loop.sock_recv(a, 100))
+                await asyncio.sleep(0)
+                os.close(os.dup(a.fileno()))
+                loop.call_later(0.01, b.send, b"%d" % i)
+                assert await asyncio.wait_for(task, 5) == b"%d" % i
+
+    run(loop, main())
+
+
 def test_sock_recv_respects_nbytes(loop, sockpair):
     a, b = sockpair
     b.send(b"0123456789")

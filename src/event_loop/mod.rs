@@ -52,6 +52,16 @@ impl IoHandles {
     }
 }
 
+/// What the epoll registration of a descriptor watches, and for which socket object.
+pub(crate) struct Armed {
+    pub read: bool,
+    pub write: bool,
+    /// A weak reference to the socket a sock_* operation registered the descriptor for.
+    /// While that object is alive and still has this descriptor, the registration is
+    /// its own (the kernel drops a registration only when the file is closed).
+    pub owner: Option<Py<pyo3::types::PyWeakrefReference>>,
+}
+
 /// Everything the loop mutates. Owned by whichever thread holds the GIL (see `GilCell`).
 pub(crate) struct State {
     pub ready: ReadyQueue<OwnedHandle>,
@@ -68,6 +78,10 @@ pub(crate) struct State {
     /// Descriptors still registered with the reactor after their last handle went:
     /// adding a handle again re-arms them instead of registering anew.
     pub idle_fds: HashSet<RawFd>,
+    /// The interest each descriptor's epoll registration has (set by every register /
+    /// modify), and the socket object a sock_* operation registered it for (see
+    /// `LoopCore::add_io_fd_owned`).
+    pub armed: HashMap<RawFd, Armed>,
     /// Descriptors whose events were dispatched since the last poll: re-armed right
     /// before the next poll if they still have handles (see `run_once`).
     pub rearm: HashSet<RawFd>,
@@ -386,6 +400,7 @@ impl LoopCore {
                 task_factory: None,
                 io: HashMap::new(),
                 idle_fds: HashSet::new(),
+                armed: HashMap::new(),
                 rearm: HashSet::new(),
                 redispatch: Vec::new(),
                 signals,
@@ -481,7 +496,7 @@ impl LoopCore {
                     s.task_factory.take(),
                     s.registrar.take(),
                     std::mem::take(&mut s.dns_pending),
-                    std::mem::take(&mut s.transports),
+                    (std::mem::take(&mut s.transports), std::mem::take(&mut s.armed)),
                 )
             });
         // NOTE: as asyncio's close: queued callbacks and timers are dropped (timers keep
@@ -898,6 +913,7 @@ impl LoopCore {
                 s.current_handle.take(),
                 std::mem::take(&mut s.dns_pending),
                 std::mem::take(&mut s.transports),
+                std::mem::take(&mut s.armed),
             )
         });
         drop(taken);
@@ -1085,21 +1101,56 @@ impl LoopCore {
         read: bool,
         edge: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
+        Self::add_io_fd_owned(slf, fd, callback, args, read, edge, None)
+    }
+
+    /// `add_io_fd` for a sock_* operation on `owner` (the socket object whose
+    /// `fileno()` is `fd`). The operation tried its system call just before, so readiness
+    /// that arrived while the descriptor was idle is not lost with an edge-triggered
+    /// registration: when the registration already watches the direction and was made
+    /// for this same (live) socket object, no `epoll_ctl` is needed.
+    pub(crate) fn add_io_fd_owned<'py>(
+        slf: &Bound<'py, Self>,
+        fd: RawFd,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        read: bool,
+        edge: bool,
+        owner: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let core = slf.get();
         core.check_closed(py)?;
         let handle = Self::new_handle(slf, callback, args, None, None, None)?;
         let item = OwnedHandle::new(&handle);
+        // NOTE: made here, outside the state borrow (it allocates). CPython hands out the
+        //       object's one callback-less weak reference, so the same live socket always
+        //       gives the same reference object.
+        let owner_ref = owner.and_then(|o| {
+            pyo3::types::PyWeakrefReference::new(o)
+                .ok()
+                .map(|w| w.unbind())
+        });
         let res = core.state.with(py, |s| {
             let Some(reg) = s.registrar.as_ref() else {
-                return Err((None, item));
+                return Err((None, item, None));
             };
             let entry = s.io.get(&fd);
             let (had_r, had_w) =
                 entry.map_or((false, false), |e| (e.reader.is_some(), e.writer.is_some()));
             let (want_r, want_w) = if read { (true, had_w) } else { (had_r, true) };
             let known = entry.is_some() || s.idle_fds.remove(&fd);
-            let r = if known {
+            let own = known
+                && owner_ref.as_ref().is_some_and(|o| {
+                    s.armed.get(&fd).is_some_and(|a| {
+                        (a.read || !want_r)
+                            && (a.write || !want_w)
+                            && a.owner.as_ref().is_some_and(|w| w.as_ptr() == o.as_ptr())
+                    })
+                });
+            let r = if own {
+                Ok(())
+            } else if known {
                 // Re-arming also reports readiness that arrived while idle. ENOENT: the
                 // fd was closed (and maybe reused) since: register it afresh.
                 match reg.modify(fd, want_r, want_w) {
@@ -1117,8 +1168,20 @@ impl LoopCore {
                 }
             };
             if let Err(e) = r {
-                return Err((Some(e), item));
+                return Err((Some(e), item, s.armed.remove(&fd)));
             }
+            let displaced = if own {
+                None
+            } else {
+                s.armed.insert(
+                    fd,
+                    Armed {
+                        read: want_r,
+                        write: want_w,
+                        owner: owner_ref,
+                    },
+                )
+            };
             let e = s.io.entry(fd).or_default();
             if read {
                 e.edge_r = edge;
@@ -1128,13 +1191,17 @@ impl LoopCore {
             // The re-arm above covers this descriptor until its next event.
             s.rearm.remove(&fd);
             let slot = if read { &mut e.reader } else { &mut e.writer };
-            Ok(slot.replace(item))
+            Ok((slot.replace(item), displaced))
         });
         match res {
-            Ok(Some(old)) => crate::handles::cancel(old.bind(py))?,
-            Ok(None) => {}
-            Err((None, _item)) => return Err(closed_error()),
-            Err((Some(e), _item)) => return Err(errors::from_io(e)),
+            Ok((old, displaced)) => {
+                drop(displaced);
+                if let Some(old) = old {
+                    crate::handles::cancel(old.bind(py))?;
+                }
+            }
+            Err((None, _item, _)) => return Err(closed_error()),
+            Err((Some(e), _item, _)) => return Err(errors::from_io(e)),
         }
         Ok(handle)
     }
@@ -1174,7 +1241,7 @@ impl LoopCore {
             if known && let Some(reg) = s.registrar.as_ref() {
                 let _ = reg.deregister(fd);
             }
-            (entry, s.transports.remove(&fd))
+            (entry, (s.transports.remove(&fd), s.armed.remove(&fd)))
         });
         drop(tr);
         if let Some(e) = entry {

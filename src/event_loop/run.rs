@@ -113,7 +113,12 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             // the loop's back) surfaces as with asyncio: on the next add/remove of that fd.
             for fd in s.rearm.drain() {
                 if let Some(e) = s.io.get(&fd) {
-                    let _ = reg.modify(fd, e.reader.is_some(), e.writer.is_some());
+                    let (r, w) = (e.reader.is_some(), e.writer.is_some());
+                    let ok = reg.modify(fd, r, w).is_ok();
+                    if let Some(a) = s.armed.get_mut(&fd) {
+                        // A failed re-arm leaves an interest nobody knows: not reusable.
+                        (a.read, a.write) = if ok { (r, w) } else { (false, false) };
+                    }
                 }
             }
         }
