@@ -211,6 +211,29 @@ pub struct SockOp {
     sock: Py<PyAny>,
     fd: RawFd,
     op: GilCell<Op>,
+    /// The future's done callback that unregisters the operation; set once registered.
+    done: GilCell<Option<Py<SockDone>>>,
+}
+
+impl SockOp {
+    /// Completes the operation: it unregisters itself at once (what its done callback
+    /// would do at the next iteration, as asyncio's `_sock_read_done`), withdraws that
+    /// callback, then sets the future's outcome, so completion schedules the waiting
+    /// task's wake-up alone.
+    fn finish(
+        &self,
+        py: Python<'_>,
+        fut: &Bound<'_, PyAny>,
+        method: &Bound<'_, pyo3::types::PyString>,
+        value: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        if let Some(done) = self.done.with(py, |d| d.take()) {
+            let done = done.into_bound(py);
+            fut.call_method1(pyo3::intern!(py, "remove_done_callback"), (&done,))?;
+            done.get().unregister(py)?;
+        }
+        fut.call_method1(method, (value,)).map(drop)
+    }
 }
 
 #[pymethods]
@@ -222,18 +245,17 @@ impl SockOp {
         }
         match attempt(self.sock.bind(py), self.fd, &self.op, false) {
             Ok(Attempt::WouldBlock) => Ok(()),
-            Ok(Attempt::Done(v)) => fut
-                .call_method1(pyo3::intern!(py, "set_result"), (v,))
-                .map(drop),
+            Ok(Attempt::Done(v)) => self.finish(py, fut, pyo3::intern!(py, "set_result"), v),
             Err(e)
                 if e.is_instance_of::<PyKeyboardInterrupt>(py)
                     || e.is_instance_of::<PySystemExit>(py) =>
             {
                 Err(e)
             }
-            Err(e) => fut
-                .call_method1(pyo3::intern!(py, "set_exception"), (e.into_value(py),))
-                .map(drop),
+            Err(e) => {
+                let exc = e.into_value(py).into_bound(py).into_any();
+                self.finish(py, fut, pyo3::intern!(py, "set_exception"), exc)
+            }
         }
     }
 
@@ -241,10 +263,19 @@ impl SockOp {
         visit.call(&self.fut)?;
         visit.call(&self.sock)?;
         // SAFETY: the collector runs with the GIL held, never inside `GilCell::with`.
+        visit.call(unsafe { self.done.get_unchecked() })?;
+        // SAFETY: the collector runs with the GIL held, never inside `GilCell::with`.
         for r in unsafe { self.op.get_unchecked() }.refs() {
             visit.call(r)?;
         }
         Ok(())
+    }
+
+    fn __clear__(&self) {
+        // SAFETY: called by the collector with the GIL held, outside any `with`.
+        let py = unsafe { Python::assume_attached() };
+        let done = self.done.with(py, |d| d.take());
+        drop(done);
     }
 }
 
@@ -261,6 +292,17 @@ pub struct SockDone {
 #[pymethods]
 impl SockDone {
     fn __call__(&self, py: Python<'_>, _fut: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.unregister(py)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.loop_)?;
+        visit.call(&self.handle)
+    }
+}
+
+impl SockDone {
+    fn unregister(&self, py: Python<'_>) -> PyResult<()> {
         let t = crate::py::handle::types()?;
         if t.is_cancelled(self.handle.bind(py)) {
             return Ok(());
@@ -269,11 +311,6 @@ impl SockDone {
         // it as `remove_reader` / `remove_writer` would, without the method call.
         LoopCore::remove_io_fd(self.loop_.bind(py), self.fd, self.dir == Dir::Read)?;
         Ok(())
-    }
-
-    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        visit.call(&self.loop_)?;
-        visit.call(&self.handle)
     }
 }
 
@@ -326,6 +363,7 @@ pub(crate) fn run<'py>(
             sock: sock.clone().unbind(),
             fd,
             op,
+            done: GilCell::new(None),
         },
     )?;
     // The operation's callback always makes the system call (or finds its future done
@@ -358,7 +396,9 @@ pub(crate) fn run<'py>(
             dir,
         },
     )?;
-    fut.call_method1(pyo3::intern!(py, "add_done_callback"), (done,))?;
+    fut.call_method1(pyo3::intern!(py, "add_done_callback"), (&done,))?;
+    let done = done.unbind();
+    callback.get().done.with(py, |d| *d = Some(done));
     Ok(Outcome::Pending(fut))
 }
 

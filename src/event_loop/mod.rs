@@ -496,7 +496,10 @@ impl LoopCore {
                     s.task_factory.take(),
                     s.registrar.take(),
                     std::mem::take(&mut s.dns_pending),
-                    (std::mem::take(&mut s.transports), std::mem::take(&mut s.armed)),
+                    (
+                        std::mem::take(&mut s.transports),
+                        std::mem::take(&mut s.armed),
+                    ),
                 )
             });
         // NOTE: as asyncio's close: queued callbacks and timers are dropped (timers keep
