@@ -450,7 +450,7 @@ impl SockOperation {
         }
     }
 
-    fn step(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+    fn step(&self, py: Python<'_>) -> PyResult<Step> {
         let state = self
             .state
             .with(py, |s| std::mem::replace(s, CoroState::Done));
@@ -461,7 +461,7 @@ impl SockOperation {
                     fut.setattr(pyo3::intern!(py, "_asyncio_future_blocking"), true)?;
                     let item = fut.clone().unbind();
                     self.state.with(py, |s| *s = CoroState::Waiting(item));
-                    return Ok(fut.unbind());
+                    return Ok(Step::Yield(fut.unbind()));
                 }
             },
             CoroState::Waiting(fut) => {
@@ -477,7 +477,70 @@ impl SockOperation {
                 ));
             }
         };
-        Err(PyStopIteration::new_err((value.unbind(),)))
+        Ok(Step::Return(value.unbind()))
+    }
+
+    /// `step` as a `__next__` / `send` result: a return is `StopIteration(value)`.
+    fn step_py(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self.step(py)? {
+            Step::Yield(fut) => Ok(fut),
+            Step::Return(v) => Err(PyStopIteration::new_err((v,))),
+        }
+    }
+}
+
+/// What one step of a `SockOperation` gave.
+enum Step {
+    /// The future to wait on (`yield`).
+    Yield(Py<PyAny>),
+    /// The operation's result (`return`).
+    Return(Py<PyAny>),
+}
+
+/// `tp_iternext` of `SockOperation`, installed over pyo3's: an `await` resumes the
+/// operation through this slot (`send(None)`), and a result is returned by setting
+/// StopIteration's value directly, as CPython's own generators do, instead of creating
+/// the exception object first (on Python 3.12+ CPython creates it anyway).
+unsafe extern "C" fn sock_operation_iternext(
+    slf: *mut pyo3::ffi::PyObject,
+) -> *mut pyo3::ffi::PyObject {
+    // SAFETY: installed as the slot of the SockOperation type only, so `slf` is a live
+    // SockOperation; the GIL is held in a slot call.
+    unsafe {
+        let py = Python::assume_attached();
+        crate::py::guard(py, || {
+            let obj = Bound::from_borrowed_ptr(py, slf);
+            let op = obj.cast::<SockOperation>()?;
+            match op.get().step(py)? {
+                Step::Yield(fut) => Ok(fut.into_ptr()),
+                Step::Return(v) => {
+                    let v = v.into_bound(py);
+                    let exc = pyo3::ffi::PyExc_StopIteration;
+                    // A tuple or an exception as the value must be wrapped, or they
+                    // would become the exception's arguments / the exception itself.
+                    if v.is_instance_of::<PyTuple>()
+                        || pyo3::ffi::PyExceptionInstance_Check(v.as_ptr()) != 0
+                    {
+                        let args = PyTuple::new(py, [&v])?;
+                        pyo3::ffi::PyErr_SetObject(exc, args.as_ptr());
+                    } else {
+                        pyo3::ffi::PyErr_SetObject(exc, v.as_ptr());
+                    }
+                    Ok(std::ptr::null_mut())
+                }
+            }
+        })
+    }
+}
+
+/// Installs the `tp_iternext` above on the SockOperation type.
+pub fn install(ty: &Bound<'_, pyo3::types::PyType>) {
+    // SAFETY: a heap type created by pyo3 at module initialisation, before any instance
+    // exists; slots of heap types may be replaced, followed by PyType_Modified.
+    unsafe {
+        let t = ty.as_type_ptr();
+        (*t).tp_iternext = Some(sock_operation_iternext);
+        pyo3::ffi::PyType_Modified(t);
     }
 }
 
@@ -488,12 +551,12 @@ impl SockOperation {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.step(py)
+        self.step_py(py)
     }
 
     #[pyo3(signature = (_value))]
     fn send(&self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        self.step(py)
+        self.step_py(py)
     }
 
     /// Raises the exception at the suspension point (Task cancellation), ending the

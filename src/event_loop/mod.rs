@@ -8,6 +8,7 @@ mod exception_handler;
 mod run;
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +32,38 @@ use crate::timers::TimerQueue;
 
 /// asyncio's `MAXIMUM_SELECT_TIMEOUT`: 24 hours.
 const MAXIMUM_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
+
+/// Hashes a file descriptor (or another small integer key) as itself: the loop's maps
+/// are looked up on every I/O event and are keyed by distinct small integers, so
+/// SipHash's flood resistance buys nothing there.
+#[derive(Default)]
+pub(crate) struct IntHasher(u64);
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        // Spread the bits (Fibonacci hashing): hashbrown uses the top bits as tags.
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_i32(&mut self, n: i32) {
+        self.0 = u64::from(n as u32);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map keyed by file descriptor.
+pub(crate) type FdMap<V> = HashMap<RawFd, V, BuildHasherDefault<IntHasher>>;
+/// A set of file descriptors.
+pub(crate) type FdSet = HashSet<RawFd, BuildHasherDefault<IntHasher>>;
 
 /// The reader and writer handles registered for one file descriptor.
 #[derive(Default)]
@@ -74,17 +107,17 @@ pub(crate) struct State {
     pub slow_callback_duration: f64,
     pub task_factory: Option<Py<PyAny>>,
     /// add_reader / add_writer registrations, by fd.
-    pub io: HashMap<RawFd, IoHandles>,
+    pub io: FdMap<IoHandles>,
     /// Descriptors still registered with the reactor after their last handle went:
     /// adding a handle again re-arms them instead of registering anew.
-    pub idle_fds: HashSet<RawFd>,
+    pub idle_fds: FdSet,
     /// The interest each descriptor's epoll registration has (set by every register /
     /// modify), and the socket object a sock_* operation registered it for (see
     /// `LoopCore::add_io_fd_owned`).
-    pub armed: HashMap<RawFd, Armed>,
+    pub armed: FdMap<Armed>,
     /// Descriptors whose events were dispatched since the last poll: re-armed right
     /// before the next poll if they still have handles (see `run_once`).
-    pub rearm: HashSet<RawFd>,
+    pub rearm: FdSet,
     /// Edge-triggered descriptors a transport left readable on purpose (it stopped at
     /// its per-event budget): their readers run again at the next iteration without a
     /// system call (see `LoopCore::redispatch`).
@@ -104,11 +137,11 @@ pub(crate) struct State {
     /// Where resolver threads deliver getaddrinfo/getnameinfo answers.
     pub dns_inbox: Arc<dns::Inbox>,
     /// Futures of resolutions in flight, by request id.
-    pub dns_pending: HashMap<u64, Py<PyAny>>,
+    pub dns_pending: HashMap<u64, Py<PyAny>, BuildHasherDefault<IntHasher>>,
     pub dns_next: u64,
     /// Weak references to the native transports that are not closing, by descriptor
     /// (asyncio's `_transports`): `add_reader` & co. refuse their descriptors.
-    pub transports: HashMap<RawFd, Py<PyAny>>,
+    pub transports: FdMap<Py<PyAny>>,
 }
 
 #[pyclass(
@@ -398,10 +431,10 @@ impl LoopCore {
                 debug: false,
                 slow_callback_duration: 0.1,
                 task_factory: None,
-                io: HashMap::new(),
-                idle_fds: HashSet::new(),
-                armed: HashMap::new(),
-                rearm: HashSet::new(),
+                io: FdMap::default(),
+                idle_fds: FdSet::default(),
+                armed: FdMap::default(),
+                rearm: FdSet::default(),
                 redispatch: Vec::new(),
                 signals,
                 current_handle: None,
@@ -410,9 +443,9 @@ impl LoopCore {
                 wake_pending: false,
                 last_poll_ns: i64::MIN,
                 dns_inbox,
-                dns_pending: HashMap::new(),
+                dns_pending: HashMap::default(),
                 dns_next: 0,
-                transports: HashMap::new(),
+                transports: FdMap::default(),
             }),
             poller: Mutex::new(Some(poller)),
             clock_resolution: crate::sys::monotonic_resolution(),
