@@ -317,7 +317,10 @@ impl SockDone {
 /// asyncio's `_check_ssl_socket` and the debug-mode blocking-socket check.
 fn check_socket(slf: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>) -> PyResult<()> {
     let py = slf.py();
-    if let Ok(ssl_socket) = import_attr!(py, "ssl", "SSLSocket")
+    // A plain `socket.socket` (the usual case) cannot be an SSLSocket, a subclass.
+    let plain = import_attr!(py, "socket", "socket").is_ok_and(|t| sock.get_type().is(t));
+    if !plain
+        && let Ok(ssl_socket) = import_attr!(py, "ssl", "SSLSocket")
         && sock.is_instance(ssl_socket)?
     {
         return Err(PyTypeError::new_err("Socket cannot be of type SSLSocket"));

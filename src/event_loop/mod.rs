@@ -598,9 +598,25 @@ impl LoopCore {
     pub(crate) fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let future = import_attr!(py, "asyncio.futures", "Future")?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item(pyo3::intern!(py, "loop"), slf)?;
-        future.call((), Some(&kwargs))
+        // Future(loop=self), by vectorcall with the keyword's name (no kwargs dict here).
+        static KWNAMES: pyo3::sync::PyOnceLock<Py<PyTuple>> = pyo3::sync::PyOnceLock::new();
+        let kwnames = KWNAMES.get_or_try_init(py, || {
+            PyTuple::new(py, [pyo3::intern!(py, "loop")]).map(Bound::unbind)
+        })?;
+        let args = [slf.as_ptr()];
+        // SAFETY: `args` holds one borrowed, live object named by `kwnames` (one keyword,
+        // no positionals); the result is a new reference or NULL with an exception set.
+        unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                pyo3::ffi::PyObject_Vectorcall(
+                    future.as_ptr(),
+                    args.as_ptr(),
+                    0,
+                    kwnames.as_ptr(),
+                ),
+            )
+        }
     }
 
     /// `create_task(coro, *, name=None, context=None, eager_start=None, **kwargs)` with
