@@ -161,3 +161,47 @@ def test_transport_has_a_dict(loop):
             b.close()
 
     assert run(loop, main()) == 1
+
+
+SHUTDOWN_SCRIPT = """
+import asyncio, socket, sys
+loop = asyncio.new_event_loop() if sys.argv[1] == "asyncio" else __import__("ferroloop").new_event_loop()
+
+class Proto(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+async def main():
+    server = await loop.create_server(Proto, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    keep = []
+    for _ in range(20):
+        keep.append(await loop.create_connection(Proto, "127.0.0.1", port))
+    keep.append(await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)))
+    await asyncio.sleep(0.05)
+    globals()["keep"] = (server, keep)
+
+loop.run_until_complete(main())
+print("done", flush=True)
+# The loop is neither closed nor are the transports: they go at interpreter shutdown.
+"""
+
+
+def test_unclosed_transports_at_interpreter_shutdown(loop_name, tmp_path):
+    """Transports left open until the interpreter exits are finalized quietly (asyncio
+    prints nothing: its ResourceWarning is ignored by default), with no error from a
+    finalizer that can no longer import modules."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(SHUTDOWN_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), loop_name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "done\n"
+    assert proc.stderr == ""

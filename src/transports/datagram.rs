@@ -700,16 +700,10 @@ impl DatagramCore {
 
     fn _finalize(&self, py: Python<'_>, wrapper: &Bound<'_, PyAny>) -> PyResult<()> {
         let sock = self.with(py, |s| s.sock.as_ref().map(|s| s.clone_ref(py)));
-        if let Some(sock) = sock {
-            let warn = import_attr!(py, "warnings", "warn")?;
-            let kw = PyDict::new(py);
-            kw.set_item("source", wrapper)?;
-            let msg = format!("unclosed transport {}", wrapper.repr()?);
-            let category = py.get_type::<pyo3::exceptions::PyResourceWarning>();
-            warn.call((msg, category), Some(&kw))?;
-            sock.call_method0(py, "close")?;
+        match sock {
+            Some(sock) => super::warn_unclosed(wrapper, sock.bind(py)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {

@@ -39,6 +39,22 @@ forward_methods!(DATAGRAM_METHODS:
     is_reading, _force_close, _fatal_error,
 );
 
+/// asyncio's `_SelectorTransport.__del__` for a transport still holding `sock`: a
+/// ResourceWarning "unclosed transport", then the socket is closed. At interpreter
+/// shutdown, when `warnings` can no longer be imported (asyncio holds it from import
+/// time), the warning is skipped and the socket still closed.
+fn warn_unclosed(wrapper: &Bound<'_, PyAny>, sock: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = wrapper.py();
+    if let Ok(warn) = crate::py::import_attr!(py, "warnings", "warn") {
+        let kw = pyo3::types::PyDict::new(py);
+        kw.set_item("source", wrapper)?;
+        let msg = format!("unclosed transport {}", wrapper.repr()?);
+        let category = py.get_type::<pyo3::exceptions::PyResourceWarning>();
+        warn.call((msg, category), Some(&kw))?;
+    }
+    sock.call_method0("close").map(drop)
+}
+
 /// `transport.write(data)` without the forwarder's method call: the hottest transport
 /// method (a Protocol's `data_received` usually ends in it).
 unsafe extern "C" fn stream_write(
