@@ -609,12 +609,7 @@ impl LoopCore {
         unsafe {
             Bound::from_owned_ptr_or_err(
                 py,
-                pyo3::ffi::PyObject_Vectorcall(
-                    future.as_ptr(),
-                    args.as_ptr(),
-                    0,
-                    kwnames.as_ptr(),
-                ),
+                pyo3::ffi::PyObject_Vectorcall(future.as_ptr(), args.as_ptr(), 0, kwnames.as_ptr()),
             )
         }
     }
@@ -1144,7 +1139,7 @@ impl LoopCore {
     }
 
     /// Registers `callback(*args)` for `fd` and returns its handle, cancelling the one it
-    /// replaces. `edge`: see `IoHandles::edge`.
+    /// replaces. `edge`: see `IoHandles::edge_r`.
     pub(crate) fn add_io_fd<'py>(
         slf: &Bound<'py, Self>,
         fd: RawFd,

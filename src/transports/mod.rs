@@ -55,6 +55,59 @@ fn warn_unclosed(wrapper: &Bound<'_, PyAny>, sock: &Bound<'_, PyAny>) -> PyResul
     sock.call_method0("close").map(drop)
 }
 
+/// The positional arguments of a `direct` call.
+struct Args<'a> {
+    py: Python<'a>,
+    argv: &'a [*mut pyo3::ffi::PyObject],
+}
+
+impl<'a> Args<'a> {
+    fn get(&self, i: usize) -> Option<Bound<'a, PyAny>> {
+        // SAFETY: the vectorcall frame's arguments are live borrowed references.
+        self.argv
+            .get(i)
+            .map(|&p| unsafe { Bound::from_borrowed_ptr(self.py, p) })
+    }
+}
+
+/// The body of a hand-written wrapper method: with `nargs` positional arguments in
+/// `accepted` and no keywords, `body(core, args)` runs on the wrapper's core without a
+/// Python-level method call; anything else goes through the generic forwarder, which
+/// reports errors as the core's method does.
+///
+/// # Safety
+/// As a METH_FASTCALL|METH_KEYWORDS method of a wrapper type: `slf` is a wrapper
+/// instance and `args` / `nargsf` / `kwnames` a valid vectorcall frame.
+unsafe fn direct(
+    slf: *mut pyo3::ffi::PyObject,
+    name: &'static str,
+    args: *const *mut pyo3::ffi::PyObject,
+    nargsf: pyo3::ffi::Py_ssize_t,
+    kwnames: *mut pyo3::ffi::PyObject,
+    accepted: std::ops::RangeInclusive<isize>,
+    body: impl FnOnce(&Bound<'_, PyAny>, Args<'_>) -> PyResult<()>,
+) -> *mut pyo3::ffi::PyObject {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let nargs = pyo3::ffi::PyVectorcall_NARGS(nargsf as usize);
+        if !accepted.contains(&nargs) || !kwnames.is_null() {
+            return transport_type::forward(slf, name, args, nargsf, kwnames);
+        }
+        let py = Python::assume_attached();
+        crate::py::guard(py, || {
+            let core = transport_type::core_of(py, slf)?;
+            body(
+                &core,
+                Args {
+                    py,
+                    argv: std::slice::from_raw_parts(args, nargs as usize),
+                },
+            )?;
+            Ok(pyo3::ffi::Py_NewRef(pyo3::ffi::Py_None()))
+        })
+    }
+}
+
 /// `transport.write(data)` without the forwarder's method call: the hottest transport
 /// method (a Protocol's `data_received` usually ends in it).
 unsafe extern "C" fn stream_write(
@@ -64,21 +117,11 @@ unsafe extern "C" fn stream_write(
     kwnames: *mut pyo3::ffi::PyObject,
 ) -> *mut pyo3::ffi::PyObject {
     // SAFETY: installed as a METH_FASTCALL|METH_KEYWORDS method of the stream wrapper
-    // types: `slf` is a wrapper instance and `args` a valid vectorcall frame. Anything but
-    // exactly one positional argument goes through the generic forwarder, which reports
-    // the error as the core's method does.
+    // types, so CPython passes a wrapper instance and a valid vectorcall frame.
     unsafe {
-        let nargs = pyo3::ffi::PyVectorcall_NARGS(nargsf as usize);
-        if nargs != 1 || !kwnames.is_null() {
-            return transport_type::forward(slf, "write", args, nargsf, kwnames);
-        }
-        let py = Python::assume_attached();
-        crate::py::guard(py, || {
-            let core = transport_type::core_of(py, slf)?;
-            let core = core.cast::<stream::StreamCore>()?;
-            let data = Bound::from_borrowed_ptr(py, *args);
-            stream::StreamCore::write(core, &data)?;
-            Ok(pyo3::ffi::Py_NewRef(pyo3::ffi::Py_None()))
+        direct(slf, "write", args, nargsf, kwnames, 1..=1, |core, argv| {
+            let data = argv.get(0).expect("one argument");
+            stream::StreamCore::write(core.cast::<stream::StreamCore>()?, &data)
         })
     }
 }
@@ -91,21 +134,12 @@ unsafe extern "C" fn datagram_sendto(
     nargsf: pyo3::ffi::Py_ssize_t,
     kwnames: *mut pyo3::ffi::PyObject,
 ) -> *mut pyo3::ffi::PyObject {
-    // SAFETY: as `stream_write`, for the datagram wrapper type; one or two positional
-    // arguments are handled here, anything else by the generic forwarder.
+    // SAFETY: as `stream_write`, for the datagram wrapper type.
     unsafe {
-        let nargs = pyo3::ffi::PyVectorcall_NARGS(nargsf as usize);
-        if !(1..=2).contains(&nargs) || !kwnames.is_null() {
-            return transport_type::forward(slf, "sendto", args, nargsf, kwnames);
-        }
-        let py = Python::assume_attached();
-        crate::py::guard(py, || {
-            let core = transport_type::core_of(py, slf)?;
+        direct(slf, "sendto", args, nargsf, kwnames, 1..=2, |core, argv| {
             let core = core.cast::<datagram::DatagramCore>()?;
-            let data = Bound::from_borrowed_ptr(py, *args);
-            let addr = (nargs == 2).then(|| Bound::from_borrowed_ptr(py, *args.add(1)));
-            datagram::DatagramCore::sendto(core, &data, addr)?;
-            Ok(pyo3::ffi::Py_NewRef(pyo3::ffi::Py_None()))
+            let data = argv.get(0).expect("at least one argument");
+            datagram::DatagramCore::sendto(core, &data, argv.get(1))
         })
     }
 }
