@@ -165,7 +165,11 @@ def test_transport_has_a_dict(loop):
 
 SHUTDOWN_SCRIPT = """
 import asyncio, socket, sys
-loop = asyncio.new_event_loop() if sys.argv[1] == "asyncio" else __import__("ferroloop").new_event_loop()
+if sys.argv[1] == "asyncio":
+    loop = asyncio.new_event_loop()
+else:
+    import ferroloop
+    loop = ferroloop.new_event_loop()
 
 class Proto(asyncio.Protocol):
     def connection_made(self, transport):
@@ -177,7 +181,10 @@ async def main():
     keep = []
     for _ in range(20):
         keep.append(await loop.create_connection(Proto, "127.0.0.1", port))
-    keep.append(await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)))
+    udp = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+    )
+    keep.append(udp)
     await asyncio.sleep(0.05)
     globals()["keep"] = (server, keep)
 

@@ -229,7 +229,8 @@ def test_many_peers(loop):
                 for i, (tr, proto) in enumerate(peers):
                     replies = await proto.wait_for(rnd + 1)
                     assert replies[rnd] == (b"%d:%d" % (rnd, i), srv_addr)
-                    assert tr.get_extra_info("sockname") in [a for d, a in got if d.endswith(b":%d" % i)]
+                    senders = [a for d, a in got if d.endswith(b":%d" % i)]
+                    assert tr.get_extra_info("sockname") in senders
         finally:
             await close(server, *peers)
 
