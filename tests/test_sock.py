@@ -169,6 +169,38 @@ def test_sock_recv_reused_descriptor_same_object_dup(loop):
     run(loop, main())
 
 
+def test_level_writer_keeps_firing_with_sock_recv_pending(loop, sockpair):
+    """A level-triggered add_writer on a socket keeps being called while sock_recv
+    operations on the same socket come and go."""
+    a, _ = sockpair
+
+    async def main():
+        calls = 0
+
+        def writable():
+            nonlocal calls
+            calls += 1
+
+        first = asyncio.ensure_future(loop.sock_recv(a, 10))
+        await asyncio.sleep(0.01)
+        loop.add_writer(a, writable)
+        try:
+            second = asyncio.ensure_future(loop.sock_recv(a, 10))
+            await asyncio.sleep(0.01)
+            third = asyncio.ensure_future(loop.sock_recv(a, 10))
+            await asyncio.sleep(0.01)
+            before = calls
+            await asyncio.sleep(0.05)
+            assert calls - before > 10
+        finally:
+            loop.remove_writer(a)
+        for t in (first, second, third):
+            t.cancel()
+        await asyncio.gather(first, second, third, return_exceptions=True)
+
+    run(loop, main())
+
+
 def test_sock_recv_respects_nbytes(loop, sockpair):
     a, b = sockpair
     b.send(b"0123456789")

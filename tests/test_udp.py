@@ -208,6 +208,36 @@ def test_sendto_address_forms(loop, loop_errors):
     loop_errors.clear()
 
 
+def test_reply_address_is_the_kernel_form_not_the_senders_spelling(loop):
+    """A datagram's address is always socket.recvfrom's form, even when this transport
+    sent to that peer under another spelling of the same address."""
+
+    async def main():
+        peer = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        peer.bind(("::1", 0))
+        try:
+            port = peer.getsockname()[1]
+            tr, proto = await loop.create_datagram_endpoint(
+                DatagramRecorder, local_addr=("::1", 0), family=socket.AF_INET6
+            )
+            try:
+                tr.sendto(b"x", ("0:0:0:0:0:0:0:1", port))
+                tr.sendto(b"y", ("0:0:0:0:0:0:0:1", port))
+                peer.settimeout(5)
+                _, back = peer.recvfrom(10)
+                peer.recvfrom(10)
+                peer.sendto(b"reply", back)
+                got = await proto.wait_for(1)
+                assert got == [(b"reply", ("::1", port, 0, 0))]
+            finally:
+                tr.close()
+                await proto.lost
+        finally:
+            peer.close()
+
+    run(loop, main())
+
+
 def test_many_peers(loop):
     """More peers than ferroloop remembers address tuples for: every reply reaches the
     peer that asked, with the peer's address."""

@@ -1156,6 +1156,12 @@ impl LoopCore {
     /// that arrived while the descriptor was idle is not lost with an edge-triggered
     /// registration: when the registration already watches the direction and was made
     /// for this same (live) socket object, no `epoll_ctl` is needed.
+    ///
+    /// DEVIATION(asyncio): descriptor tricks behind the socket object's back, such as
+    ///   `os.dup2(other, sock.fileno())` while the socket is open, replace the file the
+    ///   registration was for without the loop noticing; a later sock_* wait on that
+    ///   socket object is then not woken. Detecting it would cost an `fstat` per wait,
+    ///   as much as the `epoll_ctl` this saves.
     pub(crate) fn add_io_fd_owned<'py>(
         slf: &Bound<'py, Self>,
         fd: RawFd,
@@ -1235,8 +1241,11 @@ impl LoopCore {
             } else {
                 e.edge_w = edge;
             }
-            // The re-arm above covers this descriptor until its next event.
-            s.rearm.remove(&fd);
+            // The re-arm above covers this descriptor until its next event (without one,
+            // a pending re-arm for a level-triggered handle on the fd must stay).
+            if !own {
+                s.rearm.remove(&fd);
+            }
             let slot = if read { &mut e.reader } else { &mut e.writer };
             Ok((slot.replace(item), displaced))
         });

@@ -20,34 +20,18 @@ use crate::py::{self, GilCell, import_attr};
 /// Datagrams read per readiness event before yielding to other callbacks.
 const READS_PER_EVENT: usize = 32;
 
-/// Peers whose address tuples are remembered (see `Peers`).
+/// Address tuples remembered per transport, in each of `Peers`' two caches.
 const PEERS_CACHED: usize = 64;
 
-/// The address tuples of recent peers with their binary form: a datagram from a known
-/// peer reuses its tuple (no `inet_ntop`, no new objects), and `sendto(data, addr)` with
-/// a tuple handed out here (the echo pattern) or sent to before skips parsing it.
+/// Address tuples paired with their binary form, replaced round-robin once full.
 #[derive(Default)]
-struct Peers {
+struct AddrCache {
     entries: Vec<(crate::sys::RawAddr, Py<PyAny>)>,
     /// The entry replaced next once the cache is full.
     next: usize,
 }
 
-impl Peers {
-    fn by_raw(&self, py: Python<'_>, raw: &crate::sys::RawAddr) -> Option<Py<PyAny>> {
-        let found = self.entries.iter().rev().find(|(r, _)| r == raw);
-        found.map(|(_, t)| t.clone_ref(py))
-    }
-
-    fn by_object(&self, obj: &Bound<'_, PyAny>) -> Option<crate::sys::RawAddr> {
-        let found = self
-            .entries
-            .iter()
-            .rev()
-            .find(|(_, t)| t.as_ptr() == obj.as_ptr());
-        found.map(|(r, _)| *r)
-    }
-
+impl AddrCache {
     /// Remembers `obj` as `raw`; returns the entry it displaced (dropped by the caller
     /// outside any borrow).
     fn insert(&mut self, raw: crate::sys::RawAddr, obj: Py<PyAny>) -> Option<Py<PyAny>> {
@@ -58,6 +42,41 @@ impl Peers {
         let i = self.next;
         self.next = (i + 1) % PEERS_CACHED;
         Some(std::mem::replace(&mut self.entries[i], (raw, obj)).1)
+    }
+
+    fn by_object(&self, obj: &Bound<'_, PyAny>) -> Option<crate::sys::RawAddr> {
+        let found = self
+            .entries
+            .iter()
+            .rev()
+            .find(|(_, t)| t.as_ptr() == obj.as_ptr());
+        found.map(|(r, _)| *r)
+    }
+}
+
+/// Recent peers. `received`: the address tuples this transport made for incoming
+/// datagrams (exactly as `makesockaddr` spells them), so a datagram from a known peer
+/// reuses its tuple (no `inet_ntop`, no new objects). `sent`: tuples the user passed to
+/// `sendto` with their parsed form, so sending to the same object again skips parsing.
+/// Only `received` answers for incoming datagrams: a user's own spelling of an address
+/// (`"0:0:0:0:0:0:0:1"`) never reaches `datagram_received`.
+#[derive(Default)]
+struct Peers {
+    received: AddrCache,
+    sent: AddrCache,
+}
+
+impl Peers {
+    fn by_raw(&self, py: Python<'_>, raw: &crate::sys::RawAddr) -> Option<Py<PyAny>> {
+        let found = self.received.entries.iter().rev().find(|(r, _)| r == raw);
+        found.map(|(_, t)| t.clone_ref(py))
+    }
+
+    /// The binary form of an address tuple this transport made or was given before.
+    fn by_object(&self, obj: &Bound<'_, PyAny>) -> Option<crate::sys::RawAddr> {
+        self.received
+            .by_object(obj)
+            .or_else(|| self.sent.by_object(obj))
     }
 }
 
@@ -294,9 +313,16 @@ impl DatagramCore {
         let addr = match self.with(py, |s| s.peers.by_raw(py, &raw)) {
             Some(a) => a.into_bound(py),
             None => {
-                let a = crate::dns::sockaddr(py, &raw.to_sockaddr())?;
-                let old = self.with(py, |s| s.peers.insert(raw, a.clone().unbind()));
-                drop(old);
+                let sa = raw.to_sockaddr();
+                let a = crate::dns::sockaddr(py, &sa)?;
+                // A flowinfo socket.sendto would refuse ("flowinfo must be 0-1048575")
+                // must not be sent back natively: such a tuple is not remembered.
+                let sendable =
+                    !matches!(sa, crate::sys::SockAddr::V6 { flowinfo, .. } if flowinfo > 0xfffff);
+                if sendable {
+                    let old = self.with(py, |s| s.peers.received.insert(raw, a.clone().unbind()));
+                    drop(old);
+                }
                 a
             }
         };
@@ -335,7 +361,8 @@ impl DatagramCore {
                 None => {
                     let raw = parse_inet(family, addr);
                     if let Some(raw) = raw {
-                        let old = self.with(py, |s| s.peers.insert(raw, addr.clone().unbind()));
+                        let old =
+                            self.with(py, |s| s.peers.sent.insert(raw, addr.clone().unbind()));
                         drop(old);
                     }
                     raw
