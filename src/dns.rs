@@ -338,6 +338,19 @@ pub(crate) fn sockaddr<'py>(py: Python<'py>, a: &SockAddr) -> PyResult<Bound<'py
         } => (host.as_str(), *port, *flowinfo, *scope_id)
             .into_pyobject(py)?
             .into_any(),
+        SockAddr::UnixAbstract(name) => PyBytes::new(py, name).into_any(),
+        SockAddr::UnixPath(path) => {
+            // SAFETY: `path` is valid for its length; NULL means an exception is set.
+            unsafe {
+                Bound::from_owned_ptr_or_err(
+                    py,
+                    pyo3::ffi::PyUnicode_DecodeFSDefaultAndSize(
+                        path.as_ptr().cast(),
+                        path.len() as pyo3::ffi::Py_ssize_t,
+                    ),
+                )?
+            }
+        }
         SockAddr::Other { family, data } => (*family, PyBytes::new(py, data))
             .into_pyobject(py)?
             .into_any(),

@@ -27,6 +27,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sock::install(&m.py().get_type::<sock::SockOperation>());
     m.add_class::<transports::stream::StreamCore>()?;
     m.add_class::<transports::datagram::DatagramCore>()?;
+    m.add_class::<transports::accept::Acceptor>()?;
     transports::init(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

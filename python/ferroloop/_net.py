@@ -37,6 +37,8 @@ from asyncio import (
     trsock,
 )
 
+from . import _ferroloop
+
 try:
     import ssl as _ssl
 except ImportError:  # pragma: no cover
@@ -1015,6 +1017,13 @@ class NetworkMixin:
         ssl_handshake_timeout=None,
         ssl_shutdown_timeout=None,
     ):
+        if sslcontext is None:
+            # Plain connections are accepted natively (no socket object, task or extra
+            # dict per connection until asked for).
+            self.add_reader(
+                sock.fileno(), _ferroloop._Acceptor(self, sock, protocol_factory, server, backlog)
+            )
+            return
         self.add_reader(
             sock.fileno(),
             self._accept_connection,
@@ -1032,6 +1041,40 @@ class NetworkMixin:
         if sock.fileno() != -1:
             self._start_serving(protocol_factory, sock, *args)
 
+    def _accept_exhausted(
+        self,
+        exc,
+        protocol_factory,
+        sock,
+        server=None,
+        backlog=100,
+        sslcontext=None,
+        ssl_handshake_timeout=None,
+        ssl_shutdown_timeout=None,
+    ):
+        """accept() failed for want of a system resource (EMFILE & co.): there is nowhere
+        to send the error but the exception handler. The socket stays readable (Linux), so
+        stop watching it for a while (asyncio's ACCEPT_RETRY_DELAY)."""
+        self.call_exception_handler(
+            {
+                "message": "socket.accept() out of system resource",
+                "exception": exc,
+                "socket": trsock.TransportSocket(sock),
+            }
+        )
+        self.remove_reader(sock.fileno())
+        self.call_later(
+            constants.ACCEPT_RETRY_DELAY,
+            self._resume_accepting,
+            protocol_factory,
+            sock,
+            sslcontext,
+            server,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
+
     def _accept_connection(
         self,
         protocol_factory,
@@ -1042,8 +1085,8 @@ class NetworkMixin:
         ssl_handshake_timeout=None,
         ssl_shutdown_timeout=None,
     ):
-        """The listening socket is readable: accept up to ``backlog`` connections
-        (bpo-27906) and build a transport for each in a task."""
+        """The listening socket of a TLS server is readable: accept up to ``backlog``
+        connections (bpo-27906) and build a transport for each in a task."""
         for _ in range(backlog):
             try:
                 conn, addr = sock.accept()
@@ -1055,25 +1098,13 @@ class NetworkMixin:
             except OSError as exc:
                 if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     raise  # the loop reports it and goes on
-                # Out of a system resource: there is nowhere to send the error but the
-                # exception handler. The socket stays readable (Linux), so stop watching
-                # it for a while.
-                self.call_exception_handler(
-                    {
-                        "message": "socket.accept() out of system resource",
-                        "exception": exc,
-                        "socket": trsock.TransportSocket(sock),
-                    }
-                )
-                self.remove_reader(sock.fileno())
-                self.call_later(
-                    constants.ACCEPT_RETRY_DELAY,
-                    self._resume_accepting,
+                self._accept_exhausted(
+                    exc,
                     protocol_factory,
                     sock,
-                    sslcontext,
                     server,
                     backlog,
+                    sslcontext,
                     ssl_handshake_timeout,
                     ssl_shutdown_timeout,
                 )

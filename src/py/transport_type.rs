@@ -85,12 +85,15 @@ fn tail_offset(base: &Bound<'_, PyType>) -> isize {
 
 /// Creates a wrapper class `name` with bases `bases` (asyncio classes sharing
 /// `BaseTransport`'s layout; the first one's size is used) forwarding `methods` to the core.
+/// With `lazy_extra`, `get_extra_info` and `_extra` also ask the core (`_lazy_extra`) for
+/// entries it has not put in `_extra` yet (see `lazy_get_extra_info`).
 pub fn make_type(
     bases: &[Bound<'_, PyType>],
     name: &'static CStr,
     doc: &'static CStr,
     methods: &'static [Forward],
     direct: &[Forward],
+    lazy_extra: bool,
 ) -> PyResult<WrapperType> {
     let base = &bases[0];
     let py = base.py();
@@ -114,6 +117,16 @@ pub fn make_type(
             ml_doc: ptr::null(),
         })
         .collect();
+    if lazy_extra {
+        defs.push(ffi::PyMethodDef {
+            ml_name: c"get_extra_info".as_ptr(),
+            ml_meth: ffi::PyMethodDefPointer {
+                PyCFunctionFastWithKeywords: lazy_get_extra_info,
+            },
+            ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+            ml_doc: c"Get optional transport information.".as_ptr(),
+        });
+    }
     defs.push(ffi::PyMethodDef::zeroed());
     // NOTE: everything handed to PyType_FromSpecWithBases is leaked: CPython keeps
     //       pointers into the method and member tables for the life of the type (the
@@ -143,22 +156,30 @@ pub fn make_type(
             doc: ptr::null(),
         },
     ]));
-    let getset: &'static mut [ffi::PyGetSetDef] = Box::leak(Box::new([
-        ffi::PyGetSetDef {
-            name: c"__dict__".as_ptr(),
-            get: Some(ffi::PyObject_GenericGetDict),
-            set: Some(ffi::PyObject_GenericSetDict),
+    let mut getset = vec![ffi::PyGetSetDef {
+        name: c"__dict__".as_ptr(),
+        get: Some(ffi::PyObject_GenericGetDict),
+        set: Some(ffi::PyObject_GenericSetDict),
+        doc: ptr::null(),
+        closure: ptr::null_mut(),
+    }];
+    if lazy_extra {
+        getset.push(ffi::PyGetSetDef {
+            name: c"_extra".as_ptr(),
+            get: Some(lazy_extra_get),
+            set: Some(lazy_extra_set),
             doc: ptr::null(),
             closure: ptr::null_mut(),
-        },
-        ffi::PyGetSetDef {
-            name: ptr::null(),
-            get: None,
-            set: None,
-            doc: ptr::null(),
-            closure: ptr::null_mut(),
-        },
-    ]));
+        });
+    }
+    getset.push(ffi::PyGetSetDef {
+        name: ptr::null(),
+        get: None,
+        set: None,
+        doc: ptr::null(),
+        closure: ptr::null_mut(),
+    });
+    let getset: &'static mut [ffi::PyGetSetDef] = Box::leak(getset.into_boxed_slice());
     let slot = |slot: c_int, pfunc: *mut c_void| ffi::PyType_Slot { slot, pfunc };
     let slots: &'static mut [ffi::PyType_Slot] = Box::leak(Box::new([
         slot(ffi::Py_tp_dealloc, wrapper_dealloc as *mut c_void),
@@ -217,11 +238,12 @@ unsafe fn tail_for(obj: *mut ffi::PyObject) -> isize {
 }
 
 impl WrapperType {
-    /// A new wrapper around `core`, with asyncio's `_extra` set to `extra`.
+    /// A new wrapper around `core`, with asyncio's `_extra` set to `extra` (left empty
+    /// for a transport whose `get_extra_info` fills it on demand).
     pub fn wrap<'py>(
         &self,
         core: &Bound<'py, PyAny>,
-        extra: &Bound<'py, PyAny>,
+        extra: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = core.py();
         // SAFETY: tp_alloc (PyType_GenericAlloc) returns a zeroed instance, already tracked
@@ -235,7 +257,9 @@ impl WrapperType {
                 return Err(PyErr::fetch(py));
             }
             (*tail_of(obj, self.tail)).core = core.clone().into_ptr();
-            *extra_slot(obj) = extra.clone().into_ptr();
+            if let Some(extra) = extra {
+                *extra_slot(obj) = extra.clone().into_ptr();
+            }
             Bound::from_owned_ptr(py, obj)
         };
         Ok(obj)
@@ -434,6 +458,162 @@ unsafe extern "C" fn wrapper_dealloc(slf: *mut ffi::PyObject) {
         let free = (*tp).tp_free.unwrap_or(ffi::PyObject_GC_Del);
         free(slf.cast());
         ffi::Py_DECREF(tp.cast());
+    }
+}
+
+/// The `_extra` dict of a lazy-extra wrapper, created empty if it has none yet.
+///
+/// # Safety
+/// `slf` is a live wrapper instance; GIL held.
+unsafe fn extra_dict(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let slot = extra_slot(slf);
+        if (*slot).is_null() {
+            *slot = pyo3::types::PyDict::new(py).into_ptr();
+        }
+        Ok(*slot)
+    }
+}
+
+/// `name` from `_extra`, or else from the core's `_lazy_extra(name)` (a 1-tuple with the
+/// value, or None when the core has nothing by that name), which is then kept in `_extra`.
+///
+/// # Safety
+/// `slf` is a live lazy-extra wrapper instance; GIL held.
+unsafe fn lazy_lookup<'py>(
+    py: Python<'py>,
+    slf: *mut ffi::PyObject,
+    name: &Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    // SAFETY: guaranteed by the caller; the dict lookup returns a borrowed reference.
+    unsafe {
+        let d = *extra_slot(slf);
+        if !d.is_null() {
+            let v = ffi::PyDict_GetItemWithError(d, name.as_ptr());
+            if !v.is_null() {
+                return Ok(Some(Bound::from_borrowed_ptr(py, v)));
+            }
+            if !ffi::PyErr_Occurred().is_null() {
+                return Err(PyErr::fetch(py));
+            }
+        }
+        let core = core_of(py, slf)?;
+        let found = core.call_method1(pyo3::intern!(py, "_lazy_extra"), (name,))?;
+        if found.is_none() {
+            return Ok(None);
+        }
+        let value = found.get_item(0)?;
+        let d = extra_dict(py, slf)?;
+        if ffi::PyDict_SetItem(d, name.as_ptr(), value.as_ptr()) < 0 {
+            return Err(PyErr::fetch(py));
+        }
+        Ok(Some(value))
+    }
+}
+
+/// `get_extra_info(name, default=None)` of a lazy-extra wrapper.
+unsafe extern "C" fn lazy_get_extra_info(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a METH_FASTCALL|METH_KEYWORDS method of a lazy-extra wrapper
+    // type: `slf` is an instance and `args` holds the positional then keyword values.
+    unsafe {
+        let py = Python::assume_attached();
+        super::guard(py, || {
+            let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
+            let nkw = if kwnames.is_null() {
+                0
+            } else {
+                ffi::PyTuple_GET_SIZE(kwnames) as usize
+            };
+            let argv = std::slice::from_raw_parts(args, nargs + nkw);
+            let mut params: [Option<Bound<'_, PyAny>>; 2] = [None, None];
+            if nargs > 2 {
+                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                    "get_extra_info() takes from 2 to 3 positional arguments but {} were given",
+                    nargs + 1
+                )));
+            }
+            for (i, p) in argv[..nargs].iter().enumerate() {
+                params[i] = Some(Bound::from_borrowed_ptr(py, *p));
+            }
+            for (k, p) in argv[nargs..].iter().enumerate() {
+                let key = Bound::from_borrowed_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, k as _));
+                let key: String = key.extract()?;
+                let i = match key.as_str() {
+                    "name" => 0,
+                    "default" => 1,
+                    other => {
+                        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                            "get_extra_info() got an unexpected keyword argument '{other}'"
+                        )));
+                    }
+                };
+                if params[i].is_some() {
+                    return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                        "get_extra_info() got multiple values for argument '{key}'"
+                    )));
+                }
+                params[i] = Some(Bound::from_borrowed_ptr(py, *p));
+            }
+            let [name, default] = params;
+            let Some(name) = name else {
+                return Err(pyo3::exceptions::PyTypeError::new_err(
+                    "get_extra_info() missing 1 required positional argument: 'name'",
+                ));
+            };
+            let value = lazy_lookup(py, slf, &name)?;
+            Ok(value
+                .or(default)
+                .unwrap_or_else(|| py.None().into_bound(py))
+                .into_ptr())
+        })
+    }
+}
+
+/// `_extra` of a lazy-extra wrapper: the whole dict, every entry the core knows filled in.
+unsafe extern "C" fn lazy_extra_get(
+    slf: *mut ffi::PyObject,
+    _closure: *mut c_void,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a getter of a lazy-extra wrapper type.
+    unsafe {
+        let py = Python::assume_attached();
+        super::guard(py, || {
+            let core = core_of(py, slf)?;
+            let names = core.call_method0(pyo3::intern!(py, "_lazy_extra_names"))?;
+            for name in names.try_iter()? {
+                lazy_lookup(py, slf, &name?)?;
+            }
+            let d = extra_dict(py, slf)?;
+            Ok(ffi::Py_NewRef(d))
+        })
+    }
+}
+
+/// Assigning (or deleting) `_extra` of a lazy-extra wrapper, as the slot allows.
+unsafe extern "C" fn lazy_extra_set(
+    slf: *mut ffi::PyObject,
+    value: *mut ffi::PyObject,
+    _closure: *mut c_void,
+) -> c_int {
+    // SAFETY: installed as a setter of a lazy-extra wrapper type; GIL held.
+    unsafe {
+        let slot = extra_slot(slf);
+        let old = *slot;
+        *slot = if value.is_null() {
+            ptr::null_mut()
+        } else {
+            ffi::Py_NewRef(value)
+        };
+        if !old.is_null() {
+            ffi::Py_DECREF(old);
+        }
+        0
     }
 }
 

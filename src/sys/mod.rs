@@ -102,6 +102,10 @@ pub enum SockAddr {
         flowinfo: u32,
         scope_id: u32,
     },
+    /// AF_UNIX: the path up to its NUL (CPython decodes it with the file system
+    /// encoding), or the name of an abstract-namespace socket (returned as bytes).
+    UnixPath(Vec<u8>),
+    UnixAbstract(Vec<u8>),
     /// Any other family: `(family, sa_data)` as CPython's generic `makesockaddr` case.
     Other {
         family: i32,
@@ -193,6 +197,20 @@ unsafe fn sockaddr_of(sa: *const libc::sockaddr, len: libc::socklen_t) -> SockAd
                     port: u16::from_be(a.sin6_port),
                     flowinfo: u32::from_be(a.sin6_flowinfo),
                     scope_id: a.sin6_scope_id,
+                }
+            }
+            libc::AF_UNIX => {
+                let a = &*(sa as *const libc::sockaddr_un);
+                let off = std::mem::offset_of!(libc::sockaddr_un, sun_path);
+                let n = (len as usize)
+                    .saturating_sub(off)
+                    .min(std::mem::size_of_val(&a.sun_path));
+                let path: Vec<u8> = a.sun_path[..n].iter().map(|b| *b as u8).collect();
+                if path.first() == Some(&0) {
+                    SockAddr::UnixAbstract(path)
+                } else {
+                    let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
+                    SockAddr::UnixPath(path[..end].to_vec())
                 }
             }
             family => SockAddr::Other {
@@ -599,6 +617,93 @@ pub fn sendto(fd: RawFd, data: &[u8], addr: &RawAddr) -> io::Result<usize> {
         addr.len
     ))?;
     Ok(n as usize)
+}
+
+/// `accept4(2)` on a listening socket: the new connection, non-blocking and
+/// close-on-exec, and the peer's address.
+pub fn accept(fd: RawFd) -> io::Result<(std::os::fd::OwnedFd, RawAddr)> {
+    use std::os::fd::FromRawFd;
+    let mut addr = RawAddr::empty();
+    addr.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let conn = syscall!(accept4(
+        fd,
+        (&mut addr.ss as *mut libc::sockaddr_storage).cast(),
+        &mut addr.len,
+        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC
+    ))?;
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    Ok((unsafe { std::os::fd::OwnedFd::from_raw_fd(conn) }, addr))
+}
+
+/// `getsockname(2)`.
+pub fn getsockname(fd: RawFd) -> io::Result<RawAddr> {
+    let mut addr = RawAddr::empty();
+    addr.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    syscall!(getsockname(
+        fd,
+        (&mut addr.ss as *mut libc::sockaddr_storage).cast(),
+        &mut addr.len
+    ))?;
+    Ok(addr)
+}
+
+/// `setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, 1)`.
+pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    syscall!(setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as libc::socklen_t
+    ))
+    .map(drop)
+}
+
+/// A connection's two socket addresses (the peer's, and the local one if known) in one
+/// allocation of as few bytes as they need, for transports that convert them only when
+/// asked: `[peer length][peer sockaddr][local sockaddr, if any]`.
+pub struct PackedAddrs(Box<[u8]>);
+
+impl PackedAddrs {
+    pub fn new(peer: &RawAddr, local: Option<&RawAddr>) -> Self {
+        let p = peer.bytes();
+        let l = local.map_or(&[][..], |l| l.bytes());
+        let mut v = Vec::with_capacity(1 + p.len() + l.len());
+        v.push(p.len() as u8); // a sockaddr_storage is 128 bytes
+        v.extend_from_slice(p);
+        v.extend_from_slice(l);
+        PackedAddrs(v.into_boxed_slice())
+    }
+
+    fn unpack(bytes: &[u8]) -> SockAddr {
+        let mut a = RawAddr::empty();
+        let n = bytes
+            .len()
+            .min(std::mem::size_of::<libc::sockaddr_storage>());
+        // SAFETY: `n` bytes fit in the zeroed storage.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (&mut a.ss as *mut libc::sockaddr_storage).cast::<u8>(),
+                n,
+            );
+        }
+        a.len = n as libc::socklen_t;
+        a.to_sockaddr()
+    }
+
+    /// The peer's address, as CPython's `makesockaddr` converts it.
+    pub fn peer(&self) -> SockAddr {
+        let n = self.0[0] as usize;
+        Self::unpack(&self.0[1..1 + n])
+    }
+
+    /// The local address, if `getsockname` succeeded.
+    pub fn local(&self) -> Option<SockAddr> {
+        let rest = &self.0[1 + self.0[0] as usize..];
+        (!rest.is_empty()).then(|| Self::unpack(rest))
+    }
 }
 
 /// `AF_INET` / `AF_INET6`: the families whose addresses `recvfrom` converts.

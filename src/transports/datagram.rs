@@ -728,7 +728,7 @@ impl DatagramCore {
     fn _finalize(&self, py: Python<'_>, wrapper: &Bound<'_, PyAny>) -> PyResult<()> {
         let sock = self.with(py, |s| s.sock.as_ref().map(|s| s.clone_ref(py)));
         match sock {
-            Some(sock) => super::warn_unclosed(wrapper, sock.bind(py)),
+            Some(sock) => super::warn_unclosed(wrapper, Some(sock.bind(py))),
             None => Ok(()),
         }
     }
@@ -807,7 +807,7 @@ pub fn make<'py>(
             }),
         },
     )?;
-    let wrapper = wrapper_type.wrap(core.as_any(), extra.as_any())?;
+    let wrapper = wrapper_type.wrap(core.as_any(), Some(extra.as_any()))?;
     let w = wrapper.clone().unbind();
     core.get().with(py, |s| s.wrapper = Some(w));
     super::register_transport(lp, fd, &wrapper)?;

@@ -2,6 +2,7 @@
 //! asyncio.selector_events' and unix_events' transport classes; the Python-visible
 //! classes are wrappers deriving from asyncio's (see `py::transport_type`).
 
+pub mod accept;
 pub mod datagram;
 pub mod flow;
 pub mod stream;
@@ -43,7 +44,7 @@ forward_methods!(DATAGRAM_METHODS:
 /// ResourceWarning "unclosed transport", then the socket is closed. At interpreter
 /// shutdown, when `warnings` can no longer be imported (asyncio holds it from import
 /// time), the warning is skipped and the socket still closed.
-fn warn_unclosed(wrapper: &Bound<'_, PyAny>, sock: &Bound<'_, PyAny>) -> PyResult<()> {
+fn warn_unclosed(wrapper: &Bound<'_, PyAny>, sock: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
     let py = wrapper.py();
     if let Ok(warn) = crate::py::import_attr!(py, "warnings", "warn") {
         let kw = pyo3::types::PyDict::new(py);
@@ -52,7 +53,7 @@ fn warn_unclosed(wrapper: &Bound<'_, PyAny>, sock: &Bound<'_, PyAny>) -> PyResul
         let category = py.get_type::<pyo3::exceptions::PyResourceWarning>();
         warn.call((msg, category), Some(&kw))?;
     }
-    sock.call_method0("close").map(drop)
+    sock.map_or(Ok(()), |s| s.call_method0("close").map(drop))
 }
 
 /// The positional arguments of a `direct` call.
@@ -188,6 +189,7 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
                 c"A TCP connection (an asyncio.Transport).",
                 STREAM_METHODS,
                 STREAM_DIRECT,
+                true,
             )?,
             unix: transport_type::make_type(
                 &[base("Transport")?],
@@ -195,6 +197,7 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
                 c"A Unix stream socket connection (an asyncio.Transport).",
                 STREAM_METHODS,
                 STREAM_DIRECT,
+                true,
             )?,
             read_pipe: transport_type::make_type(
                 &[base("ReadTransport")?],
@@ -202,6 +205,7 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
                 c"The read end of a pipe (an asyncio.ReadTransport).",
                 READ_PIPE_METHODS,
                 &[],
+                false,
             )?,
             write_pipe: transport_type::make_type(
                 &[base("WriteTransport")?],
@@ -209,6 +213,7 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
                 c"The write end of a pipe (an asyncio.WriteTransport).",
                 WRITE_PIPE_METHODS,
                 WRITE_PIPE_DIRECT,
+                false,
             )?,
             udp: transport_type::make_type(
                 &[base("Transport")?, base("DatagramTransport")?],
@@ -216,6 +221,7 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
                 c"A datagram socket (an asyncio.DatagramTransport).",
                 DATAGRAM_METHODS,
                 DATAGRAM_DIRECT,
+                false,
             )?,
         };
         let _ = TYPES.set(types);
@@ -339,11 +345,11 @@ pub fn make_socket_transport<'py>(
         lp,
         stream::Kind::Socket,
         wrapper_type,
-        sock,
+        stream::File::Object(sock),
         fd,
         protocol,
         waiter,
-        &extra,
+        Some(&extra),
         server,
     )
 }
@@ -388,7 +394,17 @@ pub fn make_pipe_transport<'py>(
     } else {
         (stream::Kind::WritePipe, &t.write_pipe)
     };
-    stream::make(lp, k, wt, pipe, fd, protocol, waiter, &extra, None)
+    stream::make(
+        lp,
+        k,
+        wt,
+        stream::File::Object(pipe),
+        fd,
+        protocol,
+        waiter,
+        Some(&extra),
+        None,
+    )
 }
 
 /// `loop._make_datagram_transport(sock, protocol, address=None, waiter=None, extra=None)`.

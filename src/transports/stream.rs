@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PySystemExit, PyTypeError};
 use pyo3::prelude::*;
@@ -164,6 +164,11 @@ struct St {
     wrapper: Option<Py<PyAny>>,
     /// The socket or pipe object; closed and released when the connection is lost.
     sock: Option<Py<PyAny>>,
+    /// The descriptor itself, for a connection accepted natively: no socket object
+    /// exists until `get_extra_info("socket")` asks for one (which then takes it over).
+    own: Option<OwnedFd>,
+    /// An accepted connection's addresses, converted when `get_extra_info` asks.
+    addrs: Option<crate::sys::PackedAddrs>,
     protocol: Option<Py<PyAny>>,
     /// The protocol is an `asyncio.BufferedProtocol`.
     buffered: bool,
@@ -185,6 +190,48 @@ pub struct StreamCore {
 
 fn is_fatal_passthrough(e: &PyErr, py: Python<'_>) -> bool {
     e.is_instance_of::<PyKeyboardInterrupt>(py) || e.is_instance_of::<PySystemExit>(py)
+}
+
+impl StreamCore {
+    /// The transport's socket object, made (non-blocking, owning the descriptor from then
+    /// on) the first time it is needed for a natively accepted connection. None once the
+    /// connection is closed.
+    fn socket_object<'py>(slf: &Bound<'py, Self>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let py = slf.py();
+        let core = slf.get();
+        let (sock, own) = core.with(py, |s| {
+            (s.sock.as_ref().map(|s| s.clone_ref(py)), s.own.take())
+        });
+        if let Some(sock) = sock {
+            return Ok(Some(sock.into_bound(py)));
+        }
+        let Some(own) = own else { return Ok(None) };
+        let fd = own.into_raw_fd();
+        let kw = PyDict::new(py);
+        kw.set_item("fileno", fd)?;
+        match import_attr!(py, "socket", "socket").and_then(|cls| cls.call((), Some(&kw))) {
+            Ok(sock) => {
+                let made = sock.call_method1("setblocking", (false,));
+                core.with(py, |s| s.sock = Some(sock.clone().unbind()));
+                made?;
+                Ok(Some(sock))
+            }
+            Err(e) => {
+                use std::os::fd::FromRawFd;
+                // SAFETY: the socket object was not made, so the descriptor is still ours.
+                let own = unsafe { OwnedFd::from_raw_fd(fd) };
+                core.with(py, |s| s.own = Some(own));
+                Err(e)
+            }
+        }
+    }
+}
+
+impl St {
+    /// The transport still has its socket or pipe (not yet closed).
+    fn has_file(&self) -> bool {
+        self.sock.is_some() || self.own.is_some()
+    }
 }
 
 impl StreamCore {
@@ -966,7 +1013,7 @@ impl StreamCore {
     fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
-        let (kind, closing, has_sock) = core.with(py, |s| (s.kind, s.closing, s.sock.is_some()));
+        let (kind, closing, has_sock) = core.with(py, |s| (s.kind, s.closing, s.has_file()));
         match kind {
             Kind::ReadPipe => {
                 if !closing {
@@ -1107,7 +1154,7 @@ impl StreamCore {
             let fd = std::mem::replace(&mut s.fd, -1);
             let old = s.buf.clear();
             (
-                s.sock.take(),
+                (s.sock.take(), s.own.take()),
                 s.protocol.take(),
                 s.loop_.take(),
                 s.server.take(),
@@ -1122,6 +1169,8 @@ impl StreamCore {
         {
             LoopCore::forget_fd(lp.bind(py), fd)?;
         }
+        let (sock, own) = sock;
+        drop(own); // closes a natively accepted descriptor
         let closed = match &sock {
             Some(sock) => sock.call_method0(py, pyo3::intern!(py, "close")).map(drop),
             None => Ok(()),
@@ -1149,11 +1198,64 @@ impl StreamCore {
         Ok(())
     }
 
+    /// An `extra` entry of a natively accepted connection, made when first asked for:
+    /// `(value,)`, or None for a name this transport has no lazy entry for.
+    ///
+    /// DEVIATION(asyncio): `socket` of a connection closed before anyone asked for its
+    ///   socket is None (asyncio's transport keeps the closed socket object; this one
+    ///   never made it). `sockname` and `peername` are recorded at accept time, as asyncio
+    ///   records them.
+    fn _lazy_extra<'py>(
+        slf: &Bound<'py, Self>,
+        name: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let py = slf.py();
+        let core = slf.get();
+        if core.with(py, |s| s.addrs.is_none()) {
+            return Ok(None);
+        }
+        let Ok(name) = name.cast::<pyo3::types::PyString>() else {
+            return Ok(None);
+        };
+        let value = match name.to_str()? {
+            "peername" => {
+                let a = core.with(py, |s| s.addrs.as_ref().map(|a| a.peer()));
+                match a {
+                    Some(a) => crate::dns::sockaddr(py, &a)?,
+                    None => py.None().into_bound(py),
+                }
+            }
+            "sockname" => {
+                let a = core.with(py, |s| s.addrs.as_ref().and_then(|a| a.local()));
+                match a {
+                    Some(a) => crate::dns::sockaddr(py, &a)?,
+                    None => py.None().into_bound(py),
+                }
+            }
+            "socket" => match Self::socket_object(slf)? {
+                Some(sock) => {
+                    import_attr!(py, "asyncio.trsock", "TransportSocket")?.call1((sock,))?
+                }
+                None => py.None().into_bound(py),
+            },
+            _ => return Ok(None),
+        };
+        Ok(Some(PyTuple::new(py, [value])?))
+    }
+
+    /// The names `_lazy_extra` answers.
+    fn _lazy_extra_names(&self, py: Python<'_>) -> Vec<&'static str> {
+        if self.with(py, |s| s.addrs.is_some()) {
+            vec!["socket", "sockname", "peername"]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// `repr()` of the wrapper, named `name`.
     fn _repr(&self, py: Python<'_>, name: String) -> PyResult<String> {
-        let (kind, fd, has_sock, closing, size) = self.with(py, |s| {
-            (s.kind, s.fd, s.sock.is_some(), s.closing, s.buf.size)
-        });
+        let (kind, fd, has_sock, closing, size) =
+            self.with(py, |s| (s.kind, s.fd, s.has_file(), s.closing, s.buf.size));
         let mut info = vec![name];
         if !has_sock {
             info.push("closed".into());
@@ -1186,11 +1288,29 @@ impl StreamCore {
 
     /// The wrapper's `__del__`: warn about and close a socket or pipe never closed.
     fn _finalize(&self, py: Python<'_>, wrapper: &Bound<'_, PyAny>) -> PyResult<()> {
-        let sock = self.with(py, |s| s.sock.as_ref().map(|s| s.clone_ref(py)));
-        match sock {
-            Some(sock) => super::warn_unclosed(wrapper, sock.bind(py)),
-            None => Ok(()),
+        let (sock, own, server) = self.with(py, |s| {
+            let own = s.own.take();
+            let server = if s.sock.is_some() || own.is_some() {
+                s.server.take()
+            } else {
+                None
+            };
+            (s.sock.as_ref().map(|s| s.clone_ref(py)), own, server)
+        });
+        let warned = match (&sock, own) {
+            (Some(sock), _) => super::warn_unclosed(wrapper, Some(sock.bind(py))),
+            (None, Some(own)) => {
+                let r = super::warn_unclosed(wrapper, None);
+                drop(own);
+                r
+            }
+            (None, None) => Ok(()),
+        };
+        // Its server counts it as a client until told otherwise.
+        if let Some(server) = server {
+            server.call_method1(py, pyo3::intern!(py, "_detach"), (wrapper,))?;
         }
+        warned
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
@@ -1218,6 +1338,7 @@ impl StreamCore {
                 s.loop_.take(),
                 s.wrapper.take(),
                 s.sock.take(),
+                s.own.take(),
                 s.protocol.take(),
                 s.server.take(),
                 s.empty_waiter.take(),
@@ -1228,19 +1349,28 @@ impl StreamCore {
     }
 }
 
-/// Builds a stream transport for `sock` (a socket) or `pipe` (a pipe / tty file object)
-/// as asyncio's selector loop does, scheduling `connection_made`, the first read and the
-/// waiter in asyncio's order.
+/// What a stream transport reads and writes.
+pub enum File<'a, 'py> {
+    /// A socket, pipe or tty file object (asyncio's `_sock` / `_pipe`).
+    Object(&'a Bound<'py, PyAny>),
+    /// A connection accepted natively: the descriptor and its addresses; the socket
+    /// object and the `extra` entries are made only if asked for.
+    Accepted(OwnedFd, crate::sys::PackedAddrs),
+}
+
+/// Builds a stream transport for `file` as asyncio's selector loop does, scheduling
+/// `connection_made`, the first read and the waiter in asyncio's order. `extra` is None
+/// only for an accepted connection (`get_extra_info` then fills it on demand).
 #[allow(clippy::too_many_arguments)]
 pub fn make<'py>(
     lp: &Bound<'py, LoopCore>,
     kind: Kind,
     wrapper_type: &crate::py::transport_type::WrapperType,
-    obj: &Bound<'py, PyAny>,
+    file: File<'_, 'py>,
     fd: RawFd,
     protocol: &Bound<'py, PyAny>,
     waiter: Option<&Bound<'py, PyAny>>,
-    extra: &Bound<'py, PyDict>,
+    extra: Option<&Bound<'py, PyDict>>,
     server: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = lp.py();
@@ -1249,6 +1379,10 @@ pub fn make<'py>(
             crate::sys::file_kind(fd).map_err(errors::from_io)?,
             crate::sys::FileKind::Fifo | crate::sys::FileKind::Socket
         );
+    let (sock, own, addrs) = match file {
+        File::Object(obj) => (Some(obj.clone().unbind()), None, None),
+        File::Accepted(own, addrs) => (None, Some(own), Some(addrs)),
+    };
     let core = Bound::new(
         py,
         StreamCore {
@@ -1258,7 +1392,9 @@ pub fn make<'py>(
                 edge,
                 loop_: Some(lp.clone().unbind()),
                 wrapper: None,
-                sock: Some(obj.clone().unbind()),
+                sock,
+                own,
+                addrs,
                 protocol: None,
                 buffered: false,
                 protocol_connected: false,
@@ -1273,7 +1409,7 @@ pub fn make<'py>(
             }),
         },
     )?;
-    let wrapper = wrapper_type.wrap(core.as_any(), extra.as_any())?;
+    let wrapper = wrapper_type.wrap(core.as_any(), extra.map(|e| e.as_any()))?;
     let w = wrapper.clone().unbind();
     core.get().with(py, |s| s.wrapper = Some(w));
     core.get().set_protocol(protocol)?;
