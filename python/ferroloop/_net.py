@@ -173,8 +173,12 @@ class Server(events.AbstractServer):
     ):
         self._loop = loop
         self._sockets = sockets
-        # Weak references, so that an abandoned transport can still be detected (and
-        # warned about) by its own finalizer.
+        # Native stream transports (all that this loop makes) are only counted: the loop
+        # finds them when they are to be closed (_server_clients), and one that is
+        # collected unclosed detaches itself. Anything else is kept in a WeakSet, so that
+        # an abandoned transport can still be detected (and warned about) by its own
+        # finalizer.
+        self._native_clients = 0
         self._clients = weakref.WeakSet()
         # Transports that attach without passing themselves (asyncio < 3.12 selector
         # transports call ``server._attach()`` with no argument): only counted.
@@ -195,20 +199,25 @@ class Server(events.AbstractServer):
         return f"<{self.__class__.__name__} sockets={self.sockets!r}>"
 
     def _client_count(self) -> int:
-        return len(self._clients) + self._anonymous_clients
+        return self._native_clients + len(self._clients) + self._anonymous_clients
 
     def _attach(self, transport=None) -> None:
         """Called by a transport accepted by this server, when it is created."""
         assert self._sockets is not None
         if transport is None:
             self._anonymous_clients += 1
+        elif self._loop._is_native_stream(transport):
+            self._native_clients += 1
         else:
             self._clients.add(transport)
 
     def _detach(self, transport=None) -> None:
-        """Called by a transport accepted by this server, after connection_lost()."""
+        """Called by a transport accepted by this server, after connection_lost() (or
+        when collected unclosed)."""
         if transport is None:
             self._anonymous_clients -= 1
+        elif self._loop._is_native_stream(transport):
+            self._native_clients -= 1
         else:
             self._clients.discard(transport)
         if self._client_count() == 0 and self._sockets is None:
@@ -269,14 +278,20 @@ class Server(events.AbstractServer):
         if self._client_count() == 0:
             self._wakeup()
 
+    def _all_clients(self) -> list:
+        clients = list(self._clients)
+        if self._native_clients:
+            clients += self._loop._server_clients(self)
+        return clients
+
     def close_clients(self) -> None:
         """Close every connection accepted by this server."""
-        for transport in self._clients.copy():
+        for transport in self._all_clients():
             transport.close()
 
     def abort_clients(self) -> None:
         """Abort every connection accepted by this server."""
-        for transport in self._clients.copy():
+        for transport in self._all_clients():
             transport.abort()
 
     async def start_serving(self) -> None:

@@ -111,9 +111,8 @@ pub(crate) struct State {
     /// Descriptors still registered with the reactor after their last handle went:
     /// adding a handle again re-arms them instead of registering anew.
     pub idle_fds: FdSet,
-    /// The interest each descriptor's epoll registration has (set by every register /
-    /// modify), and the socket object a sock_* operation registered it for (see
-    /// `LoopCore::add_io_fd_owned`).
+    /// The interest of the epoll registrations sock_* operations made, and the socket
+    /// object each was made for (see `LoopCore::add_io_fd_owned`).
     pub armed: FdMap<Armed>,
     /// Descriptors whose events were dispatched since the last poll: re-armed right
     /// before the next poll if they still have handles (see `run_once`).
@@ -139,9 +138,13 @@ pub(crate) struct State {
     /// Futures of resolutions in flight, by request id.
     pub dns_pending: HashMap<u64, Py<PyAny>, BuildHasherDefault<IntHasher>>,
     pub dns_next: u64,
-    /// Weak references to the native transports that are not closing, by descriptor
-    /// (asyncio's `_transports`): `add_reader` & co. refuse their descriptors.
+    /// Weak references to the native transports, by descriptor, until their connection
+    /// is lost (asyncio's `_transports`): `add_reader` & co. refuse their descriptors
+    /// unless they are closing. Also how a server finds its clients.
     pub transports: FdMap<Py<PyAny>>,
+    /// Descriptors of stream transports lent to `sock_sendfile` (between
+    /// `_make_empty_waiter` and `_reset_empty_waiter`): not refused.
+    pub lent_fds: FdSet,
 }
 
 #[pyclass(
@@ -446,6 +449,7 @@ impl LoopCore {
                 dns_pending: HashMap::default(),
                 dns_next: 0,
                 transports: FdMap::default(),
+                lent_fds: FdSet::default(),
             }),
             poller: Mutex::new(Some(poller)),
             clock_resolution: crate::sys::monotonic_resolution(),
@@ -721,6 +725,21 @@ impl LoopCore {
     }
 
     // ---- transports --------------------------------------------------------------------
+
+    /// The open connections `server` accepted (`Server.close_clients()` & co.).
+    fn _server_clients<'py>(
+        slf: &Bound<'py, Self>,
+        server: &Bound<'py, PyAny>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        crate::transports::server_clients(slf, server)
+    }
+
+    /// Whether `transport` is a native TCP / Unix stream transport (whose server finds it
+    /// with `_server_clients`).
+    #[staticmethod]
+    fn _is_native_stream(transport: &Bound<'_, PyAny>) -> PyResult<bool> {
+        crate::transports::is_stream_socket_transport(transport)
+    }
 
     #[pyo3(signature = (sock, protocol, waiter=None, *, extra=None, server=None))]
     fn _make_socket_transport<'py>(
@@ -1223,9 +1242,12 @@ impl LoopCore {
             if let Err(e) = r {
                 return Err((Some(e), item, s.armed.remove(&fd)));
             }
+            // Only a sock_* registration can be reused (`own`), so only those are
+            // recorded: an entry without an owner would never match (and would cost
+            // every transport a map entry).
             let displaced = if own {
                 None
-            } else {
+            } else if owner_ref.is_some() {
                 s.armed.insert(
                     fd,
                     Armed {
@@ -1234,6 +1256,8 @@ impl LoopCore {
                         owner: owner_ref,
                     },
                 )
+            } else {
+                s.armed.remove(&fd)
             };
             let e = s.io.entry(fd).or_default();
             if read {
@@ -1297,6 +1321,7 @@ impl LoopCore {
             if known && let Some(reg) = s.registrar.as_ref() {
                 let _ = reg.deregister(fd);
             }
+            s.lent_fds.remove(&fd);
             (entry, (s.transports.remove(&fd), s.armed.remove(&fd)))
         });
         drop(tr);
@@ -1321,9 +1346,13 @@ impl LoopCore {
 
     /// asyncio's `_ensure_fd_no_transport`.
     pub(crate) fn ensure_fd_no_transport(&self, py: Python<'_>, fd: RawFd) -> PyResult<()> {
-        let entry = self
-            .state
-            .with(py, |s| s.transports.get(&fd).map(|t| t.clone_ref(py)));
+        let entry = self.state.with(py, |s| {
+            if s.lent_fds.contains(&fd) {
+                None
+            } else {
+                s.transports.get(&fd).map(|t| t.clone_ref(py))
+            }
+        });
         // A weak reference (asyncio's WeakValueDictionary): a collected transport no
         // longer claims its descriptor.
         let tr = entry.and_then(|w| {
@@ -1332,7 +1361,11 @@ impl LoopCore {
                 .ok()
                 .and_then(|w| w.upgrade())
         });
-        if let Some(tr) = tr {
+        if let Some(tr) = tr
+            && !tr
+                .call_method0(pyo3::intern!(py, "is_closing"))?
+                .is_truthy()?
+        {
             return Err(PyRuntimeError::new_err(format!(
                 "File descriptor {fd} is used by transport {}",
                 tr.repr()?

@@ -260,6 +260,55 @@ pub(crate) fn register_transport(
     Ok(())
 }
 
+/// The stream transports accepted by `server` whose connection is not lost yet (for
+/// `Server.close_clients()` / `abort_clients()`), in no particular order.
+pub(crate) fn server_clients<'py>(
+    lp: &Bound<'py, LoopCore>,
+    server: &Bound<'py, PyAny>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let py = lp.py();
+    let t = types()?;
+    let entries: Vec<Py<PyAny>> = lp.get().state.with(py, |s| {
+        s.transports.values().map(|w| w.clone_ref(py)).collect()
+    });
+    let mut out = Vec::new();
+    for w in entries {
+        let Some(tr) = w
+            .bind(py)
+            .cast::<pyo3::types::PyWeakrefReference>()
+            .ok()
+            .and_then(|w| w.upgrade())
+        else {
+            continue;
+        };
+        let tp = tr.get_type();
+        if !tp.is(t.tcp.type_object(py)) && !tp.is(t.unix.type_object(py)) {
+            continue;
+        }
+        // SAFETY: `tr` is a live instance of a wrapper type.
+        let core = unsafe { transport_type::core_of(py, tr.as_ptr())? };
+        let Ok(core) = core.cast::<stream::StreamCore>() else {
+            continue;
+        };
+        if core
+            .get()
+            .server_of(py)
+            .is_some_and(|s| s.as_ptr() == server.as_ptr())
+        {
+            out.push(tr);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `obj` is one of the native stream socket transports (TCP, Unix).
+pub(crate) fn is_stream_socket_transport(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = obj.py();
+    let t = types()?;
+    let tp = obj.get_type();
+    Ok(tp.is(t.tcp.type_object(py)) || tp.is(t.unix.type_object(py)))
+}
+
 /// Removes `wrapper` from the loop's `_transports` if it is still the entry for `fd`.
 pub(crate) fn forget_transport(
     lp: &Bound<'_, LoopCore>,

@@ -193,6 +193,11 @@ fn is_fatal_passthrough(e: &PyErr, py: Python<'_>) -> bool {
 }
 
 impl StreamCore {
+    /// The server this transport was accepted by (None once its connection is lost).
+    pub(crate) fn server_of(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.with(py, |s| s.server.as_ref().map(|v| v.clone_ref(py)))
+    }
+
     /// The transport's socket object, made (non-blocking, owning the descriptor from then
     /// on) the first time it is needed for a natively accepted connection. None once the
     /// connection is closed.
@@ -258,13 +263,19 @@ impl StreamCore {
         self.with(py, |s| s.fd)
     }
 
-    /// Registers `method` of this core as the reader or writer callback of its fd.
+    /// Registers `method` of this core as the reader or writer callback of its fd. The
+    /// reader, `_read_ready`, is the core itself (it is callable): no bound method object
+    /// per connection.
     fn add_io(slf: &Bound<'_, Self>, method: &str, read: bool) -> PyResult<()> {
         let py = slf.py();
         let Some(lp) = slf.get().loop_(py) else {
             return Ok(());
         };
-        let cb = slf.getattr(method)?;
+        let cb = if method == "_read_ready" {
+            slf.clone().into_any()
+        } else {
+            slf.getattr(method)?
+        };
         let (fd, edge) = slf.get().with(py, |s| (s.fd, s.edge));
         if fd < 0 {
             return Ok(());
@@ -293,19 +304,10 @@ impl StreamCore {
         self.loop_(py).is_some_and(|l| l.get().debug(py))
     }
 
-    /// Marks the transport closing; a socket transport leaves the loop's `_transports`.
+    /// Marks the transport closing (it stays in the loop's `_transports`, as asyncio's,
+    /// which no longer claims a closing transport's descriptor).
     fn set_closing(&self, py: Python<'_>) {
-        let (fd, lp, w) = self.with(py, |s| {
-            s.closing = true;
-            (
-                s.fd,
-                s.loop_.as_ref().map(|l| l.clone_ref(py)),
-                s.wrapper.as_ref().map(|w| w.as_ptr()),
-            )
-        });
-        if let (Some(lp), Some(w)) = (lp, w) {
-            super::forget_transport(&lp.into_bound(py), fd, w);
-        }
+        self.with(py, |s| s.closing = true);
     }
 
     /// `transport._fatal_error(exc, message)`.
@@ -689,6 +691,24 @@ impl StreamCore {
     /// A write pipe watches its descriptor for readability: the peer closed.
     fn _start_watching(slf: &Bound<'_, Self>) -> PyResult<()> {
         Self::add_io(slf, "_read_ready", true)
+    }
+
+    /// The reader callback: `_read_ready()`.
+    fn __call__(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::_read_ready(slf)
+    }
+
+    /// What a handle's repr shows for the reader callback (the core itself), as
+    /// asyncio's shows its bound method: `TCPTransport._read_ready`.
+    #[getter]
+    fn __qualname__(&self, py: Python<'_>) -> PyResult<String> {
+        let w = self.wrapper(py);
+        let name = if w.is_none() {
+            "_StreamCore".to_string()
+        } else {
+            w.get_type().name()?.to_string()
+        };
+        Ok(format!("{name}._read_ready"))
     }
 
     fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -1099,18 +1119,12 @@ impl StreamCore {
             return Err(PyRuntimeError::new_err("the transport is closed"));
         };
         let fut = LoopCore::create_future(&lp)?;
-        let (old, fd, w) = self.with(py, |s| {
-            (
-                s.empty_waiter.replace(fut.clone().unbind()),
-                s.fd,
-                s.wrapper.as_ref().map(|w| w.as_ptr()),
-            )
-        });
+        let (old, fd) = self.with(py, |s| (s.empty_waiter.replace(fut.clone().unbind()), s.fd));
         drop(old);
         // As asyncio's selector loop during sendfile: the transport's descriptor is
         // lent to sock_sendfile (add_writer) until `_reset_empty_waiter`.
-        if let Some(w) = w {
-            super::forget_transport(&lp, fd, w);
+        if fd >= 0 {
+            lp.get().state.with(py, |s| s.lent_fds.insert(fd));
         }
         if self.with(py, |s| s.buf.is_empty()) {
             fut.call_method1("set_result", (py.None(),))?;
@@ -1119,17 +1133,10 @@ impl StreamCore {
     }
 
     fn _reset_empty_waiter(&self, py: Python<'_>) -> PyResult<()> {
-        let (old, fd, w, closing) = self.with(py, |s| {
-            (
-                s.empty_waiter.take(),
-                s.fd,
-                s.wrapper.as_ref().map(|w| w.clone_ref(py)),
-                s.closing,
-            )
-        });
+        let (old, fd) = self.with(py, |s| (s.empty_waiter.take(), s.fd));
         drop(old);
-        if let (Some(lp), Some(w), false) = (self.loop_(py), w, closing) {
-            super::register_transport(&lp, fd, w.bind(py))?;
+        if let Some(lp) = self.loop_(py) {
+            lp.get().state.with(py, |s| s.lent_fds.remove(&fd));
         }
         Ok(())
     }
@@ -1379,6 +1386,7 @@ pub fn make<'py>(
             crate::sys::file_kind(fd).map_err(errors::from_io)?,
             crate::sys::FileKind::Fifo | crate::sys::FileKind::Socket
         );
+    let accepted = matches!(file, File::Accepted(..));
     let (sock, own, addrs) = match file {
         File::Object(obj) => (Some(obj.clone().unbind()), None, None),
         File::Accepted(own, addrs) => (None, Some(own), Some(addrs)),
@@ -1425,6 +1433,11 @@ pub fn make<'py>(
     };
     call_soon(vec![protocol.getattr("connection_made")?, wrapper.clone()])?;
     match kind {
+        // An accepted connection starts reading at once instead of in a callback after
+        // connection_made (one handle fewer per connection); its first data_received
+        // still comes after connection_made, which is queued first, and the reader's
+        // context is the same copy as asyncio's (made after the protocol factory ran).
+        Kind::Socket if accepted => StreamCore::_start_reading(&core)?,
         Kind::Socket | Kind::ReadPipe => call_soon(vec![core.getattr("_start_reading")?])?,
         Kind::WritePipe => {
             let k = crate::sys::file_kind(fd).map_err(errors::from_io)?;
