@@ -19,6 +19,7 @@ __all__ = [
     "UDPTransport",
     "UnixTransport",
     "WritePipeTransport",
+    "_Acceptor",
     "_DatagramCore",
     "_SockOperation",
     "_StreamCore",
@@ -43,6 +44,20 @@ class TimerHandle(asyncio.TimerHandle):
 @final
 class _StreamCore:
     """The native state and behaviour behind a stream transport (private)."""
+
+@final
+class _Acceptor:
+    """The reader of a listening socket: accepts connections natively (private)."""
+
+    def __new__(
+        cls,
+        lp: LoopCore,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        server: object,
+        backlog: int,
+    ) -> _Acceptor: ...
+    def __call__(self, *args: object, **kwargs: object) -> None: ...
 
 @final
 class _DatagramCore:
