@@ -26,6 +26,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sock::SockOperation>()?;
     sock::install(&m.py().get_type::<sock::SockOperation>());
     m.add_class::<transports::stream::StreamCore>()?;
+    transports::stream::install(&m.py().get_type::<transports::stream::StreamCore>());
     m.add_class::<transports::datagram::DatagramCore>()?;
     m.add_class::<transports::accept::Acceptor>()?;
     transports::init(m)?;

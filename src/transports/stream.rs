@@ -1365,6 +1365,41 @@ pub enum File<'a, 'py> {
     Accepted(OwnedFd, crate::sys::PackedAddrs),
 }
 
+/// `core()`: the reader callback, `_read_ready()`, installed as the type's raw `tp_call`
+/// (pyo3's generated one parses arguments: ~100 instructions per event).
+unsafe extern "C" fn stream_core_call(
+    slf: *mut pyo3::ffi::PyObject,
+    args: *mut pyo3::ffi::PyObject,
+    kwargs: *mut pyo3::ffi::PyObject,
+) -> *mut pyo3::ffi::PyObject {
+    // SAFETY: installed as tp_call of `_StreamCore`: CPython passes an instance, an args
+    // tuple and a kwargs dict or NULL, with the GIL held.
+    unsafe {
+        let py = Python::assume_attached();
+        py::guard(py, || {
+            if pyo3::ffi::PyTuple_GET_SIZE(args) != 0
+                || (!kwargs.is_null() && pyo3::ffi::PyDict_Size(kwargs) != 0)
+            {
+                return Err(PyTypeError::new_err("_read_ready() takes no arguments"));
+            }
+            let core = Bound::from_borrowed_ptr(py, slf).cast_into::<StreamCore>()?;
+            StreamCore::_read_ready(&core)?;
+            Ok(pyo3::ffi::Py_NewRef(pyo3::ffi::Py_None()))
+        })
+    }
+}
+
+/// Installs the raw `tp_call` of `_StreamCore`; called once at module initialisation.
+pub fn install(ty: &Bound<'_, pyo3::types::PyType>) {
+    // SAFETY: a heap type created by pyo3 at module initialisation, before any instance
+    // exists; slots of heap types may be replaced, followed by PyType_Modified.
+    unsafe {
+        let t = ty.as_type_ptr();
+        (*t).tp_call = Some(stream_core_call);
+        pyo3::ffi::PyType_Modified(t);
+    }
+}
+
 /// Builds a stream transport for `file` as asyncio's selector loop does, scheduling
 /// `connection_made`, the first read and the waiter in asyncio's order. `extra` is None
 /// only for an accepted connection (`get_extra_info` then fills it on demand).
