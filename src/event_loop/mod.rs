@@ -37,7 +37,7 @@ const MAXIMUM_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
 /// are looked up on every I/O event and are keyed by distinct small integers, so
 /// SipHash's flood resistance buys nothing there.
 #[derive(Default)]
-pub(crate) struct IntHasher(u64);
+pub struct IntHasher(u64);
 
 impl Hasher for IntHasher {
     fn finish(&self) -> u64 {
