@@ -467,3 +467,45 @@ def test_unclosed_accepted_transport_is_collected(loop, loop_name):
 
     made = loop.create_future()
     run(loop, main())
+
+
+def test_factory_closing_the_server(loop, loop_name):
+    """A protocol factory that closes its server while more connections wait in the
+    accept queue: accepting stops quietly (no accept() on the closed listener), the
+    connection being built is dropped (the closed server refuses it) and the server
+    counts no client."""
+    calls = []
+
+    async def main():
+        def factory():
+            calls.append(1)
+            server.close()
+            return RecordingProtocol()
+
+        server = await loop.create_server(factory, HOST, 0)
+        addr = server.sockets[0].getsockname()
+        # Three connections complete in the kernel before the loop accepts any.
+        clients = [socket.create_connection(addr) for _ in range(3)]
+        try:
+            for _ in range(100):
+                if calls:
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+            # asyncio accepts the whole queue before any factory runs (in tasks), so
+            # its factory runs for each of them.
+            assert len(calls) == (3 if loop_name == "asyncio" else 1)
+            assert not server.is_serving()
+            await asyncio.wait_for(server.wait_closed(), 5)
+            if loop_name == "ferroloop":
+                gc.collect()
+                assert server._client_count() == 0
+        finally:
+            for c in clients:
+                c.close()
+
+    with warnings.catch_warnings():
+        if loop_name == "asyncio":
+            warnings.simplefilter("ignore", ResourceWarning)  # its half-made transports
+        run(loop, main())
+        gc.collect()

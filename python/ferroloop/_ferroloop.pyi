@@ -58,6 +58,8 @@ class _Acceptor:
         backlog: int,
     ) -> _Acceptor: ...
     def __call__(self, *args: object, **kwargs: object) -> None: ...
+    @property
+    def __qualname__(self) -> str: ...  # type: ignore[override]
 
 @final
 class _DatagramCore:

@@ -101,7 +101,17 @@ impl Acceptor {
         let lp = lp.into_bound(py);
         for _ in 0..me.backlog {
             match crate::sys::accept(me.fd) {
-                Ok((conn, peer)) => me.serve(&lp, factory.bind(py), server.bind(py), conn, peer)?,
+                Ok((conn, peer)) => {
+                    me.serve(&lp, factory.bind(py), server.bind(py), conn, peer)?;
+                    // The protocol factory may have closed the server (and so the
+                    // listening socket, whose number may already be reused).
+                    let fd: RawFd = sock
+                        .call_method0(py, pyo3::intern!(py, "fileno"))?
+                        .extract(py)?;
+                    if fd != me.fd {
+                        return Ok(());
+                    }
+                }
                 Err(e) if queue_empty(&e) => return Ok(()),
                 Err(e) if out_of_resources(&e) => {
                     // Cold: asyncio's handling (exception handler, pause, retry later).
@@ -115,6 +125,12 @@ impl Acceptor {
             }
         }
         Ok(())
+    }
+
+    /// What a handle's repr shows for this callback (asyncio's shows its loop method).
+    #[getter]
+    fn __qualname__(&self) -> &'static str {
+        "Loop._accept_connection"
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {

@@ -22,12 +22,11 @@ const READS_PER_EVENT: usize = 32;
 
 /// Address tuples remembered per transport, in each of `Peers`' two caches.
 const PEERS_CACHED: usize = 64;
+// `AddrCache`'s indexes store entry numbers as u8.
+const _: () = assert!(PEERS_CACHED <= 256);
 
-type IndexMap = std::collections::HashMap<
-    u64,
-    u8,
-    std::hash::BuildHasherDefault<crate::event_loop::IntHasher>,
->;
+type IndexMap =
+    std::collections::HashMap<u64, u8, std::hash::BuildHasherDefault<crate::event_loop::IntHasher>>;
 
 /// A hash of an address's bytes (for `AddrCache`'s index; equal bytes, equal hashes).
 fn addr_hash(bytes: &[u8]) -> u64 {

@@ -193,6 +193,34 @@ fn is_fatal_passthrough(e: &PyErr, py: Python<'_>) -> bool {
 }
 
 impl StreamCore {
+    /// Undoes a transport that failed to be built (`make`): it leaves the loop's
+    /// transports and its server's clients, releases its file (a natively accepted
+    /// descriptor is closed; a socket or pipe object is left to the caller) and breaks
+    /// its cycle with the wrapper, so nothing keeps claiming the descriptor.
+    fn abandon(&self, py: Python<'_>, fd: RawFd, wrapper: *mut pyo3::ffi::PyObject) {
+        let (lp, server, own, sock, w, protocol) = self.with(py, |s| {
+            s.closing = true;
+            s.conn_lost = s.conn_lost.max(1);
+            s.fd = -1;
+            (
+                s.loop_.take(),
+                s.server.take(),
+                s.own.take(),
+                s.sock.take(),
+                s.wrapper.take(),
+                s.protocol.take(),
+            )
+        });
+        if let Some(lp) = &lp {
+            super::forget_transport(lp.bind(py), fd, wrapper);
+        }
+        if let (Some(server), Some(w)) = (&server, &w) {
+            // Best effort: the build's own error is what the caller reports.
+            let _ = server.call_method1(py, pyo3::intern!(py, "_detach"), (w,));
+        }
+        drop((lp, server, own, sock, w, protocol));
+    }
+
     /// The server this transport was accepted by (None once its connection is lost).
     pub(crate) fn server_of(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.with(py, |s| s.server.as_ref().map(|v| v.clone_ref(py)))
@@ -1441,7 +1469,8 @@ pub fn make<'py>(
                 protocol: None,
                 buffered: false,
                 protocol_connected: false,
-                server: server.map(|s| s.clone().unbind()),
+                // Set once the server has counted it (`_attach` succeeded).
+                server: None,
                 buf: WriteBuf::default(),
                 conn_lost: 0,
                 closing: false,
@@ -1455,24 +1484,38 @@ pub fn make<'py>(
     let wrapper = wrapper_type.wrap(core.as_any(), extra.map(|e| e.as_any()))?;
     let w = wrapper.clone().unbind();
     core.get().with(py, |s| s.wrapper = Some(w));
-    core.get().set_protocol(protocol)?;
-    if kind == Kind::Socket {
-        if let Some(server) = server {
-            server.call_method1(pyo3::intern!(py, "_attach"), (&wrapper,))?;
-        }
-        super::register_transport(lp, fd, &wrapper)?;
-    }
     let call_soon = |args: Vec<Bound<'py, PyAny>>| -> PyResult<()> {
         lp.call_method1(pyo3::intern!(py, "call_soon"), PyTuple::new(py, args)?)
             .map(drop)
     };
-    call_soon(vec![protocol.getattr("connection_made")?, wrapper.clone()])?;
+    let built = (|| -> PyResult<()> {
+        core.get().set_protocol(protocol)?;
+        if kind == Kind::Socket {
+            if let Some(server) = server {
+                server.call_method1(pyo3::intern!(py, "_attach"), (&wrapper,))?;
+                let s2 = server.clone().unbind();
+                core.get().with(py, |s| s.server = Some(s2));
+            }
+            super::register_transport(lp, fd, &wrapper)?;
+        }
+        call_soon(vec![protocol.getattr("connection_made")?, wrapper.clone()])
+    })();
+    if let Err(e) = built {
+        core.get().abandon(py, fd, wrapper.as_ptr());
+        return Err(e);
+    }
     match kind {
         // An accepted connection starts reading at once instead of in a callback after
         // connection_made (one handle fewer per connection); its first data_received
         // still comes after connection_made, which is queued first, and the reader's
         // context is the same copy as asyncio's (made after the protocol factory ran).
-        Kind::Socket if accepted => StreamCore::_start_reading(&core)?,
+        // Failing to watch it is the transport's fatal error (connection_lost follows),
+        // as asyncio's failing _start_reading callback would be reported.
+        Kind::Socket if accepted => {
+            if let Err(e) = StreamCore::_start_reading(&core) {
+                StreamCore::fatal_error(&core, e, "Fatal error on transport")?;
+            }
+        }
         Kind::Socket | Kind::ReadPipe => call_soon(vec![core.getattr("_start_reading")?])?,
         Kind::WritePipe => {
             let k = crate::sys::file_kind(fd).map_err(errors::from_io)?;
