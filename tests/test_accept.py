@@ -23,23 +23,38 @@ from _net import HOST, RecordingProtocol, run, stdlib_only_from
 VAR = contextvars.ContextVar("VAR", default="unset")
 
 
-async def accept_one(loop, factory=RecordingProtocol, **kwargs):
-    """A server, a connected client socket and the server's protocol, once connected."""
+async def until(condition, what="condition"):
+    """Waits (up to 2 s) for ``condition()`` to be true."""
+    for _ in range(400):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def serve(loop, factory=RecordingProtocol, host=HOST, unix=None):
+    """A server whose protocols are collected in the returned list."""
     protos = []
 
     def make():
-        p = factory()
-        protos.append(p)
-        return p
+        protos.append(factory())
+        return protos[-1]
 
-    server = await loop.create_server(make, HOST, 0, **kwargs)
+    if unix is not None:
+        return await loop.create_unix_server(make, unix), protos
+    return await loop.create_server(make, host, 0), protos
+
+
+def connected(protos, n=1):
+    return len(protos) >= n and all(p.transport is not None for p in protos[:n])
+
+
+async def accept_one(loop, factory=RecordingProtocol):
+    """A server, a connected client socket and the server's protocol, once connected."""
+    server, protos = await serve(loop, factory)
     client = socket.create_connection(server.sockets[0].getsockname()[:2])
     client.setblocking(False)
-    for _ in range(400):
-        if protos and getattr(protos[0], "transport", None) is not None:
-            break
-        await asyncio.sleep(0.005)
-    assert protos, "no connection accepted"
+    await until(lambda: connected(protos), "the connection")
     return server, client, protos[0]
 
 
@@ -133,20 +148,13 @@ def test_extra_info_ipv6(loop):
         pytest.skip("no IPv6")
 
     async def main():
-        protos = []
-
-        def make():
-            protos.append(RecordingProtocol())
-            return protos[-1]
-
         try:
-            server = await loop.create_server(make, "::1", 0)
+            server, protos = await serve(loop, host="::1")
         except OSError:  # pragma: no cover
             pytest.skip("no IPv6 loopback")
         client = socket.create_connection(server.sockets[0].getsockname()[:2])
         try:
-            while not protos or protos[0].transport is None:
-                await asyncio.sleep(0.005)
+            await until(lambda: connected(protos), "the connection")
             tr = protos[0].transport
             assert tr.get_extra_info("peername") == client.getsockname()
             assert len(tr.get_extra_info("peername")) == 4
@@ -164,18 +172,11 @@ def test_unix_abstract_server_side_extra_info(loop):
     name = f"\0ferroloop-accept-{uuid.uuid4().hex}"
 
     async def main():
-        protos = []
-
-        def make():
-            protos.append(RecordingProtocol())
-            return protos[-1]
-
-        server = await loop.create_unix_server(make, name)
+        server, protos = await serve(loop, unix=name)
         client = socket.socket(socket.AF_UNIX)
         client.connect(name)
         try:
-            while not protos or protos[0].transport is None:
-                await asyncio.sleep(0.005)
+            await until(lambda: connected(protos), "the connection")
             tr = protos[0].transport
             assert tr.get_extra_info("sockname") == name.encode()
             assert tr.get_extra_info("peername") == ""
@@ -233,18 +234,11 @@ def test_pause_reading_in_connection_made(loop):
             transport.pause_reading()
 
     async def main():
-        protos = []
-
-        def make():
-            protos.append(P())
-            return protos[-1]
-
-        server = await loop.create_server(make, HOST, 0)
+        server, protos = await serve(loop, P)
         client = socket.create_connection(server.sockets[0].getsockname())
         client.sendall(b"early data")
         try:
-            while not protos or protos[0].transport is None:
-                await asyncio.sleep(0.005)
+            await until(lambda: connected(protos), "the connection")
             proto = protos[0]
             await asyncio.sleep(0.05)
             assert proto.events == ["made"]
@@ -264,18 +258,11 @@ def test_close_in_connection_made(loop):
             transport.close()
 
     async def main():
-        protos = []
-
-        def make():
-            protos.append(P())
-            return protos[-1]
-
-        server = await loop.create_server(make, HOST, 0)
+        server, protos = await serve(loop, P)
         client = socket.create_connection(server.sockets[0].getsockname())
         client.sendall(b"ignored")
         try:
-            while not protos or not protos[0].lost.done():
-                await asyncio.sleep(0.005)
+            await until(lambda: protos and protos[0].lost.done(), "connection_lost")
             assert protos[0].events == ["made", "lost"]
             client.settimeout(5)
             try:  # closed with unread data: the kernel may send a reset
@@ -402,24 +389,13 @@ def test_close_clients_of_many_connections(loop, loop_name):
     stdlib_only_from(loop_name, (3, 13), "Server.close_clients()")
 
     async def main():
-        protos = []
-
-        def make():
-            protos.append(RecordingProtocol())
-            return protos[-1]
-
-        server = await loop.create_server(make, HOST, 0)
-        other_protos = []
-        other = await loop.create_server(
-            lambda: other_protos.append(RecordingProtocol()) or other_protos[-1], HOST, 0
-        )
+        server, protos = await serve(loop)
+        other, other_protos = await serve(loop)
         clients = [socket.create_connection(server.sockets[0].getsockname()) for _ in range(20)]
         bystander = socket.create_connection(other.sockets[0].getsockname())
         try:
-            while len(protos) < 20 or any(p.transport is None for p in protos):
-                await asyncio.sleep(0.005)
-            while not other_protos or other_protos[0].transport is None:
-                await asyncio.sleep(0.005)
+            await until(lambda: connected(protos, 20), "20 connections")
+            await until(lambda: connected(other_protos), "the bystander")
             server.close()
             server.close_clients()
             await asyncio.wait_for(server.wait_closed(), 5)
