@@ -1400,3 +1400,64 @@ def test_accept_survives_emfile(loop, loop_errors):
 
     assert run(loop, main()) == b"hi"
     assert len(made) == 1
+
+
+class ChunkKeeper(RecordingProtocol):
+    """Keeps every data_received() object as it came (RecordingProtocol copies)."""
+
+    def __init__(self, loop=None):
+        super().__init__(loop)
+        self.chunks: list = []
+
+    def data_received(self, data):
+        self.chunks.append(data)
+        super().data_received(data)
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_large_and_small_reads_keep_every_byte(loop, family, tmp_path):
+    # Large writes make the transport read straight into bytes objects (ferroloop); the
+    # sizes vary above and below that path's thresholds, and every chunk the protocol
+    # kept must still hold what it held when it arrived.
+    rng = random.Random(7)
+    sizes = [rng.choice([1, 900, 20_000, 70_000, 130_000, 300_000]) for _ in range(40)]
+    payload = rng.randbytes(sum(sizes))
+
+    async def main():
+        protos = []
+
+        def factory():
+            p = ChunkKeeper()
+            protos.append(p)
+            return p
+
+        if family == "tcp":
+            server = await loop.create_server(factory, HOST, 0)
+            host, port = server.sockets[0].getsockname()[:2]
+            tr, _ = await loop.create_connection(asyncio.Protocol, host, port)
+        else:
+            path = str(tmp_path / "s")
+            server = await loop.create_unix_server(factory, path)
+            tr, _ = await loop.create_unix_connection(asyncio.Protocol, path)
+        try:
+            off = 0
+            for n in sizes:
+                tr.write(payload[off : off + n])
+                off += n
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0.002)
+            tr.write_eof()
+            while not protos:
+                await asyncio.sleep(0.001)
+            await asyncio.wait_for(protos[0].eof, 10)
+            snapshot = [bytes(bytearray(c)) for c in protos[0].chunks]
+            return protos[0].chunks, snapshot
+        finally:
+            tr.close()
+            server.close()
+            await server.wait_closed()
+
+    chunks, snapshot = run(loop, main())
+    assert all(type(c) is bytes and c for c in chunks)
+    assert chunks == snapshot
+    assert b"".join(chunks) == payload

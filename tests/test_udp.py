@@ -585,3 +585,52 @@ def test_unix_datagram_abstract(loop):
             await close(b, a)
 
     assert run(loop, main()) == b"abstract"
+
+
+class Inspector(asyncio.DatagramProtocol):
+    """Keeps every other datagram and checks each one's value and hash on arrival (the
+    transport may reuse the storage of a datagram nobody kept for the next one)."""
+
+    def __init__(self, expected: int):
+        self.kept: list = []
+        self.seen = 0
+        self.bad: list = []
+        self.done = asyncio.get_running_loop().create_future()
+        self.expected = expected
+
+    def datagram_received(self, data, addr):
+        copy = bytes(bytearray(data))
+        if hash(data) != hash(copy) or data != copy:
+            self.bad.append(self.seen)
+        if self.seen % 2 == 0:
+            self.kept.append(data)
+        self.seen += 1
+        if self.seen == self.expected and not self.done.done():
+            self.done.set_result(None)
+
+
+def test_datagrams_kept_or_dropped_keep_their_contents(loop):
+    # Same-size datagrams with different contents, interleaved with other sizes: the
+    # kept ones must not change afterwards, and each one's hash must be its own.
+    payloads = [bytes([i]) * (1024 if i % 3 else 700) for i in range(60)]
+
+    async def main():
+        a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        b = await loop.create_datagram_endpoint(
+            lambda: Inspector(len(payloads)), local_addr=(HOST, 0)
+        )
+        try:
+            addr_b = b[0].get_extra_info("sockname")
+            for i, p in enumerate(payloads):
+                a[0].sendto(p, addr_b)
+                if i % 10 == 9:
+                    await asyncio.sleep(0.001)
+            await asyncio.wait_for(b[1].done, 5)
+            return b[1].bad, b[1].kept
+        finally:
+            await close(a)
+            b[0].close()
+
+    bad, kept = run(loop, main())
+    assert bad == []
+    assert kept == payloads[::2]

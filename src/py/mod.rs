@@ -115,27 +115,60 @@ pub fn version(py: Python<'_>) -> (u8, u8) {
 
 /// A read-only, C-contiguous byte view of any buffer-protocol object (`PyBUF_SIMPLE`,
 /// what `socket.send` asks for); released on drop.
+///
+/// An exact `bytes` object is viewed directly (it is immutable and its storage is
+/// inline): no `Py_buffer` is allocated. The heap-allocated `Py_buffer` of the general
+/// case is a small malloc chunk whose free makes glibc consolidate its fast bins at the
+/// next large allocation, which showed up as ~5% of a UDP echo's user time.
 pub struct ByteView {
-    view: Box<pyo3::ffi::Py_buffer>,
+    inner: ViewInner,
+}
+
+enum ViewInner {
+    /// A strong reference keeps the bytes (and so `ptr`) alive.
+    Bytes {
+        _owner: Py<PyAny>,
+        ptr: *const u8,
+        len: usize,
+    },
+    Buffer(Box<pyo3::ffi::Py_buffer>),
 }
 
 impl ByteView {
     /// Fails with the object's own TypeError ("a bytes-like object is required, ...").
     pub fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
-        // SAFETY: a zeroed Py_buffer is a valid out-parameter; on success CPython fills it
-        // and we release it exactly once in Drop. GIL held (bound object).
+        // SAFETY: GIL held (bound object). For exact bytes the pointer and size come from
+        // the object we keep a reference to. Otherwise a zeroed Py_buffer is a valid
+        // out-parameter; on success CPython fills it and we release it exactly once in
+        // Drop.
         unsafe {
+            if pyo3::ffi::PyBytes_CheckExact(obj.as_ptr()) != 0 {
+                let ptr = pyo3::ffi::PyBytes_AsString(obj.as_ptr()) as *const u8;
+                let len = pyo3::ffi::PyBytes_Size(obj.as_ptr()) as usize;
+                return Ok(ByteView {
+                    inner: ViewInner::Bytes {
+                        _owner: obj.clone().unbind(),
+                        ptr,
+                        len,
+                    },
+                });
+            }
             let mut view: Box<pyo3::ffi::Py_buffer> = Box::new(std::mem::zeroed());
             if pyo3::ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, pyo3::ffi::PyBUF_SIMPLE) < 0
             {
                 return Err(PyErr::fetch(obj.py()));
             }
-            Ok(ByteView { view })
+            Ok(ByteView {
+                inner: ViewInner::Buffer(view),
+            })
         }
     }
 
     pub fn len(&self) -> usize {
-        self.view.len as usize
+        match &self.inner {
+            ViewInner::Bytes { len, .. } => *len,
+            ViewInner::Buffer(view) => view.len as usize,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -143,15 +176,20 @@ impl ByteView {
     }
 
     pub fn as_ptr(&self) -> *const u8 {
-        self.view.buf as *const u8
+        match &self.inner {
+            ViewInner::Bytes { ptr, .. } => *ptr,
+            ViewInner::Buffer(view) => view.buf as *const u8,
+        }
     }
 }
 
 impl Drop for ByteView {
     fn drop(&mut self) {
-        // SAFETY: the view was filled by a successful PyObject_GetBuffer; views are only
-        // created and dropped with the GIL held.
-        unsafe { pyo3::ffi::PyBuffer_Release(&mut *self.view) };
+        if let ViewInner::Buffer(view) = &mut self.inner {
+            // SAFETY: the view was filled by a successful PyObject_GetBuffer; views are
+            // only created and dropped with the GIL held.
+            unsafe { pyo3::ffi::PyBuffer_Release(&mut **view) };
+        }
     }
 }
 

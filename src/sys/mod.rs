@@ -455,6 +455,30 @@ pub unsafe fn read(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
     syscall!(read(fd, ptr.cast(), len)).map(|n| n as usize)
 }
 
+/// `readv(2)` into `alen` bytes at `a`, then `blen` bytes at `b`.
+///
+/// # Safety
+/// `a` and `b` point to `alen` and `blen` writable bytes.
+pub unsafe fn read2(
+    fd: RawFd,
+    a: *mut u8,
+    alen: usize,
+    b: *mut u8,
+    blen: usize,
+) -> io::Result<usize> {
+    let iov = [
+        libc::iovec {
+            iov_base: a.cast(),
+            iov_len: alen,
+        },
+        libc::iovec {
+            iov_base: b.cast(),
+            iov_len: blen,
+        },
+    ];
+    syscall!(readv(fd, iov.as_ptr(), 2)).map(|n| n as usize)
+}
+
 /// `write(2)` of `len` bytes at `ptr`. CPython ignores SIGPIPE, so a closed peer is an
 /// `EPIPE` error, as with `os.write`.
 ///
