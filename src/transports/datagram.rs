@@ -386,8 +386,7 @@ impl DatagramCore {
             // when it became the spare, and nothing could take a reference since), so
             // rewriting its contents is invisible; its cached hash is reset. GIL held.
             unsafe {
-                if pyo3::ffi::Py_REFCNT(p) == 1 && pyo3::ffi::Py_SIZE(p) as usize == data.len()
-                {
+                if pyo3::ffi::Py_REFCNT(p) == 1 && pyo3::ffi::Py_SIZE(p) as usize == data.len() {
                     let obj = p.cast::<pyo3::ffi::PyBytesObject>();
                     std::ptr::copy_nonoverlapping(
                         data.as_ptr(),

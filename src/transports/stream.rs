@@ -626,7 +626,10 @@ impl StreamCore {
                 // `obj` was freed and set to NULL; the error is MemoryError.
                 return Err(pyerr_to_io(py, PyErr::fetch(py)));
             }
-            Ok(Some((n, Bound::from_owned_ptr(py, obj).cast_into_unchecked())))
+            Ok(Some((
+                n,
+                Bound::from_owned_ptr(py, obj).cast_into_unchecked(),
+            )))
         }
     }
 
