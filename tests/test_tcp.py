@@ -1403,22 +1403,39 @@ def test_accept_survives_emfile(loop, loop_errors):
 
 
 class ChunkKeeper(RecordingProtocol):
-    """Keeps every data_received() object as it came (RecordingProtocol copies)."""
+    """Keeps every other data_received() object as it came (all of them with
+    ``keep_all``) with a copy taken on arrival, and checks each one's hash then (the
+    transport may reuse the storage of data nobody kept)."""
+
+    keep_all = True
 
     def __init__(self, loop=None):
         super().__init__(loop)
-        self.chunks: list = []
+        self.kept: list = []
+        self.bad_hash = 0
+        self.calls = 0
 
     def data_received(self, data):
-        self.chunks.append(data)
+        copy = bytes(bytearray(data))
+        if hash(data) != hash(copy):
+            self.bad_hash += 1
+        if self.keep_all or self.calls % 2 == 0:
+            self.kept.append((data, copy))
+        self.calls += 1
         super().data_received(data)
 
 
+class HalfKeeper(ChunkKeeper):
+    keep_all = False
+
+
+@pytest.mark.parametrize("keeper", [ChunkKeeper, HalfKeeper], ids=["keep-all", "keep-half"])
 @pytest.mark.parametrize("family", ["tcp", "unix"])
-def test_large_and_small_reads_keep_every_byte(loop, family, tmp_path):
-    # Large writes make the transport read straight into bytes objects (ferroloop); the
-    # sizes vary above and below that path's thresholds, and every chunk the protocol
-    # kept must still hold what it held when it arrived.
+def test_large_and_small_reads_keep_every_byte(loop, family, keeper, tmp_path):
+    # Large writes make the transport read straight into bytes objects (ferroloop), and
+    # reuse one nobody kept; the sizes vary above and below that path's thresholds.
+    # Every byte must arrive in order, and every chunk the protocol kept must still hold
+    # what it held when it arrived.
     rng = random.Random(7)
     sizes = [rng.choice([1, 900, 20_000, 70_000, 130_000, 300_000]) for _ in range(40)]
     payload = rng.randbytes(sum(sizes))
@@ -1427,7 +1444,7 @@ def test_large_and_small_reads_keep_every_byte(loop, family, tmp_path):
         protos = []
 
         def factory():
-            p = ChunkKeeper()
+            p = keeper()
             protos.append(p)
             return p
 
@@ -1450,14 +1467,14 @@ def test_large_and_small_reads_keep_every_byte(loop, family, tmp_path):
             while not protos:
                 await asyncio.sleep(0.001)
             await asyncio.wait_for(protos[0].eof, 10)
-            snapshot = [bytes(bytearray(c)) for c in protos[0].chunks]
-            return protos[0].chunks, snapshot
+            return protos[0]
         finally:
             tr.close()
             server.close()
             await server.wait_closed()
 
-    chunks, snapshot = run(loop, main())
-    assert all(type(c) is bytes and c for c in chunks)
-    assert chunks == snapshot
-    assert b"".join(chunks) == payload
+    proto = run(loop, main())
+    assert bytes(proto.data) == payload
+    assert proto.bad_hash == 0
+    assert proto.kept and all(type(c) is bytes and c for c, _ in proto.kept)
+    assert [c for c, _ in proto.kept] == [copy for _, copy in proto.kept]

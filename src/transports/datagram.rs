@@ -404,8 +404,12 @@ impl DatagramCore {
         PyBytes::new(py, data)
     }
 
-    /// Keeps a delivered datagram's `bytes` for reuse if nothing else references it.
+    /// Keeps a delivered datagram's `bytes` for reuse if nothing else references it
+    /// (only where `recv_native` can reuse it).
     fn recycle(&self, py: Python<'_>, data: Bound<'_, PyAny>) {
+        if !self.with(py, |s| s.inet) {
+            return;
+        }
         // SAFETY: reading the reference count of a live object, GIL held.
         let alone = unsafe { pyo3::ffi::Py_REFCNT(data.as_ptr()) } == 1;
         if alone && data.is_exact_instance_of::<PyBytes>() {

@@ -45,6 +45,28 @@ unsafe extern "C" {
     fn _PyBytes_Resize(bytes: *mut *mut pyo3::ffi::PyObject, size: pyo3::ffi::Py_ssize_t) -> i32;
 }
 
+/// The last large read's `bytes` when its protocol kept no reference to it: the next
+/// large read (on any transport of this thread's loops) goes into it, whose memory is
+/// still in cache, instead of a new allocation. One object at most, so idle transports
+/// hold nothing.
+static SPARE: GilCell<Option<Py<PyBytes>>> = GilCell::new(None);
+
+/// Offers data a protocol was given back for reuse by `read_direct` (kept only when
+/// large and referenced by nobody else).
+fn recycle_read(py: Python<'_>, data: Bound<'_, PyBytes>) {
+    // SAFETY: reading the size and reference count of a live object, GIL held.
+    let (refs, size) = unsafe {
+        (
+            pyo3::ffi::Py_REFCNT(data.as_ptr()),
+            pyo3::ffi::Py_SIZE(data.as_ptr()) as usize,
+        )
+    };
+    if refs == 1 && size >= DIRECT_READ_MIN && data.is_exact_instance_of::<PyBytes>() {
+        let old = SPARE.with(py, |s| s.replace(data.unbind()));
+        drop(old);
+    }
+}
+
 /// An allocation failure while building read data, as the I/O error the read path
 /// reports (it becomes the transport's fatal error).
 fn pyerr_to_io(py: Python<'_>, e: PyErr) -> io::Error {
@@ -572,7 +594,8 @@ impl StreamCore {
         Ok(Some(data))
     }
 
-    /// One `readv` into a new `bytes` of `expect` bytes followed by the shared buffer.
+    /// One `readv` into the spare `bytes` (or a new one of `expect` bytes) followed by
+    /// the shared buffer.
     fn read_direct<'py>(
         &self,
         py: Python<'py>,
@@ -582,20 +605,27 @@ impl StreamCore {
     ) -> io::Result<Option<(usize, Bound<'py, PyBytes>)>> {
         // SAFETY: PyBytes_FromStringAndSize(NULL, n) makes an uninitialised bytes object
         // that only we reference. Its first `expect` bytes and `buf`'s first
-        // `MAX_SIZE - expect` are writable. Before the object is shared it is shrunk to
-        // the `n` bytes the kernel wrote (or replaced), so no uninitialised byte is
-        // visible. GIL held.
+        // `MAX_SIZE - expect` are writable. Before the object is shared it is resized to
+        // the `n` bytes read and any part of them that went to `buf` is appended, so no
+        // uninitialised byte is visible. GIL held.
         unsafe {
-            let mut obj = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), expect as _);
-            if obj.is_null() {
-                // Out of memory: the MemoryError is dropped and the plain path tried.
-                drop(PyErr::take(py));
-                return match crate::sys::read(fd, buf.as_mut_ptr(), MAX_SIZE) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                    Err(e) => Err(e),
-                    Ok(n) => Ok(Some((n, PyBytes::new(py, &buf[..n])))),
-                };
-            }
+            // The spare if it is at least as large: only we reference it (checked when it
+            // was kept, and nothing could take a reference since).
+            let (mut obj, expect) = match SPARE.with(py, |s| s.take()) {
+                Some(b)
+                    if pyo3::ffi::Py_REFCNT(b.as_ptr()) == 1
+                        && (expect..=MAX_SIZE)
+                            .contains(&(pyo3::ffi::Py_SIZE(b.as_ptr()) as usize)) =>
+                {
+                    let size = pyo3::ffi::Py_SIZE(b.as_ptr()) as usize;
+                    (b.into_ptr(), size)
+                }
+                other => {
+                    drop(other);
+                    let obj = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), expect as _);
+                    (obj, expect)
+                }
+            };
             let dst = pyo3::ffi::PyBytes_AsString(obj).cast::<u8>();
             let res = loop {
                 match crate::sys::read2(fd, dst, expect, buf.as_mut_ptr(), MAX_SIZE - expect) {
@@ -613,18 +643,22 @@ impl StreamCore {
                     };
                 }
             };
-            if n > expect {
-                let data = PyBytes::new_with(py, n, |out| {
-                    out[..expect].copy_from_slice(std::slice::from_raw_parts(dst, expect));
-                    out[expect..].copy_from_slice(&buf[..n - expect]);
-                    Ok(())
-                });
-                pyo3::ffi::Py_DECREF(obj);
-                return data.map(|d| Some((n, d))).map_err(|e| pyerr_to_io(py, e));
-            }
-            if n < expect && _PyBytes_Resize(&mut obj, n as _) < 0 {
-                // `obj` was freed and set to NULL; the error is MemoryError.
-                return Err(pyerr_to_io(py, PyErr::fetch(py)));
+            if n != expect {
+                // Shrink, or grow (often in place) and append what went to the buffer.
+                if _PyBytes_Resize(&mut obj, n as _) < 0 {
+                    // `obj` was freed and set to NULL; the error is MemoryError.
+                    return Err(pyerr_to_io(py, PyErr::fetch(py)));
+                }
+                if n > expect {
+                    let at = pyo3::ffi::PyBytes_AsString(obj).cast::<u8>().add(expect);
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), at, n - expect);
+                }
+            } else {
+                // A reused spare's cached hash is stale (a resize resets it).
+                #[allow(deprecated)]
+                {
+                    (*obj.cast::<pyo3::ffi::PyBytesObject>()).ob_shash = -1;
+                }
             }
             Ok(Some((
                 n,
@@ -653,7 +687,9 @@ impl StreamCore {
             return Self::on_eof(slf);
         }
         let proto = core.protocol(py);
-        if let Err(e) = proto.call_method1(pyo3::intern!(py, "data_received"), (data,)) {
+        let res = proto.call_method1(pyo3::intern!(py, "data_received"), (&data,));
+        recycle_read(py, data);
+        if let Err(e) = res {
             if kind != Kind::Socket || is_fatal_passthrough(&e, py) {
                 return Err(e);
             }
