@@ -46,9 +46,9 @@ unsafe extern "C" {
 }
 
 /// The last large read's `bytes` when its protocol kept no reference to it: the next
-/// large read (on any transport of this thread's loops) goes into it, whose memory is
-/// still in cache, instead of a new allocation. One object at most, so idle transports
-/// hold nothing.
+/// large read (on any transport of any loop; the GIL guards it) goes into it, whose
+/// memory is still in cache, instead of a new allocation. One object in the process at
+/// most, so idle transports hold nothing.
 static SPARE: GilCell<Option<Py<PyBytes>>> = GilCell::new(None);
 
 /// Offers data a protocol was given back for reuse by `read_direct` (kept only when
