@@ -629,14 +629,37 @@ impl LoopCore {
         let py = slf.py();
         let core = slf.get();
         core.check_closed(py)?;
-        let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
         let factory = core
             .state
             .with(py, |s| s.task_factory.as_ref().map(|f| f.clone_ref(py)));
+        let task_cls = import_attr!(py, "asyncio.tasks", "Task")?;
+        if factory.is_none() && kwargs.as_ref().is_none_or(|k| k.is_empty()) {
+            // Task(coro, loop=self) by vectorcall: no argument tuple or kwargs dict, two
+            // objects per task the cycle collector would otherwise count and traverse.
+            static KWNAMES: pyo3::sync::PyOnceLock<Py<PyTuple>> = pyo3::sync::PyOnceLock::new();
+            let kwnames = KWNAMES.get_or_try_init(py, || {
+                PyTuple::new(py, [pyo3::intern!(py, "loop")]).map(Bound::unbind)
+            })?;
+            let args = [coro.as_ptr(), slf.as_ptr()];
+            // SAFETY: `args` holds one positional and one keyword argument (named by
+            // `kwnames`), borrowed and live; the result is a new reference or NULL with an
+            // exception set.
+            return unsafe {
+                Bound::from_owned_ptr_or_err(
+                    py,
+                    pyo3::ffi::PyObject_Vectorcall(
+                        task_cls.as_ptr(),
+                        args.as_ptr(),
+                        1,
+                        kwnames.as_ptr(),
+                    ),
+                )
+            };
+        }
+        let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
         if let Some(f) = factory {
             return call_task_factory(slf, &f.into_bound(py), coro, kwargs);
         }
-        let task_cls = import_attr!(py, "asyncio.tasks", "Task")?;
         // NOTE: Python 3.12 added Task(eager_start=). On older Pythons the loop emulates it:
         //       Task.__init__ schedules exactly one step with call_soon; the loop takes that
         //       handle back and runs it now, with the current task swapped out, as 3.12's

@@ -80,6 +80,77 @@ pub struct HandleTypes {
     handle: Py<PyType>,
     timer: Py<PyType>,
     off: Offsets,
+    /// Bytes CPython keeps in front of an instance (the cycle collector's header and, from
+    /// 3.11 / 3.12, the managed dict / weakref pre-header), when known: the loop then
+    /// allocates handles itself (see `alloc_uncounted`). `None` on builds whose layout is
+    /// not known to us.
+    presize: Option<usize>,
+}
+
+/// The pre-header size of instances of `tp` (a GC type), as CPython's
+/// `_PyType_PreHeaderSize` computes it on the versions whose layout we know.
+fn gc_presize(py: Python<'_>, tp: *mut ffi::PyTypeObject) -> Option<usize> {
+    // Free-threaded builds have no PyGC_Head (and count differently).
+    let free_threaded = py
+        .import("sysconfig")
+        .and_then(|m| m.call_method1("get_config_var", ("Py_GIL_DISABLED",)))
+        .and_then(|v| v.is_truthy())
+        .unwrap_or(true);
+    if free_threaded {
+        return None;
+    }
+    let version = crate::py::version(py);
+    if !((3, 10)..=(3, 14)).contains(&version) {
+        return None;
+    }
+    // The flags of the type and its bases (a pre-header a base has, its subtypes have).
+    let mut flags = 0;
+    let mut t = tp;
+    while !t.is_null() {
+        // SAFETY: a live type and its live base chain.
+        unsafe {
+            flags |= (*t).tp_flags;
+            t = (*t).tp_base;
+        }
+    }
+    // Py_TPFLAGS_MANAGED_WEAKREF (3.12+) and Py_TPFLAGS_MANAGED_DICT (3.11+).
+    const MANAGED_WEAKREF: std::ffi::c_ulong = 1 << 3;
+    const MANAGED_DICT: std::ffi::c_ulong = 1 << 4;
+    let pre_header_flags = match version {
+        (3, 10) => 0,
+        (3, 11) => MANAGED_DICT,
+        _ => MANAGED_DICT | MANAGED_WEAKREF,
+    };
+    let gc_head = 2 * std::mem::size_of::<usize>();
+    let pre_header = if flags & pre_header_flags != 0 {
+        2 * std::mem::size_of::<*mut ffi::PyObject>()
+    } else {
+        0
+    };
+    Some(gc_head + pre_header)
+}
+
+/// A zeroed, untracked instance of `tp` (refcount 1, holding a type reference), allocated
+/// as `PyType_GenericAlloc` lays it out but without registering it with the cycle
+/// collector's allocation count: handles are untracked, yet each allocation would count
+/// towards the next collection, so a burst of handles (100k tasks scheduling their first
+/// step) set off collections that only promote unrelated young objects. NULL with
+/// MemoryError set on failure.
+///
+/// # Safety
+/// GIL held; `tp` is one of the handle types (no items) and `presize` its pre-header size.
+unsafe fn alloc_uncounted(tp: *mut ffi::PyTypeObject, presize: usize) -> *mut ffi::PyObject {
+    // SAFETY: see the function's contract; the block is zeroed (an all-zero GC header is
+    // an untracked one) before the object header is initialised.
+    unsafe {
+        let size = (*tp).tp_basicsize as usize;
+        let mem = ffi::PyObject_Malloc(presize + size).cast::<u8>();
+        if mem.is_null() {
+            return ffi::PyErr_NoMemory();
+        }
+        ptr::write_bytes(mem, 0, presize + size);
+        ffi::PyObject_Init(mem.add(presize).cast(), tp)
+    }
 }
 
 static TYPES: OnceLock<HandleTypes> = OnceLock::new();
@@ -247,10 +318,17 @@ pub fn init(py: Python<'_>) -> PyResult<(Py<PyType>, Py<PyType>)> {
         c"A callback scheduled with call_later() / call_at() (an asyncio.TimerHandle).",
         true,
     )?;
+    let presize = gc_presize(py, handle.bind(py).as_type_ptr());
+    if presize != gc_presize(py, timer.bind(py).as_type_ptr()) {
+        return Err(PyRuntimeError::new_err(
+            "ferroloop: Handle and TimerHandle have different layouts",
+        ));
+    }
     let _ = TYPES.set(HandleTypes {
         handle: handle.clone_ref(py),
         timer: timer.clone_ref(py),
         off,
+        presize,
     });
     Ok((handle, timer))
 }
@@ -422,7 +500,11 @@ unsafe extern "C" fn handle_dealloc(slf: *mut ffi::PyObject) {
             keep
         });
         if !kept {
-            ffi::PyObject_GC_Del(slf.cast());
+            match t.presize {
+                // The block `alloc_uncounted` (or tp_alloc, same layout) made; untracked above.
+                Some(pre) => ffi::PyObject_Free(slf.cast::<u8>().sub(pre).cast()),
+                None => ffi::PyObject_GC_Del(slf.cast()),
+            }
         }
         ffi::Py_DECREF(tp.cast());
     }
@@ -462,9 +544,10 @@ impl HandleTypes {
         // with an exception set. Every slot written is a slot of that layout, NULL before,
         // receiving a new reference.
         unsafe {
-            let raw = match recycled {
-                Some(o) => ffi::PyObject_Init(o, tp),
-                None => (*tp).tp_alloc.unwrap_or(ffi::PyType_GenericAlloc)(tp, 0),
+            let raw = match (recycled, self.presize) {
+                (Some(o), _) => ffi::PyObject_Init(o, tp),
+                (None, Some(pre)) => alloc_uncounted(tp, pre),
+                (None, None) => (*tp).tp_alloc.unwrap_or(ffi::PyType_GenericAlloc)(tp, 0),
             };
             let obj = Bound::from_owned_ptr_or_err(py, raw)?;
             let o = obj.as_ptr();
@@ -493,9 +576,10 @@ impl HandleTypes {
             //       2806 instead of 2271 instructions per call_soon callback (callgrind,
             //       benchmark loop included; rloop: 2252), and timers ~25% of call_later's
             //       throughput (benchmarks/run.py --no-gc).
-            match (recycled.is_some(), track) {
-                (false, false) => ffi::PyObject_GC_UnTrack(o.cast()),
-                (true, true) => ffi::PyObject_GC_Track(o.cast()),
+            let tracked = recycled.is_none() && self.presize.is_none();
+            match (tracked, track) {
+                (true, false) => ffi::PyObject_GC_UnTrack(o.cast()),
+                (false, true) => ffi::PyObject_GC_Track(o.cast()),
                 _ => {}
             }
             Ok(obj)
