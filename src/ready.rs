@@ -38,6 +38,12 @@ impl<T> ReadyQueue<T> {
         self.queue.pop_back()
     }
 
+    /// The item `pop` returns next.
+    #[inline]
+    pub fn front(&self) -> Option<&T> {
+        self.queue.front()
+    }
+
     #[inline]
     pub fn len(&self) -> usize {
         self.queue.len()

@@ -78,6 +78,11 @@ impl<T> TimerQueue<T> {
         });
     }
 
+    /// The item `pop` would return next, whatever its deadline.
+    pub fn head(&self) -> Option<&T> {
+        self.heap.peek().map(|e| &e.item)
+    }
+
     /// The earliest deadline and its item.
     pub fn peek(&self) -> Option<(f64, &T)> {
         self.heap.peek().map(|e| (e.when, &e.item))

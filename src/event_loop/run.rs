@@ -210,14 +210,28 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     LoopCore::dispatch_resolutions(slf)?;
 
     let end = crate::sys::monotonic() + core.clock_resolution;
-    while let Some(h) = core.state.with(py, |s| s.timers.pop_due(end)) {
+    while let Some(h) = core.state.with(py, |s| {
+        let h = s.timers.pop_due(end);
+        if h.is_some()
+            && let Some(next) = s.timers.head()
+        {
+            next.prefetch();
+        }
+        h
+    }) {
         t.set_scheduled(h.bind(py), false);
         core.state.with(py, |s| s.ready.push(h));
     }
 
     let ntodo = core.state.with(py, |s| s.ready.len());
     for _ in 0..ntodo {
-        let Some(h) = core.state.with(py, |s| s.ready.pop()) else {
+        let Some(h) = core.state.with(py, |s| {
+            let h = s.ready.pop();
+            if let Some(next) = s.ready.front() {
+                next.prefetch();
+            }
+            h
+        }) else {
             break;
         };
         let hb = h.bind(py);

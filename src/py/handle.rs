@@ -809,6 +809,24 @@ impl OwnedHandle {
         self.handle.bind(py)
     }
 
+    /// Asks the CPU to bring the handle's object into cache: the loop is about to read
+    /// its slots. Timer handles come due in deadline order, scattered over memory, and
+    /// a cache miss per handle was the largest cost of expiring 100k timers (`perf`).
+    #[inline(always)]
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let p = self.handle.as_ptr().cast::<i8>();
+            // SAFETY: a prefetch is only a hint; it never faults, even for an invalid
+            // address, and the object (header and slots, two cache lines) is live.
+            unsafe {
+                use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+            }
+        }
+    }
+
     #[inline]
     pub fn clone_ref(&self, py: Python<'_>) -> Self {
         OwnedHandle {
