@@ -16,6 +16,7 @@ import random
 import resource
 import socket
 import ssl
+import subprocess
 import sys
 
 import pytest
@@ -1478,3 +1479,78 @@ def test_large_and_small_reads_keep_every_byte(loop, family, keeper, tmp_path):
     assert proto.bad_hash == 0
     assert proto.kept and all(type(c) is bytes and c for c, _ in proto.kept)
     assert [c for c, _ in proto.kept] == [copy for _, copy in proto.kept]
+
+
+OOM_READ_SCRIPT = r"""
+import asyncio, socket, sys, threading, _testcapi
+import ferroloop
+
+loop = ferroloop.new_event_loop() if sys.argv[1] == "ferroloop" else asyncio.new_event_loop()
+k = int(sys.argv[2])
+a, b = socket.socketpair()
+a.setblocking(False)
+
+
+def feed():
+    # 20 MiB in large writes, so the reader's reads are large (ferroloop then reads
+    # straight into bytes objects); stops when the reader goes away.
+    chunk = b"x" * (1 << 20)
+    try:
+        for _ in range(20):
+            b.sendall(chunk)
+    except OSError:
+        pass
+    b.close()
+
+
+class P(asyncio.Protocol):
+    def __init__(self):
+        self.reads = 0
+        self.kept = []
+        self.done = loop.create_future()
+
+    def data_received(self, data):
+        self.kept.append(data)
+        self.reads += 1
+        if self.reads == 5:
+            _testcapi.set_nomemory(k, k + 1)  # the k-th allocation from here fails
+
+    def connection_lost(self, exc):
+        _testcapi.remove_mem_hooks()
+        if not self.done.done():
+            self.done.set_result(exc)
+
+
+async def main():
+    t, p = await loop.create_connection(P, sock=a)
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        return await asyncio.wait_for(p.done, 20)
+    finally:
+        _testcapi.remove_mem_hooks()
+        t.close()
+
+
+loop.set_exception_handler(lambda loop, ctx: None)
+exc = loop.run_until_complete(main())
+print("lost:", type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("k", [0, 1, 4])
+def test_out_of_memory_during_large_reads_is_an_error_not_a_crash(loop_name, k):
+    # An allocation failing while the transport reads becomes the transport's fatal
+    # error (connection_lost(MemoryError)), or a MemoryError out of run_until_complete
+    # when it hits the loop's own code (stdlib asyncio's Python), never a crash.
+    pytest.importorskip("_testcapi")
+    proc = subprocess.run(
+        [sys.executable, "-c", OOM_READ_SCRIPT, loop_name, str(k)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode >= 0, f"killed by signal {-proc.returncode}: {proc.stderr[-2000:]}"
+    if proc.returncode:
+        assert proc.stderr.rstrip().endswith("MemoryError"), proc.stderr[-2000:]
+    else:
+        assert "lost:" in proc.stdout

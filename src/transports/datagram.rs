@@ -407,7 +407,7 @@ impl DatagramCore {
     /// Keeps a delivered datagram's `bytes` for reuse if nothing else references it
     /// (only where `recv_native` can reuse it).
     fn recycle(&self, py: Python<'_>, data: Bound<'_, PyAny>) {
-        if !self.with(py, |s| s.inet) {
+        if !self.with(py, |s| s.inet && !s.closing) {
             return;
         }
         // SAFETY: reading the reference count of a live object, GIL held.
@@ -593,9 +593,9 @@ impl DatagramCore {
             core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
             return Ok(());
         }
-        // NOTE: Python 3.12 sends empty datagrams; 3.11 and earlier drop them. ferroloop
-        //       follows the running Python's asyncio.
-        if data.len()? == 0 && py::version(py) < (3, 12) {
+        // NOTE: Python 3.13 sends empty datagrams (gh-113812); 3.12 and earlier drop
+        //       them. ferroloop follows the running Python's asyncio.
+        if data.len()? == 0 && py::version(py) < (3, 13) {
             return Ok(());
         }
         if empty {

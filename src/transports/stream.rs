@@ -67,12 +67,6 @@ fn recycle_read(py: Python<'_>, data: Bound<'_, PyBytes>) {
     }
 }
 
-/// An allocation failure while building read data, as the I/O error the read path
-/// reports (it becomes the transport's fatal error).
-fn pyerr_to_io(py: Python<'_>, e: PyErr) -> io::Error {
-    io::Error::other(e.value(py).to_string())
-}
-
 pub fn take_read_buf(py: Python<'_>) -> Vec<u8> {
     let buf = READ_BUF.with(py, std::mem::take);
     if buf.len() < MAX_SIZE {
@@ -564,7 +558,7 @@ impl StreamCore {
     /// `bytes` of the expected size, with the shared buffer behind it for any excess, and
     /// the object is shrunk to what came: no copy of the data, which was half of the
     /// user time of a 100 KiB echo.
-    fn read_bytes<'py>(&self, py: Python<'py>) -> io::Result<Option<Bound<'py, PyBytes>>> {
+    fn read_bytes<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let (fd, hint) = self.with(py, |s| (s.fd, s.read_hint as usize));
         let mut buf = take_read_buf(py);
         let res = if hint >= DIRECT_READ_MIN {
@@ -575,7 +569,7 @@ impl StreamCore {
                 match unsafe { crate::sys::read(fd, buf.as_mut_ptr(), MAX_SIZE) } {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(None),
-                    Err(e) => break Err(e),
+                    Err(e) => break Err(errors::from_io(e)),
                     Ok(n) => break Ok(Some((n, PyBytes::new(py, &buf[..n])))),
                 }
             }
@@ -602,7 +596,7 @@ impl StreamCore {
         fd: RawFd,
         expect: usize,
         buf: &mut [u8],
-    ) -> io::Result<Option<(usize, Bound<'py, PyBytes>)>> {
+    ) -> PyResult<Option<(usize, Bound<'py, PyBytes>)>> {
         // SAFETY: PyBytes_FromStringAndSize(NULL, n) makes an uninitialised bytes object
         // that only we reference. Its first `expect` bytes and `buf`'s first
         // `MAX_SIZE - expect` are writable. Before the object is shared it is resized to
@@ -623,6 +617,9 @@ impl StreamCore {
                 other => {
                     drop(other);
                     let obj = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), expect as _);
+                    if obj.is_null() {
+                        return Err(PyErr::fetch(py)); // MemoryError
+                    }
                     (obj, expect)
                 }
             };
@@ -639,7 +636,7 @@ impl StreamCore {
                     pyo3::ffi::Py_DECREF(obj);
                     return match e.kind() {
                         io::ErrorKind::WouldBlock => Ok(None),
-                        _ => Err(e),
+                        _ => Err(errors::from_io(e)),
                     };
                 }
             };
@@ -647,7 +644,7 @@ impl StreamCore {
                 // Shrink, or grow (often in place) and append what went to the buffer.
                 if _PyBytes_Resize(&mut obj, n as _) < 0 {
                     // `obj` was freed and set to NULL; the error is MemoryError.
-                    return Err(pyerr_to_io(py, PyErr::fetch(py)));
+                    return Err(PyErr::fetch(py));
                 }
                 if n > expect {
                     let at = pyo3::ffi::PyBytes_AsString(obj).cast::<u8>().add(expect);
@@ -679,7 +676,7 @@ impl StreamCore {
                 } else {
                     "Fatal read error on pipe transport"
                 };
-                return Self::fatal_error(slf, errors::from_io(e), msg);
+                return Self::fatal_error(slf, e, msg);
             }
             Ok(Some(d)) => d,
         };
