@@ -19,6 +19,7 @@ use pyo3::prelude::*;
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::LoopCore>()?;
     py::fastcall::install(&m.py().get_type::<event_loop::LoopCore>())?;
+    py::context::init(m.py());
     let (handle, timer) = py::handle::init(m.py())?;
     m.add("Handle", handle)?;
     m.add("TimerHandle", timer)?;

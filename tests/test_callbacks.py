@@ -208,6 +208,182 @@ def test_call_soon_context_none_means_current(loop):
     assert seen == ["current"]
 
 
+def test_callbacks_from_one_context_each_run_in_their_own_copy(loop):
+    """Every callback scheduled without ``context=`` runs in its own copy of the context
+    it was scheduled from: a variable one of them sets is seen neither by the others
+    nor by the caller, whichever scheduling method created it."""
+    import threading
+
+    seen = []
+    token = var.set("origin")
+    try:
+
+        def cb(tag):
+            seen.append((tag, var.get()))
+            var.set(f"set-by-{tag}")
+            seen.append((tag, var.get()))
+
+        for tag in ("a", "b"):
+            loop.call_soon(cb, tag)
+        loop.call_later(0, cb, "later")
+        loop.call_at(loop.time(), cb, "at")
+        t = threading.Thread(target=loop.call_soon_threadsafe, args=(cb, "thread"))
+        t.start()  # a new thread starts with an empty context
+        t.join()
+        var.set("changed")
+        loop.call_soon(cb, "c")
+        run_briefly(loop, 3)
+        assert var.get() == "changed"
+    finally:
+        var.reset(token)
+    for tag, origin in [("a", "origin"), ("b", "origin"), ("later", "origin"),
+                        ("at", "origin"), ("thread", "default"), ("c", "changed")]:
+        i = seen.index((tag, origin))
+        assert seen[i + 1] == (tag, f"set-by-{tag}")
+    assert len(seen) == 12
+
+
+def test_kept_handle_keeps_the_changes_of_its_callback(loop):
+    """A handle the caller kept still has the context its callback ran in afterwards,
+    variables it set included; handles nobody kept do not leak theirs."""
+
+    def cb(value):
+        var.set(value)
+
+    h = loop.call_soon(cb, "kept")
+    loop.call_soon(cb, "dropped")
+    timer = loop.call_later(0, cb, "timer")
+    seen = []
+    loop.call_soon(lambda: seen.append(var.get()))
+    run_briefly(loop, 2)
+    assert seen == ["default"]
+    ctx = h._context
+    assert isinstance(ctx, contextvars.Context)
+    assert ctx is h._context
+    assert ctx[var] == "kept"
+    assert timer._context[var] == "timer"
+    assert var.get() == "default"
+
+
+def test_context_read_inside_callback_is_the_one_it_runs_in(loop):
+    """``handle._context`` read by the callback itself is its running context: later
+    changes show in it, and it is still that object afterwards."""
+    got = {}
+
+    def cb():
+        ctx = got["ctx"] = h._context
+        got["before"] = ctx.get(var)
+        var.set("inside")
+        got["after"] = ctx.get(var)
+
+    token = var.set("outer")
+    try:
+        h = loop.call_soon(cb)
+    finally:
+        var.reset(token)
+    loop.call_soon(lambda: got.setdefault("next", var.get()))
+    run_briefly(loop, 2)
+    assert got["before"] == "outer"
+    assert got["after"] == "inside"
+    assert h._context is got["ctx"]
+    assert got["next"] == "default"
+
+
+def test_context_read_before_the_run_is_the_one_it_runs_in(loop):
+    token = var.set("outer")
+    try:
+        h = loop.call_soon(var.set, "by-callback")
+    finally:
+        var.reset(token)
+    ctx = h._context
+    assert ctx[var] == "outer"
+    run_briefly(loop)
+    assert h._context is ctx
+    assert ctx[var] == "by-callback"
+
+
+def test_context_replaced_before_the_run_is_used(loop):
+    ctx = contextvars.Context()
+    ctx.run(var.set, "replacement")
+    seen = []
+    h = loop.call_soon(lambda: seen.append(var.get()))
+    h._context = ctx
+    run_briefly(loop)
+    assert seen == ["replacement"]
+    assert h._context is ctx
+
+
+def test_reader_callback_keeps_its_context_between_runs(loop):
+    """A reader's handle runs every time in the one copy made by add_reader: what the
+    callback sets is there on its next run."""
+    import socket
+
+    a, b = socket.socketpair()
+    try:
+        seen = []
+
+        def on_readable():
+            a.recv(1)
+            seen.append(var.get())
+            var.set(var.get() + "+")
+            if len(seen) < 3:
+                b.send(b"x")
+
+        token = var.set("r")
+        try:
+            loop.add_reader(a, on_readable)
+        finally:
+            var.reset(token)
+        b.send(b"x")
+        run_briefly(loop, 6)
+        loop.remove_reader(a)
+        assert seen == ["r", "r+", "r++"]
+        assert var.get() == "default"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_nested_loop_callbacks_keep_their_contexts(loop_factory):
+    """A callback of one loop that runs another loop (on another thread) to completion:
+    both loops' callbacks see the context they were scheduled from."""
+    import threading
+
+    outer = loop_factory()
+    seen = []
+
+    def inner_thread():
+        inner = loop_factory()
+        try:
+            token = var.set("inner")
+            inner.call_soon(lambda: seen.append(("inner", var.get())))
+            var.reset(token)
+            inner.call_soon(inner.stop)
+            inner.run_forever()
+        finally:
+            inner.close()
+
+    def cb():
+        seen.append(("outer", var.get()))
+        var.set("outer-set")
+        t = threading.Thread(target=inner_thread)
+        t.start()
+        t.join()
+        seen.append(("outer-after", var.get()))
+
+    try:
+        token = var.set("outer")
+        outer.call_soon(cb)
+        var.reset(token)
+        outer.call_soon(lambda: seen.append(("outer-next", var.get())))
+        outer.call_soon(outer.stop)
+        outer.run_forever()
+    finally:
+        outer.close()
+    assert seen == [("outer", "outer"), ("inner", "inner"), ("outer-after", "outer-set"),
+                    ("outer-next", "default")]
+
+
 def test_handle_context_slot(loop):
     ctx = contextvars.Context()
     h = loop.call_soon(print, context=ctx)

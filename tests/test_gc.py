@@ -197,6 +197,48 @@ def test_pending_socket_operation_after_run(loop_factory):
         b.close()
 
 
+def test_capturing_the_current_context_counts_nothing(loop, loop_name):
+    # Callbacks scheduled without context= capture the caller's context. ferroloop
+    # keeps the context's variable mapping rather than a new Context object per call,
+    # so scheduling from the loop's thread or another thread allocates nothing the
+    # cycle collector counts. Stdlib allocates a handle and a Context per call.
+    import threading
+
+    def cb():
+        pass
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for _ in range(3000):
+            loop.call_soon(cb)
+        grew = gc.get_count()[0] - before
+        counts = []
+
+        def producer():
+            b = gc.get_count()[0]
+            for _ in range(3000):
+                loop.call_soon_threadsafe(cb)
+            counts.append(gc.get_count()[0] - b)
+
+        t = threading.Thread(target=producer)
+        t.start()
+        t.join()
+    finally:
+        gc.enable()
+    if loop.get_debug():
+        pass
+    elif loop_name == "ferroloop":
+        assert grew < 100, grew
+        assert counts[0] < 100, counts
+    else:
+        assert grew >= 3000, grew
+        assert counts[0] >= 3000, counts
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+
+
 def test_queued_handles_do_not_count_towards_collections(loop, loop_name):
     # ferroloop's handles stay out of the cycle collector while the loop owns them, and
     # are allocated without adding to its allocation count: a burst of queued callbacks

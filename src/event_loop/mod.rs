@@ -21,6 +21,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use crate::dns;
 use crate::errors;
+use crate::py::context::RunContext;
 use crate::py::fastcall::SchedArgs;
 use crate::py::handle::{OwnedHandle, types};
 use crate::py::{self, GilCell, import_attr};
@@ -161,6 +162,8 @@ pub struct LoopCore {
     pub(crate) poller: Mutex<Option<Poller>>,
     /// `time.get_clock_info('monotonic').resolution`.
     clock_resolution: f64,
+    /// The context callbacks with a captured mapping run in (see `py::context`).
+    pub(crate) run_ctx: RunContext,
 }
 
 /// How a scheduling method reports itself in debug mode, as asyncio's does.
@@ -278,7 +281,7 @@ impl LoopCore {
         let py = slf.py();
         let context = match context {
             Some(c) if !c.is_none() => c,
-            _ => py::copy_context(py)?,
+            _ => py::context::capture(py)?,
         };
         let track = !slf.get().is_running(py);
         types()?.new_handle(
@@ -453,6 +456,7 @@ impl LoopCore {
             }),
             poller: Mutex::new(Some(poller)),
             clock_resolution: crate::sys::monotonic_resolution(),
+            run_ctx: RunContext::default(),
         })
     }
 
@@ -549,6 +553,7 @@ impl LoopCore {
         }
         let poller = core.poller.lock().map(|mut p| p.take()).unwrap_or(None);
         let signals = core.state.with(py, |s| s.signals.close());
+        core.run_ctx.clear(py);
         drop((
             ready,
             timers,

@@ -240,7 +240,7 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         }
         if core.debug(py) {
             run_debug(slf, t, hb)?;
-        } else if let Err(e) = t.call(hb) {
+        } else if let Err(e) = t.call(hb, Some(&core.run_ctx)) {
             exception_handler::callback_error(slf, hb, e)?;
         }
     }
@@ -307,7 +307,7 @@ fn run_debug(slf: &Bound<'_, LoopCore>, t: &HandleTypes, h: &Bound<'_, PyAny>) -
     let t0 = crate::sys::monotonic();
     // NOTE: as asyncio times `handle._run()`, the exception handler's time counts and a
     //       failing callback can be slow too; KeyboardInterrupt/SystemExit skip the check.
-    let res = match t.call(h) {
+    let res = match t.call(h, Some(&core.run_ctx)) {
         Ok(()) => Ok(()),
         Err(e) => exception_handler::callback_error(slf, h, e),
     };
@@ -345,7 +345,7 @@ pub(super) fn run_eager_step(slf: &Bound<'_, LoopCore>, step: &Bound<'_, PyAny>)
     let res = if t.is_cancelled(step) {
         Ok(())
     } else {
-        match t.call(step) {
+        match t.call(step, Some(&slf.get().run_ctx)) {
             Ok(()) => Ok(()),
             Err(e) => exception_handler::callback_error(slf, step, e),
         }

@@ -19,6 +19,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyTuple, PyType};
 
 use super::GilCell;
+use super::context::{self, RunContext};
 
 /// asyncio's handle slots, in the order `Offsets::all` keeps them: the first
 /// `HANDLE_SLOTS` belong to `asyncio.Handle`, the rest to `asyncio.TimerHandle`.
@@ -91,12 +92,7 @@ pub struct HandleTypes {
 /// `_PyType_PreHeaderSize` computes it on the versions whose layout we know.
 fn gc_presize(py: Python<'_>, tp: *mut ffi::PyTypeObject) -> Option<usize> {
     // Free-threaded builds have no PyGC_Head (and count differently).
-    let free_threaded = py
-        .import("sysconfig")
-        .and_then(|m| m.call_method1("get_config_var", ("Py_GIL_DISABLED",)))
-        .and_then(|v| v.is_truthy())
-        .unwrap_or(true);
-    if free_threaded {
+    if super::free_threaded(py) {
         return None;
     }
     let version = crate::py::version(py);
@@ -241,6 +237,22 @@ fn make_type(
     // NOTE: the spec, slots and method table are leaked: CPython keeps pointers into the
     //       method table for the lifetime of the type, which lives as long as the process.
     let methods: &'static mut [ffi::PyMethodDef] = Box::leak(methods.into_boxed_slice());
+    let getset: &'static mut [ffi::PyGetSetDef] = Box::leak(Box::new([
+        ffi::PyGetSetDef {
+            name: c"_context".as_ptr(),
+            get: Some(handle_context_get),
+            set: Some(handle_context_set),
+            doc: ptr::null(),
+            closure: ptr::null_mut(),
+        },
+        ffi::PyGetSetDef {
+            name: ptr::null(),
+            get: None,
+            set: None,
+            doc: ptr::null(),
+            closure: ptr::null_mut(),
+        },
+    ]));
     let slots: &'static mut [ffi::PyType_Slot] = Box::leak(Box::new([
         ffi::PyType_Slot {
             slot: ffi::Py_tp_dealloc,
@@ -257,6 +269,10 @@ fn make_type(
         ffi::PyType_Slot {
             slot: ffi::Py_tp_methods,
             pfunc: methods.as_mut_ptr() as *mut c_void,
+        },
+        ffi::PyType_Slot {
+            slot: ffi::Py_tp_getset,
+            pfunc: getset.as_mut_ptr() as *mut c_void,
         },
         ffi::PyType_Slot {
             slot: ffi::Py_tp_doc,
@@ -386,7 +402,58 @@ unsafe extern "C" fn handle_get_context(
     _unused: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     // SAFETY: installed as a METH_NOARGS method of the handle types.
-    unsafe { with_handle(slf, |t, h| Ok(t.get_bound(h, t.off.of(CONTEXT)).unbind())) }
+    unsafe {
+        with_handle(slf, |t, h| {
+            t.materialize_slot(h)?;
+            Ok(t.get_bound(h, t.off.of(CONTEXT)).unbind())
+        })
+    }
+}
+
+/// `handle._context` on ferroloop's handles (shadowing asyncio's slot descriptor, same
+/// slot): a captured mapping reads as the handle's own `Context`.
+unsafe extern "C" fn handle_context_get(
+    slf: *mut ffi::PyObject,
+    _closure: *mut c_void,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a getter of the handle types.
+    unsafe {
+        with_handle(slf, |t, h| {
+            let p = t.materialize_slot(h)?;
+            if p.is_null() {
+                return Err(pyo3::exceptions::PyAttributeError::new_err("_context"));
+            }
+            Ok(Bound::from_borrowed_ptr(h.py(), p).unbind())
+        })
+    }
+}
+
+unsafe extern "C" fn handle_context_set(
+    slf: *mut ffi::PyObject,
+    value: *mut ffi::PyObject,
+    _closure: *mut c_void,
+) -> c_int {
+    // SAFETY: installed as a setter of the handle types (GIL held, `slf` an instance);
+    // `value` is NULL for `del`. The new reference is stored before the old one goes.
+    unsafe {
+        let Some(t) = TYPES.get() else {
+            ffi::PyErr_SetString(
+                ffi::PyExc_RuntimeError,
+                c"ferroloop handle types are not initialised".as_ptr(),
+            );
+            return -1;
+        };
+        let p = slot_ptr(slf, t.off.of(CONTEXT));
+        let old = *p;
+        if value.is_null() && old.is_null() {
+            ffi::PyErr_SetString(ffi::PyExc_AttributeError, c"_context".as_ptr());
+            return -1;
+        }
+        ffi::Py_XINCREF(value);
+        *p = value;
+        ffi::Py_XDECREF(old);
+        0
+    }
 }
 
 unsafe extern "C" fn handle_when(
@@ -588,6 +655,26 @@ impl HandleTypes {
         }
     }
 
+    /// Replaces a captured mapping in `h`'s context slot by a `Context` of its own and
+    /// returns the slot's (borrowed) value.
+    fn materialize_slot(&self, h: &Bound<'_, PyAny>) -> PyResult<*mut ffi::PyObject> {
+        // SAFETY: see `get`; a mapping is replaced by a new context holding it, the new
+        // reference stored before the old one is released.
+        unsafe {
+            let p = slot_ptr(h.as_ptr(), self.off.of(CONTEXT));
+            let old = *p;
+            if !old.is_null() && context::is_lazy(old) {
+                let ctx = context::materialize(old);
+                if ctx.is_null() {
+                    return Err(PyErr::fetch(h.py()));
+                }
+                *p = ctx;
+                ffi::Py_DECREF(old);
+            }
+            Ok(*p)
+        }
+    }
+
     #[inline(always)]
     fn get(&self, h: &Bound<'_, PyAny>, off: isize) -> *mut ffi::PyObject {
         // SAFETY: every handle reaching here is an instance of one of the handle types
@@ -685,10 +772,13 @@ impl HandleTypes {
     }
 
     /// Runs the handle's callback in its context: `context.run(callback, *args)`.
+    ///
+    /// `rc`: the loop's reusable context, for a handle holding a captured mapping (see
+    /// `py::context`); without it such a handle gets a context of its own first.
     #[inline]
-    pub fn call(&self, h: &Bound<'_, PyAny>) -> PyResult<()> {
+    pub fn call(&self, h: &Bound<'_, PyAny>, rc: Option<&RunContext>) -> PyResult<()> {
         let py = h.py();
-        let (cb, args, ctx) = (
+        let (cb, args, mut ctx) = (
             self.get(h, self.off.of(CALLBACK)),
             self.get(h, self.off.of(ARGS)),
             self.get(h, self.off.of(CONTEXT)),
@@ -700,6 +790,27 @@ impl HandleTypes {
         // because the callback may cancel its own handle, which clears the slots. Every
         // NULL return is paired with the pending exception fetched below.
         unsafe {
+            let lazy = context::is_lazy(ctx);
+            if lazy && (rc.is_none() || ffi::PyTuple_CheckExact(args) == 0) {
+                ctx = self.materialize_slot(h)?;
+            }
+            if let (true, Some(rc)) = (context::is_lazy(ctx), rc) {
+                // The slot's reference to the mapping stands in for ours (`run` settles it).
+                ffi::Py_INCREF(cb);
+                ffi::Py_INCREF(args);
+                let n = ffi::PyTuple_GET_SIZE(args);
+                let items = ptr::addr_of_mut!((*(args as *mut ffi::PyTupleObject)).ob_item)
+                    as *const *mut ffi::PyObject;
+                let slot = slot_ptr(h.as_ptr(), self.off.of(CONTEXT));
+                let res = rc.run(py, h.as_ptr(), slot, ctx, cb, items, n as usize);
+                ffi::Py_DECREF(cb);
+                ffi::Py_DECREF(args);
+                if res.is_null() {
+                    return Err(PyErr::fetch(py));
+                }
+                ffi::Py_DECREF(res);
+                return Ok(());
+            }
             ffi::Py_INCREF(cb);
             ffi::Py_INCREF(args);
             ffi::Py_INCREF(ctx);
@@ -761,7 +872,10 @@ unsafe fn call_context_run(
 }
 
 /// Leaves `ctx` as `Context.run` does: an exit failure replaces the call's result.
-unsafe fn exit_context(ctx: *mut ffi::PyObject, r: *mut ffi::PyObject) -> *mut ffi::PyObject {
+pub(crate) unsafe fn exit_context(
+    ctx: *mut ffi::PyObject,
+    r: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
     // SAFETY: `ctx` was entered by the caller on this thread; GIL held. Exiting a context
     // that this thread entered leaves a pending exception untouched.
     unsafe {

@@ -1,5 +1,6 @@
 //! CPython glue. The only place raw `pyo3::ffi` is used.
 
+pub mod context;
 pub mod fastcall;
 pub mod handle;
 pub mod transport_type;
@@ -111,6 +112,14 @@ pub fn version(py: Python<'_>) -> (u8, u8) {
         let v = py.version_info();
         (v.major, v.minor)
     })
+}
+
+/// Whether this is a free-threaded build (`Py_GIL_DISABLED`); true if unknown.
+pub fn free_threaded(py: Python<'_>) -> bool {
+    py.import("sysconfig")
+        .and_then(|m| m.call_method1("get_config_var", ("Py_GIL_DISABLED",)))
+        .and_then(|v| v.is_truthy())
+        .unwrap_or(true)
 }
 
 /// A read-only, C-contiguous byte view of any buffer-protocol object (`PyBUF_SIMPLE`,
