@@ -236,8 +236,14 @@ def test_callbacks_from_one_context_each_run_in_their_own_copy(loop):
         assert var.get() == "changed"
     finally:
         var.reset(token)
-    for tag, origin in [("a", "origin"), ("b", "origin"), ("later", "origin"),
-                        ("at", "origin"), ("thread", "default"), ("c", "changed")]:
+    for tag, origin in [
+        ("a", "origin"),
+        ("b", "origin"),
+        ("later", "origin"),
+        ("at", "origin"),
+        ("thread", "default"),
+        ("c", "changed"),
+    ]:
         i = seen.index((tag, origin))
         assert seen[i + 1] == (tag, f"set-by-{tag}")
     assert len(seen) == 12
@@ -380,8 +386,12 @@ def test_nested_loop_callbacks_keep_their_contexts(loop_factory):
         outer.run_forever()
     finally:
         outer.close()
-    assert seen == [("outer", "outer"), ("inner", "inner"), ("outer-after", "outer-set"),
-                    ("outer-next", "default")]
+    assert seen == [
+        ("outer", "outer"),
+        ("inner", "inner"),
+        ("outer-after", "outer-set"),
+        ("outer-next", "default"),
+    ]
 
 
 def test_handle_context_slot(loop):

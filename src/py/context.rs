@@ -155,9 +155,12 @@ pub fn capture(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 }
 
 /// Whether `obj` is a captured mapping rather than a context.
+///
+/// # Safety
+/// `obj` is a live object.
 #[inline(always)]
-pub fn is_lazy(obj: *mut ffi::PyObject) -> bool {
-    // SAFETY: `obj` is live; reading its type.
+pub unsafe fn is_lazy(obj: *mut ffi::PyObject) -> bool {
+    // SAFETY: see the contract; reading its type.
     layout().is_some_and(|l| unsafe { ffi::Py_TYPE(obj) } == l.hamt)
 }
 
@@ -239,13 +242,13 @@ impl RunContext {
         unsafe { ffi::Py_XDECREF(c) };
     }
 
-    /// Calls `cb(*items)` for handle `h`, whose context slot `slot` holds the mapping
+    /// Calls `cb(*args)` for handle `h`, whose context slot `slot` holds the mapping
     /// `vars`, in the reusable context loaded with `vars` (see the module notes). Returns
     /// the call's result (new reference) or NULL with an exception set.
     ///
     /// # Safety
     /// GIL held; `h` is a live handle and `slot` its context slot, holding `vars` (a
-    /// mapping, `is_lazy`); `cb` and `items[..n]` are live for the call.
+    /// mapping, `is_lazy`); `cb` and the tuple `args` are live for the call.
     pub unsafe fn run(
         &self,
         py: Python<'_>,
@@ -253,8 +256,7 @@ impl RunContext {
         slot: *mut *mut ffi::PyObject,
         vars: *mut ffi::PyObject,
         cb: *mut ffi::PyObject,
-        items: *const *mut ffi::PyObject,
-        n: usize,
+        args: *mut ffi::PyObject,
     ) -> *mut ffi::PyObject {
         let Some(l) = layout() else {
             // SAFETY: GIL held.
@@ -283,6 +285,9 @@ impl RunContext {
             let res = if ffi::PyContext_Enter(r) < 0 {
                 ptr::null_mut()
             } else {
+                let n = ffi::PyTuple_GET_SIZE(args) as usize;
+                let items = ptr::addr_of_mut!((*(args as *mut ffi::PyTupleObject)).ob_item)
+                    as *const *mut ffi::PyObject;
                 let res = ffi::PyObject_Vectorcall(cb, items, n, ptr::null_mut());
                 super::handle::exit_context(r, res)
             };

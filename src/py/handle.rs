@@ -798,11 +798,8 @@ impl HandleTypes {
                 // The slot's reference to the mapping stands in for ours (`run` settles it).
                 ffi::Py_INCREF(cb);
                 ffi::Py_INCREF(args);
-                let n = ffi::PyTuple_GET_SIZE(args);
-                let items = ptr::addr_of_mut!((*(args as *mut ffi::PyTupleObject)).ob_item)
-                    as *const *mut ffi::PyObject;
                 let slot = slot_ptr(h.as_ptr(), self.off.of(CONTEXT));
-                let res = rc.run(py, h.as_ptr(), slot, ctx, cb, items, n as usize);
+                let res = rc.run(py, h.as_ptr(), slot, ctx, cb, args);
                 ffi::Py_DECREF(cb);
                 ffi::Py_DECREF(args);
                 if res.is_null() {
