@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use pyo3::exceptions::{
     PyAttributeError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError,
 };
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
@@ -1089,6 +1090,78 @@ impl LoopCore {
         Ok((handle, item))
     }
 
+    /// `call_soon` / `call_soon_threadsafe` on an open loop outside debug mode, where
+    /// asyncio only checks that the loop is open: `callback(*args[..n])` in `context`
+    /// (NULL or None: the current one). `None` when the general path must run.
+    ///
+    /// # Safety
+    /// GIL held; `callback`, `args[..n]` and `context` (unless NULL) are live objects.
+    #[inline]
+    pub(crate) unsafe fn call_soon_fast<'py>(
+        slf: &Bound<'py, Self>,
+        callback: *mut ffi::PyObject,
+        args: *const *mut ffi::PyObject,
+        n: usize,
+        context: *mut ffi::PyObject,
+        threadsafe: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let py = slf.py();
+        let core = slf.get();
+        let (open, running) = core
+            .state
+            .with(py, |s| (!s.closed && !s.debug, s.thread_id.is_some()));
+        if !open {
+            return Ok(None);
+        }
+        // SAFETY: guaranteed by the caller; borrowed pointers become new references.
+        unsafe {
+            let args = py::tuple_from(py, args, n)?;
+            let context = if context.is_null() || context == ffi::Py_None() {
+                py::context::capture(py)?
+            } else {
+                Bound::from_borrowed_ptr(py, context)
+            };
+            let callback = Bound::from_borrowed_ptr(py, callback);
+            let handle = types()?.new_handle(
+                &callback,
+                args,
+                slf.as_any(),
+                context,
+                None,
+                None,
+                !running,
+            )?;
+            let item = OwnedHandle::new(&handle);
+            if threadsafe {
+                core.push_threadsafe(py, item)?;
+            } else {
+                core.state.with(py, |s| s.ready.push(item));
+            }
+            Ok(Some(handle))
+        }
+    }
+
+    /// Queues `item` from any thread, waking the loop if it is blocked in a poll.
+    fn push_threadsafe(&self, py: Python<'_>, item: OwnedHandle) -> PyResult<()> {
+        // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
+        //       loop sets `polling` under the GIL right before it releases it to block,
+        //       so a push that sees `polling == false` is seen by the loop before it
+        //       blocks. One wake-up is sent per poll at most.
+        let wake = self.state.with(py, |s| {
+            s.ready.push(item);
+            if s.polling && !s.wake_pending {
+                s.wake_pending = true;
+                s.registrar.as_ref().map(|r| r.wake())
+            } else {
+                None
+            }
+        });
+        if let Some(Err(e)) = wake {
+            return Err(errors::from_io(e));
+        }
+        Ok(())
+    }
+
     /// `call_soon(callback, *args, context=None)` (entry point in `py::fastcall`).
     pub(crate) fn call_soon_impl<'py>(
         slf: &Bound<'py, Self>,
@@ -1104,25 +1177,8 @@ impl LoopCore {
         slf: &Bound<'py, Self>,
         a: SchedArgs<'py>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        let core = slf.get();
         let (handle, item) = Self::soon_handle(slf, a, CALL_SOON_THREADSAFE)?;
-        // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
-        //       loop sets `polling` under the GIL right before it releases it to block,
-        //       so a push that sees `polling == false` is seen by the loop before it
-        //       blocks. One wake-up is sent per poll at most.
-        let wake = core.state.with(py, |s| {
-            s.ready.push(item);
-            if s.polling && !s.wake_pending {
-                s.wake_pending = true;
-                s.registrar.as_ref().map(|r| r.wake())
-            } else {
-                None
-            }
-        });
-        if let Some(Err(e)) = wake {
-            return Err(errors::from_io(e));
-        }
+        slf.get().push_threadsafe(slf.py(), item)?;
         Ok(handle)
     }
 

@@ -65,18 +65,11 @@ unsafe fn parse<'py>(
         for (i, slot) in lead.iter_mut().enumerate().take(names.len().min(nargs)) {
             *slot = Some(Bound::from_borrowed_ptr(py, *args.add(i)));
         }
-        let rest = if nargs > names.len() {
-            let n = nargs - names.len();
-            let t = Bound::from_owned_ptr_or_err(py, ffi::PyTuple_New(n as ffi::Py_ssize_t))?;
-            for i in 0..n {
-                let item = *args.add(names.len() + i);
-                ffi::Py_INCREF(item);
-                ffi::PyTuple_SET_ITEM(t.as_ptr(), i as ffi::Py_ssize_t, item);
-            }
-            t.cast_into_unchecked::<PyTuple>()
-        } else {
-            PyTuple::empty(py)
-        };
+        let rest = crate::py::tuple_from(
+            py,
+            args.add(names.len().min(nargs)),
+            nargs.saturating_sub(names.len()),
+        )?;
         let mut context = None;
         if !kwnames.is_null() {
             let context_key = pyo3::intern!(py, "context").as_ptr();
@@ -179,18 +172,85 @@ macro_rules! entry_point {
     };
 }
 
-entry_point!(
-    call_soon,
-    "call_soon",
-    ["callback"],
-    LoopCore::call_soon_impl
-);
-entry_point!(
-    call_soon_threadsafe,
-    "call_soon_threadsafe",
-    ["callback"],
-    LoopCore::call_soon_threadsafe_impl
-);
+/// `call_soon` / `call_soon_threadsafe`: the two shapes asyncio uses (`call_soon(cb,
+/// *args)` and Task / Future's `call_soon(cb, arg, context=ctx)`) go straight to
+/// `LoopCore::call_soon_fast`; anything else, and debug mode or a closed loop, takes the
+/// general path.
+///
+/// # Safety
+/// Called by CPython as a vectorcall method of `LoopCore` (GIL held).
+#[inline(always)]
+unsafe fn soon_entry(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+    threadsafe: bool,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a METH_FASTCALL | METH_KEYWORDS method of LoopCore, which the
+    // method descriptor has checked `slf` to be; `args[..nargs + len(kwnames)]` are live.
+    unsafe {
+        let py = Python::assume_attached();
+        let context = if kwnames.is_null() {
+            Some(std::ptr::null_mut())
+        } else if ffi::PyTuple_GET_SIZE(kwnames) == 1
+            && ffi::PyTuple_GET_ITEM(kwnames, 0) == pyo3::intern!(py, "context").as_ptr()
+        {
+            Some(*args.add(nargs as usize))
+        } else {
+            None
+        };
+        crate::py::guard(py, || {
+            let core = Bound::from_borrowed_ptr(py, slf).cast_into_unchecked::<LoopCore>();
+            if let (Some(context), true) = (context, nargs >= 1)
+                && let Some(h) = LoopCore::call_soon_fast(
+                    &core,
+                    *args,
+                    args.add(1),
+                    nargs as usize - 1,
+                    context,
+                    threadsafe,
+                )?
+            {
+                return Ok(h.into_ptr());
+            }
+            if threadsafe {
+                let parsed = parse(
+                    py,
+                    "call_soon_threadsafe",
+                    &["callback"],
+                    args,
+                    nargs,
+                    kwnames,
+                )?;
+                LoopCore::call_soon_threadsafe_impl(&core, parsed).map(Bound::into_ptr)
+            } else {
+                let parsed = parse(py, "call_soon", &["callback"], args, nargs, kwnames)?;
+                LoopCore::call_soon_impl(&core, parsed).map(Bound::into_ptr)
+            }
+        })
+    }
+}
+
+unsafe extern "C" fn call_soon(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a METH_FASTCALL | METH_KEYWORDS method of LoopCore.
+    unsafe { soon_entry(slf, args, nargs, kwnames, false) }
+}
+
+unsafe extern "C" fn call_soon_threadsafe(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a METH_FASTCALL | METH_KEYWORDS method of LoopCore.
+    unsafe { soon_entry(slf, args, nargs, kwnames, true) }
+}
 entry_point!(
     call_later,
     "call_later",

@@ -79,6 +79,29 @@ pub fn copy_context(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     }
 }
 
+/// A tuple of the `n` objects at `items` (new references); the empty tuple for none.
+///
+/// # Safety
+/// `items[..n]` are live objects.
+#[inline]
+pub unsafe fn tuple_from<'py>(
+    py: Python<'py>,
+    items: *const *mut pyo3::ffi::PyObject,
+    n: usize,
+) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
+    use pyo3::ffi;
+    // SAFETY: see the contract; a new tuple's items are filled before it is used.
+    unsafe {
+        let t = Bound::from_owned_ptr_or_err(py, ffi::PyTuple_New(n as ffi::Py_ssize_t))?;
+        for i in 0..n {
+            let item = *items.add(i);
+            ffi::Py_INCREF(item);
+            ffi::PyTuple_SET_ITEM(t.as_ptr(), i as ffi::Py_ssize_t, item);
+        }
+        Ok(t.cast_into_unchecked())
+    }
+}
+
 /// `callable(obj)`.
 #[inline]
 pub fn is_callable(obj: &Bound<'_, PyAny>) -> bool {
