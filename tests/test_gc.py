@@ -239,6 +239,35 @@ def test_capturing_the_current_context_counts_nothing(loop, loop_name):
     loop.run_forever()
 
 
+def test_memory_of_a_burst_of_callbacks_is_returned(loop):
+    # ferroloop recycles dead handles; what it keeps for a burst (here 50k queued
+    # callbacks) is trimmed back when run_forever returns. Stdlib keeps nothing.
+    import tracemalloc
+
+    def cb():
+        pass
+
+    def burst():
+        for _ in range(50_000):
+            loop.call_soon(cb)
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        burst()
+        gc.collect()
+        peak = tracemalloc.get_traced_memory()[1] - before
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # 50k handles (~100 bytes each) were alive at once; at most ~4k are kept.
+    assert peak > 4_000_000, peak
+    assert kept < 800_000, kept
+
+
 def test_queued_handles_do_not_count_towards_collections(loop, loop_name):
     # ferroloop's handles stay out of the cycle collector while the loop owns them, and
     # are allocated without adding to its allocation count: a burst of queued callbacks

@@ -10,13 +10,15 @@ use pyo3::prelude::*;
 
 use super::{LoopCore, MAXIMUM_SELECT_TIMEOUT, State, closed_error, exception_handler};
 use crate::errors;
-use crate::py::handle::{HandleTypes, OwnedHandle, types};
+use crate::py::handle::{self, HandleTypes, OwnedHandle, types};
 use crate::py::{self, import_attr};
 use crate::reactor::{Readiness, SIGNAL_TOKEN, WAKER_TOKEN};
 use crate::signals;
 
 /// How long a poll may be skipped while callbacks are ready (see `run_once`).
 const SKIP_POLL_NS: i64 = 250_000;
+/// A poll that blocked this long means the loop was idle: handle free lists are trimmed.
+const IDLE_NS: i64 = 1_000_000_000;
 
 /// Runs iterations until `stop()`. The Python `run_forever` has already checked that the
 /// loop may run and set the running loop and async-generator hooks.
@@ -49,6 +51,7 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             }
         };
     }
+    handle::trim_free_lists(py, handle::FREE_IDLE);
     core.state.with(py, |s| {
         s.stopping = false;
         s.thread_id = None;
@@ -143,7 +146,12 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                     Some(0.0) => poller.poll(Some(Duration::ZERO)),
                     other => {
                         let d = other.map(Duration::from_secs_f64);
-                        py.detach(|| poller.poll(d))
+                        let t0 = crate::sys::monotonic_ns();
+                        let res = py.detach(|| poller.poll(d));
+                        if crate::sys::monotonic_ns() - t0 >= IDLE_NS {
+                            handle::trim_free_lists(py, handle::FREE_IDLE);
+                        }
+                        res
                     }
                 };
                 match res {

@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple, PyType};
 
 use crate::event_loop::LoopCore;
+use crate::py::GilCell;
 
 /// The arguments of `name(lead..., callback, *args, context=None)`.
 pub struct SchedArgs<'py> {
@@ -172,6 +173,41 @@ macro_rules! entry_point {
     };
 }
 
+/// The last keyword-name tuple found to be `("context",)`, kept alive (so its address
+/// cannot be reused by another tuple). asyncio's Task and Future pass the same tuple,
+/// whose string is not interned, on every call.
+struct KwNames(*mut ffi::PyObject);
+// SAFETY: only touched with the GIL held (through `GilCell`).
+unsafe impl Send for KwNames {}
+static CONTEXT_KWNAMES: GilCell<KwNames> = GilCell::new(KwNames(std::ptr::null_mut()));
+
+/// Whether the keyword names `kwnames` (a tuple of str) are exactly `("context",)`.
+///
+/// # Safety
+/// GIL held; `kwnames` is a live tuple of str.
+#[inline(always)]
+unsafe fn is_context_only(py: Python<'_>, kwnames: *mut ffi::PyObject) -> bool {
+    if CONTEXT_KWNAMES.with(py, |k| k.0 == kwnames) {
+        return true;
+    }
+    // SAFETY: see the contract.
+    unsafe {
+        if ffi::PyTuple_GET_SIZE(kwnames) != 1 {
+            return false;
+        }
+        let key = ffi::PyTuple_GET_ITEM(kwnames, 0);
+        if key != pyo3::intern!(py, "context").as_ptr()
+            && ffi::PyUnicode_CompareWithASCIIString(key, c"context".as_ptr()) != 0
+        {
+            return false;
+        }
+        ffi::Py_INCREF(kwnames);
+        let old = CONTEXT_KWNAMES.with(py, |k| std::mem::replace(&mut k.0, kwnames));
+        ffi::Py_XDECREF(old);
+        true
+    }
+}
+
 /// `call_soon` / `call_soon_threadsafe`: the two shapes asyncio uses (`call_soon(cb,
 /// *args)` and Task / Future's `call_soon(cb, arg, context=ctx)`) go straight to
 /// `LoopCore::call_soon_fast`; anything else, and debug mode or a closed loop, takes the
@@ -193,9 +229,7 @@ unsafe fn soon_entry(
         let py = Python::assume_attached();
         let context = if kwnames.is_null() {
             Some(std::ptr::null_mut())
-        } else if ffi::PyTuple_GET_SIZE(kwnames) == 1
-            && ffi::PyTuple_GET_ITEM(kwnames, 0) == pyo3::intern!(py, "context").as_ptr()
-        {
+        } else if is_context_only(py, kwnames) {
             Some(*args.add(nargs as usize))
         } else {
             None

@@ -158,8 +158,42 @@ struct FreeList([Vec<*mut ffi::PyObject>; 2]);
 // SAFETY: the pointers are only touched with the GIL held (through `GilCell`).
 unsafe impl Send for FreeList {}
 static FREE: GilCell<FreeList> = GilCell::new(FreeList([Vec::new(), Vec::new()]));
-/// Free-list capacity per kind: bounds the memory kept (~100 bytes a handle).
-const FREE_MAX: usize = 16384;
+/// Free-list capacity per kind while a loop is busy: bounds the memory kept (~100 bytes
+/// a handle). A thread calling `call_soon_threadsafe` in a loop queues ~35k handles per
+/// GIL switch interval; with 16k, half of them were malloc'd and freed again.
+const FREE_MAX: usize = 65536;
+/// What the free lists keep once a loop is idle (see `trim_free_lists`).
+pub const FREE_IDLE: usize = 4096;
+
+/// Releases free-listed handles beyond `keep` per kind: the loop calls this when
+/// `run_forever` returns and after a poll that blocked for a long time, so memory kept
+/// for a burst of callbacks is returned once the burst is over.
+pub fn trim_free_lists(py: Python<'_>, keep: usize) {
+    let Some(t) = TYPES.get() else { return };
+    for kind in [KIND_HANDLE, KIND_TIMER] {
+        while let Some(o) = FREE.with(py, |f| {
+            let list = &mut f.0[kind];
+            if list.len() > keep { list.pop() } else { None }
+        }) {
+            // SAFETY: a free-listed handle: dead (no references), untracked, holding no
+            // type reference, allocated as `handle_dealloc` frees it. Its kept slots are
+            // released first.
+            unsafe {
+                clear_slots(t, o, kind);
+                match t.presize {
+                    Some(pre) => ffi::PyObject_Free(o.cast::<u8>().sub(pre).cast()),
+                    None => ffi::PyObject_GC_Del(o.cast()),
+                }
+            }
+        }
+        FREE.with(py, |f| {
+            let list = &mut f.0[kind];
+            if list.capacity() > 2 * keep.max(16) {
+                list.shrink_to(keep);
+            }
+        });
+    }
+}
 
 /// The handle classes; an error if module initialisation did not create them.
 #[inline]
@@ -527,6 +561,48 @@ unsafe fn clear_slots(t: &HandleTypes, slf: *mut ffi::PyObject, kind: usize) {
     }
 }
 
+/// The value a free-listed handle keeps in slot `i` (see `clear_slots_for_reuse`).
+#[inline(always)]
+fn reuse_value(i: usize) -> *mut ffi::PyObject {
+    // SAFETY: reading the addresses of the None / False singletons.
+    unsafe {
+        match i {
+            CANCELLED => ffi::Py_False(),
+            SOURCE_TRACEBACK | REPR => ffi::Py_None(),
+            _ => ptr::null_mut(),
+        }
+    }
+}
+
+/// Readies a dead handle for the free list: slots that a new handle almost always sets
+/// to the same singleton (`_cancelled` False, `_source_traceback` and `_repr` None) keep
+/// or get it, the others are released. On 3.10 / 3.11, where singletons are refcounted,
+/// this saves six reference count writes per handle; with `call_soon_threadsafe` those
+/// writes bounced the singletons' cache lines between the producing and the running
+/// thread.
+///
+/// # Safety
+/// As `clear_slots`.
+#[inline(always)]
+unsafe fn clear_slots_for_reuse(t: &HandleTypes, slf: *mut ffi::PyObject, kind: usize) {
+    // SAFETY: as `clear_slots`; each slot gets its new value before its old one is
+    // released.
+    unsafe {
+        for (i, &off) in t.off.slots(kind).iter().enumerate() {
+            let p = slot_ptr(slf, off);
+            let old = *p;
+            let new = reuse_value(i);
+            if old != new {
+                if !new.is_null() {
+                    ffi::Py_INCREF(new);
+                }
+                *p = new;
+                ffi::Py_XDECREF(old);
+            }
+        }
+    }
+}
+
 unsafe extern "C" fn handle_clear(slf: *mut ffi::PyObject) -> c_int {
     if let Some(t) = TYPES.get() {
         // SAFETY: called by the collector on a live instance with the GIL held.
@@ -559,16 +635,15 @@ unsafe extern "C" fn handle_dealloc(slf: *mut ffi::PyObject) {
             ffi::PyObject_ClearWeakRefs(slf);
         }
         let kind = kind_of(t, tp).unwrap_or(KIND_HANDLE);
-        clear_slots(t, slf, kind);
-        let kept = FREE.with(Python::assume_attached(), |f| {
-            let list = &mut f.0[kind];
-            let keep = list.len() < FREE_MAX;
-            if keep {
-                list.push(slf);
-            }
-            keep
-        });
-        if !kept {
+        let py = Python::assume_attached();
+        let kept = FREE.with(py, |f| f.0[kind].len() < FREE_MAX);
+        if kept {
+            // Released before the push: a finaliser run by the release may take handles
+            // from the list (and may push a few past FREE_MAX, which is harmless).
+            clear_slots_for_reuse(t, slf, kind);
+            FREE.with(py, |f| f.0[kind].push(slf));
+        } else {
+            clear_slots(t, slf, kind);
             match t.presize {
                 // The block `alloc_uncounted` (or tp_alloc, same layout) made; untracked above.
                 Some(pre) => ffi::PyObject_Free(slf.cast::<u8>().sub(pre).cast()),
@@ -608,10 +683,10 @@ impl HandleTypes {
         } as *mut ffi::PyTypeObject;
         let recycled = FREE.with(py, |f| f.0[kind].pop());
         // SAFETY: `tp` is one of the handle types. A recycled instance is untracked with
-        // every slot NULL (see `handle_dealloc`); `PyObject_Init` gives it refcount 1 and
-        // a type reference. Otherwise tp_alloc returns a zeroed, tracked instance or NULL
-        // with an exception set. Every slot written is a slot of that layout, NULL before,
-        // receiving a new reference.
+        // every slot NULL except those `clear_slots_for_reuse` fills; `PyObject_Init`
+        // gives it refcount 1 and a type reference. Otherwise tp_alloc returns a zeroed,
+        // tracked instance or NULL with an exception set. Every slot written is a slot of
+        // that layout, receiving a new reference; a filled one is released after.
         unsafe {
             let raw = match (recycled, self.presize) {
                 (Some(o), _) => ffi::PyObject_Init(o, tp),
@@ -623,14 +698,18 @@ impl HandleTypes {
             let none = ffi::Py_None();
             *slot_ptr(o, self.off.of(CALLBACK)) = callback.clone().into_ptr();
             *slot_ptr(o, self.off.of(ARGS)) = args.into_ptr();
-            *slot_ptr(o, self.off.of(CANCELLED)) = new_ref(ffi::Py_False());
             *slot_ptr(o, self.off.of(LOOP)) = loop_.clone().into_ptr();
-            *slot_ptr(o, self.off.of(SOURCE_TRACEBACK)) = match source_traceback {
-                Some(tb) => tb.into_ptr(),
-                None => new_ref(none),
-            };
-            *slot_ptr(o, self.off.of(REPR)) = new_ref(none);
             *slot_ptr(o, self.off.of(CONTEXT)) = context.into_ptr();
+            if recycled.is_none() {
+                *slot_ptr(o, self.off.of(CANCELLED)) = new_ref(ffi::Py_False());
+                *slot_ptr(o, self.off.of(SOURCE_TRACEBACK)) = new_ref(none);
+                *slot_ptr(o, self.off.of(REPR)) = new_ref(none);
+            }
+            if let Some(tb) = source_traceback {
+                let p = slot_ptr(o, self.off.of(SOURCE_TRACEBACK));
+                let old = std::mem::replace(&mut *p, tb.into_ptr());
+                ffi::Py_XDECREF(old);
+            }
             if let Some(when) = when {
                 *slot_ptr(o, self.off.of(WHEN)) = when.into_ptr();
                 *slot_ptr(o, self.off.of(SCHEDULED)) = new_ref(ffi::Py_False());
