@@ -394,6 +394,100 @@ def test_nested_loop_callbacks_keep_their_contexts(loop_factory):
     ]
 
 
+def test_values_a_callback_sets_are_released_after_it(loop):
+    """asyncio drops a callback's context copy with its handle: what the callback set
+    in a variable is freed as soon as it returns."""
+    freed = []
+
+    class Value:
+        def __del__(self):
+            freed.append(True)
+
+    def cb():
+        var.set(Value())
+        loop.stop()
+
+    loop.call_soon(cb)
+    loop.run_forever()
+    assert freed == [True]
+
+
+def test_unclosed_loop_held_by_a_context_variable_is_collected(loop_factory):
+    """A callback's context that refers back to the loop does not keep an unclosed,
+    unreferenced loop alive."""
+    import gc
+    import warnings
+
+    loop = loop_factory()
+
+    def cb():
+        var.set(loop)
+        loop.stop()
+
+    def schedule():
+        var.set(loop)  # the context the callbacks are scheduled from refers to the loop
+        loop.call_soon(len, ())
+        loop.call_soon(cb)
+
+    contextvars.Context().run(schedule)
+    loop.run_forever()
+    ref = weakref.ref(loop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del loop, cb
+        gc.collect()
+        gc.collect()
+    assert ref() is None
+
+
+def test_running_the_loop_inside_any_live_context(loop):
+    """Entering any Context found by the collector (including one the loop may reuse)
+    and running the loop inside it: callbacks see their own variables, nothing
+    crashes."""
+    import gc
+
+    def cb():
+        var.set(["set-by-callback"])
+        loop.stop()
+
+    loop.call_soon(cb)
+    loop.run_forever()
+    seen = []
+
+    def inside():
+        before = var.get()
+        other = contextvars.Context()
+        other.run(loop.call_soon, lambda: seen.append(var.get()))
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        assert var.get() == before
+
+    for ctx in [o for o in gc.get_objects() if type(o) is contextvars.Context]:
+        try:
+            ctx.run(inside)
+        except RuntimeError as exc:
+            assert "already entered" in str(exc)
+    assert seen and all(v == "default" for v in seen)
+
+
+def test_weak_reference_to_a_callbacks_context(loop):
+    refs = []
+    h = None
+
+    def cb():
+        refs.append(weakref.ref(h._context))
+        var.set("in-callback")
+
+    h = loop.call_soon(cb)
+    run_briefly(loop)
+    assert refs[0]() is h._context
+    assert h._context[var] == "in-callback"
+    del h
+    loop.call_soon(var.set, "next")
+    run_briefly(loop)
+    assert refs[0]() is None
+
+
 def test_handle_context_slot(loop):
     ctx = contextvars.Context()
     h = loop.call_soon(print, context=ctx)

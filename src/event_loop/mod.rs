@@ -992,7 +992,8 @@ impl LoopCore {
             visit.call(f)?;
         }
         visit.call(&s.task_factory)?;
-        Ok(())
+        // SAFETY: as above.
+        unsafe { self.run_ctx.traverse(|p| visit.call(p)) }
     }
 
     fn __clear__(&self) {
@@ -1012,6 +1013,7 @@ impl LoopCore {
             )
         });
         drop(taken);
+        self.run_ctx.clear(py);
     }
 }
 

@@ -37,6 +37,8 @@ struct Layout {
     tstate_context: usize,
     /// Offset of `PyContext.ctx_vars` (the context's mapping).
     ctx_vars: usize,
+    /// Offset of `PyContext.ctx_weakreflist`.
+    ctx_weakreflist: usize,
     /// The mapping's type (`hamt`).
     hamt: *mut ffi::PyTypeObject,
 }
@@ -66,6 +68,7 @@ fn probe(py: Python<'_>) -> Option<Layout> {
         return None;
     }
     let ctx_vars = std::mem::size_of::<ffi::PyObject>() + std::mem::size_of::<usize>();
+    let ctx_weakreflist = ctx_vars + std::mem::size_of::<usize>();
     // SAFETY: GIL held. Two fresh contexts are entered and exited on this thread, in
     // order. The scan reads pointer-sized words of this thread's PyThreadState from its
     // start and stops at the first word equal to the context just entered, which is the
@@ -86,6 +89,24 @@ fn probe(py: Python<'_>) -> Option<Layout> {
             }
             let hamt = ffi::Py_TYPE(va);
             if ffi::Py_TYPE(vb) != hamt || CStr::from_ptr((*hamt).tp_name) != c"hamt" {
+                return None;
+            }
+            // The weak-reference list: NULL, set by a weak reference, NULL again.
+            let weaklist = |c: *mut ffi::PyObject| {
+                *(c as *const u8)
+                    .add(ctx_weakreflist)
+                    .cast::<*mut ffi::PyObject>()
+            };
+            if !weaklist(a).is_null() {
+                return None;
+            }
+            let w = ffi::PyWeakref_NewRef(a, ptr::null_mut());
+            if w.is_null() {
+                return None;
+            }
+            let referenced = !weaklist(a).is_null();
+            ffi::Py_DECREF(w);
+            if !referenced || !weaklist(a).is_null() {
                 return None;
             }
             if ffi::PyContext_Enter(a) < 0 {
@@ -110,6 +131,7 @@ fn probe(py: Python<'_>) -> Option<Layout> {
             off.filter(|_| ok).map(|off| Layout {
                 tstate_context: off,
                 ctx_vars,
+                ctx_weakreflist,
                 hamt,
             })
         })();
@@ -191,6 +213,23 @@ pub unsafe fn materialize(vars: *mut ffi::PyObject) -> *mut ffi::PyObject {
     }
 }
 
+/// Whether something besides its `owners` references can reach `ctx`: another
+/// reference, or a weak reference.
+///
+/// # Safety
+/// `ctx` is a live context; the layout was verified.
+#[inline(always)]
+unsafe fn shared(l: &Layout, ctx: *mut ffi::PyObject, owners: ffi::Py_ssize_t) -> bool {
+    // SAFETY: see the contract.
+    unsafe {
+        ffi::Py_REFCNT(ctx) != owners
+            || !(*(ctx as *const u8)
+                .add(l.ctx_weakreflist)
+                .cast::<*mut ffi::PyObject>())
+            .is_null()
+    }
+}
+
 /// `ctx.ctx_vars = vars` (no-op if already so).
 ///
 /// # Safety
@@ -210,36 +249,70 @@ unsafe fn set_vars(l: &Layout, ctx: *mut ffi::PyObject, vars: *mut ffi::PyObject
 }
 
 /// The context a loop reuses to run callbacks whose handle holds a captured mapping.
-/// NULL until first needed, and while in use (a nested run makes its own).
 pub struct RunContext(GilCell<Reusable>);
 
-struct Reusable(*mut ffi::PyObject);
+struct Reusable {
+    /// The reusable context (our reference): NULL until first needed, and while in use
+    /// (a nested run makes its own).
+    spare: *mut ffi::PyObject,
+    /// The last context a handle getter returned (see `handed_out`); not a reference.
+    handed: *mut ffi::PyObject,
+}
 // SAFETY: only touched with the GIL held (through `GilCell`).
 unsafe impl Send for Reusable {}
 
 impl Default for RunContext {
     fn default() -> Self {
-        RunContext(GilCell::new(Reusable(ptr::null_mut())))
+        RunContext(GilCell::new(Reusable {
+            spare: ptr::null_mut(),
+            handed: ptr::null_mut(),
+        }))
     }
 }
 
 impl Drop for RunContext {
     fn drop(&mut self) {
         // NOTE: dropped with its loop, by the loop's tp_dealloc (GIL held).
-        let c = std::mem::replace(&mut self.0.0.get_mut().0, ptr::null_mut());
+        let c = std::mem::replace(&mut self.0.0.get_mut().spare, ptr::null_mut());
         // SAFETY: our own reference, possibly NULL; GIL held (see above).
         unsafe { ffi::Py_XDECREF(c) };
     }
 }
 
 impl RunContext {
-    /// Releases the reusable context (loop close).
+    /// Releases the reusable context (loop close, the collector's tp_clear).
     pub fn clear(&self, py: Python<'_>) {
         let c = self
             .0
-            .with(py, |r| std::mem::replace(&mut r.0, ptr::null_mut()));
+            .with(py, |r| std::mem::replace(&mut r.spare, ptr::null_mut()));
         // SAFETY: GIL held; our own reference, possibly NULL.
         unsafe { ffi::Py_XDECREF(c) };
+    }
+
+    /// Visits the reusable context (the loop's tp_traverse): the variables a callback
+    /// captured may refer back to the loop.
+    ///
+    /// # Safety
+    /// As `GilCell::get_unchecked` (called from tp_traverse).
+    pub unsafe fn traverse<E>(
+        &self,
+        mut visit: impl FnMut(&Py<PyAny>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        // SAFETY: see the contract. `Py<PyAny>` is a transparent non-null object pointer,
+        // so the non-NULL field is viewed as one; nothing is dropped through the view.
+        unsafe {
+            let r = self.0.get_unchecked();
+            if r.spare.is_null() {
+                return Ok(());
+            }
+            visit(&*(ptr::addr_of!(r.spare) as *const Py<PyAny>))
+        }
+    }
+
+    /// Notes that a handle's `get_context()` / `_context` returned `ctx`: if that is the
+    /// context a callback is running in, the handle keeps it (it was handed out).
+    pub fn handed_out(&self, py: Python<'_>, ctx: *mut ffi::PyObject) {
+        self.0.with(py, |r| r.handed = ctx);
     }
 
     /// Calls `cb(*args)` for handle `h`, whose context slot `slot` holds the mapping
@@ -268,16 +341,24 @@ impl RunContext {
             }
             return ptr::null_mut();
         };
-        let r = self
+        let mut r = self
             .0
-            .with(py, |r| std::mem::replace(&mut r.0, ptr::null_mut()));
+            .with(py, |c| std::mem::replace(&mut c.spare, ptr::null_mut()));
         // SAFETY: guaranteed by the caller. Reference accounting: `r` is ours (one
         // reference); the slot's reference to `vars` becomes ours while the slot holds
         // its own reference to `r`, and both are settled after the call.
         unsafe {
-            let r = if r.is_null() { ffi::PyContext_New() } else { r };
+            // A context is tracked by the collector, so code can still reach the spare
+            // (`gc.get_objects()`), keep it or even enter it: then it is not reused.
+            if !r.is_null() && shared(l, r, 1) {
+                ffi::Py_DECREF(r);
+                r = ptr::null_mut();
+            }
             if r.is_null() {
-                return ptr::null_mut();
+                r = ffi::PyContext_New();
+                if r.is_null() {
+                    return ptr::null_mut();
+                }
             }
             set_vars(l, r, vars);
             ffi::Py_INCREF(r);
@@ -291,9 +372,13 @@ impl RunContext {
                 let res = ffi::PyObject_Vectorcall(cb, items, n, ptr::null_mut());
                 super::handle::exit_context(r, res)
             };
-            // Handed out (get_context() during the call, or the slot replaced): the
-            // handle keeps what its slot holds and the loop lets go of `r`.
-            let escaped = *slot != r || ffi::Py_REFCNT(r) != 2;
+            // Handed out (read through the handle during the call, referenced or weakly
+            // referenced from elsewhere, or the slot replaced): the handle keeps what its
+            // slot holds and the loop lets go of `r`.
+            let handed = self
+                .0
+                .with(py, |c| std::mem::replace(&mut c.handed, ptr::null_mut()));
+            let escaped = handed == r || *slot != r || shared(l, r, 2);
             // A variable changed while the handle is referenced elsewhere: it keeps the
             // changed context, as asyncio's handle keeps its copy.
             let keep = escaped || (*vars_slot(l, r) != vars && ffi::Py_REFCNT(h) > 1);
@@ -302,10 +387,12 @@ impl RunContext {
                 ffi::Py_DECREF(r);
             } else {
                 *slot = vars;
+                // What the callback set goes now, as with asyncio's discarded copy.
+                set_vars(l, r, vars);
                 ffi::Py_DECREF(r);
                 let spare = self.0.with(py, |c| {
-                    if c.0.is_null() {
-                        c.0 = r;
+                    if c.spare.is_null() {
+                        c.spare = r;
                         ptr::null_mut()
                     } else {
                         r

@@ -438,7 +438,7 @@ unsafe extern "C" fn handle_get_context(
     // SAFETY: installed as a METH_NOARGS method of the handle types.
     unsafe {
         with_handle(slf, |t, h| {
-            t.materialize_slot(h)?;
+            t.context_for_caller(h)?;
             Ok(t.get_bound(h, t.off.of(CONTEXT)).unbind())
         })
     }
@@ -453,7 +453,7 @@ unsafe extern "C" fn handle_context_get(
     // SAFETY: installed as a getter of the handle types.
     unsafe {
         with_handle(slf, |t, h| {
-            let p = t.materialize_slot(h)?;
+            let p = t.context_for_caller(h)?;
             if p.is_null() {
                 return Err(pyo3::exceptions::PyAttributeError::new_err("_context"));
             }
@@ -732,6 +732,19 @@ impl HandleTypes {
             }
             Ok(obj)
         }
+    }
+
+    /// What `get_context()` / `_context` return: the slot's value (borrowed), a captured
+    /// mapping first replaced by a `Context` of its own. The loop is told, in case that
+    /// is the context the callback is running in right now (`RunContext::handed_out`).
+    fn context_for_caller(&self, h: &Bound<'_, PyAny>) -> PyResult<*mut ffi::PyObject> {
+        let p = self.materialize_slot(h)?;
+        if !p.is_null()
+            && let Ok(core) = self.loop_(h).cast_into::<crate::event_loop::LoopCore>()
+        {
+            core.get().run_ctx.handed_out(h.py(), p);
+        }
+        Ok(p)
     }
 
     /// Replaces a captured mapping in `h`'s context slot by a `Context` of its own and
