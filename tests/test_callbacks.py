@@ -418,23 +418,25 @@ def test_unclosed_loop_held_by_a_context_variable_is_collected(loop_factory):
     import gc
     import warnings
 
-    loop = loop_factory()
+    def run_and_forget():
+        loop = loop_factory()
 
-    def cb():
-        var.set(loop)
-        loop.stop()
+        def cb():
+            var.set(loop)
+            loop.stop()
 
-    def schedule():
-        var.set(loop)  # the context the callbacks are scheduled from refers to the loop
-        loop.call_soon(len, ())
-        loop.call_soon(cb)
+        def schedule():
+            var.set(loop)  # the context callbacks are scheduled from refers to the loop
+            loop.call_soon(len, ())
+            loop.call_soon(cb)
 
-    contextvars.Context().run(schedule)
-    loop.run_forever()
-    ref = weakref.ref(loop)
+        contextvars.Context().run(schedule)
+        loop.run_forever()
+        return weakref.ref(loop)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        del loop, cb
+        ref = run_and_forget()
         gc.collect()
         gc.collect()
     assert ref() is None
@@ -472,17 +474,17 @@ def test_running_the_loop_inside_any_live_context(loop):
 
 def test_weak_reference_to_a_callbacks_context(loop):
     refs = []
-    h = None
+    kept = {}
 
     def cb():
-        refs.append(weakref.ref(h._context))
+        refs.append(weakref.ref(kept["h"]._context))
         var.set("in-callback")
 
-    h = loop.call_soon(cb)
+    kept["h"] = loop.call_soon(cb)
     run_briefly(loop)
-    assert refs[0]() is h._context
-    assert h._context[var] == "in-callback"
-    del h
+    assert refs[0]() is kept["h"]._context
+    assert kept["h"]._context[var] == "in-callback"
+    kept.clear()
     loop.call_soon(var.set, "next")
     run_briefly(loop)
     assert refs[0]() is None
