@@ -186,6 +186,20 @@ pub unsafe fn is_lazy(obj: *mut ffi::PyObject) -> bool {
     layout().is_some_and(|l| unsafe { ffi::Py_TYPE(obj) } == l.hamt)
 }
 
+/// NULL with a RuntimeError set: a mapping reached code that needs the lazy path, which
+/// is off (cannot happen: mappings are only captured while it is on).
+#[cold]
+fn lazy_off() -> *mut ffi::PyObject {
+    // SAFETY: called with the GIL held (from GIL-holding callers only).
+    unsafe {
+        ffi::PyErr_SetString(
+            ffi::PyExc_RuntimeError,
+            c"ferroloop: lazy contexts are off".as_ptr(),
+        );
+    }
+    ptr::null_mut()
+}
+
 /// A new `Context` holding the mapping `vars` (a copy of the context it was captured
 /// from). New reference, or NULL with an exception set.
 ///
@@ -193,14 +207,7 @@ pub unsafe fn is_lazy(obj: *mut ffi::PyObject) -> bool {
 /// GIL held; `vars` is a live mapping (`is_lazy`).
 pub unsafe fn materialize(vars: *mut ffi::PyObject) -> *mut ffi::PyObject {
     let Some(l) = layout() else {
-        // SAFETY: GIL held.
-        unsafe {
-            ffi::PyErr_SetString(
-                ffi::PyExc_RuntimeError,
-                c"ferroloop: lazy contexts are off".as_ptr(),
-            );
-        }
-        return ptr::null_mut();
+        return lazy_off();
     };
     // SAFETY: a new, unentered context; its mapping slot is replaced by another mapping
     // (new reference stored before the old one is released).
@@ -332,14 +339,7 @@ impl RunContext {
         args: *mut ffi::PyObject,
     ) -> *mut ffi::PyObject {
         let Some(l) = layout() else {
-            // SAFETY: GIL held.
-            unsafe {
-                ffi::PyErr_SetString(
-                    ffi::PyExc_RuntimeError,
-                    c"ferroloop: lazy contexts are off".as_ptr(),
-                );
-            }
-            return ptr::null_mut();
+            return lazy_off();
         };
         let mut r = self
             .0
