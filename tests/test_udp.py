@@ -634,3 +634,128 @@ def test_datagrams_kept_or_dropped_keep_their_contents(loop):
     bad, kept = run(loop, main())
     assert bad == []
     assert kept == payloads[::2]
+
+
+def _numbered(n: int) -> list[bytes]:
+    return [i.to_bytes(2, "big") * 50 for i in range(n)]
+
+
+async def _queue_then_receive(loop, proto_factory, payloads):
+    """Sends every payload before the receiver's reader runs (so they wait in its
+    socket together and are received in one batch), then returns the endpoints."""
+    a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+    b = await loop.create_datagram_endpoint(proto_factory, local_addr=(HOST, 0))
+    addr_b = b[0].get_extra_info("sockname")
+    for p in payloads:
+        a[0].sendto(p, addr_b)
+    return a, b
+
+
+def test_pause_reading_mid_batch_delivers_the_rest_after_resume(loop):
+    # 20 datagrams are received together; the protocol pauses at the 5th. Nothing more
+    # may arrive while paused, and resuming must deliver the other 15, in order,
+    # although no new datagram arrives to wake the reader.
+    payloads = _numbered(20)
+
+    class Pauser(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            if len(self.datagrams) == 5:
+                self.transport.pause_reading()
+
+    async def main():
+        a, b = await _queue_then_receive(loop, Pauser, payloads)
+        try:
+            await asyncio.wait_for(b[1].wait_for(5), 5)
+            await asyncio.sleep(0.05)
+            paused_count = len(b[1].datagrams)
+            assert not b[0].is_reading()
+            b[0].resume_reading()
+            assert b[0].is_reading()
+            got = await asyncio.wait_for(b[1].wait_for(len(payloads)), 5)
+            await asyncio.sleep(0.01)
+            return paused_count, [d for d, _ in b[1].datagrams], {a for _, a in got}
+        finally:
+            await close(a, b)
+
+    paused_count, got, senders = run(loop, main())
+    assert paused_count == 5
+    assert got == payloads
+    assert len(senders) == 1
+
+
+def test_datagram_received_raising_mid_batch_loses_nothing(loop, loop_errors):
+    # The protocol raises on the 3rd of 70 queued datagrams (more than one batch): the
+    # error reaches the exception handler, the transport stays open, and every other
+    # datagram is delivered once, in order.
+    payloads = _numbered(70)
+
+    class Raiser(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            if len(self.datagrams) == 3:
+                raise ZeroDivisionError("third")
+
+    async def main():
+        a, b = await _queue_then_receive(loop, Raiser, payloads)
+        try:
+            await asyncio.wait_for(b[1].wait_for(len(payloads)), 5)
+            await asyncio.sleep(0.01)
+            return [d for d, _ in b[1].datagrams], b[0].is_closing()
+        finally:
+            await close(a, b)
+
+    got, closing = run(loop, main())
+    assert got == payloads
+    assert not closing
+    assert len(loop_errors) == 1
+    assert isinstance(loop_errors[0]["exception"], ZeroDivisionError)
+    loop_errors.clear()
+
+
+def test_close_mid_batch_delivers_nothing_more(loop):
+    payloads = _numbered(20)
+
+    class Closer(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            if len(self.datagrams) == 3:
+                self.transport.close()
+
+    async def main():
+        a, b = await _queue_then_receive(loop, Closer, payloads)
+        try:
+            assert await asyncio.wait_for(b[1].lost, 5) is None
+            await asyncio.sleep(0.02)
+            return b[1].events, [d for d, _ in b[1].datagrams]
+        finally:
+            a[0].close()
+            await a[1].lost
+
+    events, got = run(loop, main())
+    assert events == ["made", "datagram", "lost"]
+    assert got == payloads[:3]
+
+
+def test_batch_of_large_datagrams_keeps_every_byte(loop):
+    # Datagrams near the UDP size limit, several received together: each one whole.
+    import random
+
+    rnd = random.Random(7)
+    payloads = [rnd.randbytes(size) for size in (65507, 1, 60000, 40000, 65507, 3)]
+
+    async def main():
+        a = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        b = await loop.create_datagram_endpoint(DatagramRecorder, local_addr=(HOST, 0))
+        sock = b[0].get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        try:
+            addr_b = b[0].get_extra_info("sockname")
+            for p in payloads:
+                a[0].sendto(p, addr_b)
+            got = await asyncio.wait_for(b[1].wait_for(len(payloads)), 5)
+            return [d for d, _ in got]
+        finally:
+            await close(a, b)
+
+    assert run(loop, main()) == payloads

@@ -86,6 +86,36 @@ mod tests {
         drain(b.as_raw_fd(), &mut out).unwrap();
         assert_eq!(out, b"\x02\x0f");
     }
+
+    #[test]
+    fn recv_batch_takes_what_is_queued_up_to_max() {
+        use std::net::UdpSocket;
+        use std::os::fd::AsRawFd;
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let big = vec![7u8; 65507];
+        let sizes: [&[u8]; 4] = [b"one", b"", &big, b"four"];
+        for d in sizes {
+            tx.send_to(d, rx.local_addr().unwrap()).unwrap();
+        }
+        let fd = rx.as_raw_fd();
+        let mut batch = RecvBatch::new(3);
+        assert_eq!(batch.recv(fd, 2).unwrap(), 2);
+        let sender = match tx.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => RawAddr::v4(*a.ip(), a.port()),
+            _ => unreachable!(),
+        };
+        for (i, want) in sizes[..2].iter().enumerate() {
+            let (data, from) = batch.get(i);
+            assert_eq!(data, *want);
+            assert!(from == sender);
+        }
+        assert_eq!(batch.recv(fd, 5).unwrap(), 2);
+        assert_eq!(batch.get(0).0, &big[..]);
+        assert_eq!(batch.get(1).0, b"four");
+        let err = batch.recv(fd, 3).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
 }
 
 /// A socket address as `getaddrinfo(3)` returns it, with the host already formatted by
@@ -562,6 +592,82 @@ pub fn recvfrom(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, RawAddr)> {
         &mut addr.len
     ))?;
     Ok((n as usize, addr))
+}
+
+/// Bytes per datagram in a `RecvBatch`: the largest UDP payload over IPv4 or IPv6
+/// (65,507 / 65,527 bytes) fits, so nothing is truncated on an AF_INET/AF_INET6 socket.
+pub const DGRAM_SLOT: usize = 64 * 1024;
+
+/// Room for up to `len()` datagrams and their senders, received with one `recvmmsg(2)`.
+///
+/// The memory is one zeroed allocation the kernel writes into; a page of it becomes
+/// resident only when a datagram lands there.
+pub struct RecvBatch {
+    data: Vec<u8>,
+    addrs: Vec<RawAddr>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers in `iovs` / `hdrs` point into the batch's own heap buffers,
+// which move with it; nothing else shares them.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    pub fn new(slots: usize) -> Box<Self> {
+        let mut b = Box::new(RecvBatch {
+            data: vec![0u8; slots * DGRAM_SLOT],
+            addrs: vec![RawAddr::empty(); slots],
+            iovs: Vec::with_capacity(slots),
+            // SAFETY: an all-zero mmsghdr is a valid value (null pointers, zero lengths).
+            hdrs: (0..slots).map(|_| unsafe { std::mem::zeroed() }).collect(),
+        });
+        let base = b.data.as_mut_ptr();
+        for i in 0..slots {
+            b.iovs.push(libc::iovec {
+                // SAFETY: slot `i` starts inside `data` (slots * DGRAM_SLOT bytes).
+                iov_base: unsafe { base.add(i * DGRAM_SLOT) }.cast(),
+                iov_len: DGRAM_SLOT,
+            });
+        }
+        for i in 0..slots {
+            let name = (&mut b.addrs[i].ss as *mut libc::sockaddr_storage).cast();
+            let iov = &mut b.iovs[i] as *mut libc::iovec;
+            let h = &mut b.hdrs[i].msg_hdr;
+            h.msg_name = name;
+            h.msg_iov = iov;
+            h.msg_iovlen = 1;
+        }
+        b
+    }
+
+    /// `recvmmsg(2)` of up to `max` datagrams without blocking: how many arrived (at
+    /// least one), or the error (`WouldBlock` when none was queued).
+    pub fn recv(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
+        let n = max.min(self.hdrs.len());
+        for h in &mut self.hdrs[..n] {
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
+        }
+        let got = syscall!(recvmmsg(
+            fd,
+            self.hdrs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut()
+        ))?;
+        Ok(got as usize)
+    }
+
+    /// Datagram `i` of the last `recv` (which returned more than `i`) and its sender.
+    pub fn get(&self, i: usize) -> (&[u8], RawAddr) {
+        let h = &self.hdrs[i];
+        let len = (h.msg_len as usize).min(DGRAM_SLOT);
+        let mut addr = self.addrs[i];
+        addr.len = h.msg_hdr.msg_namelen;
+        (&self.data[i * DGRAM_SLOT..i * DGRAM_SLOT + len], addr)
+    }
 }
 
 /// A socket address in the kernel's binary form, as `recvfrom(2)` fills it and

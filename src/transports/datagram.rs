@@ -20,6 +20,10 @@ use crate::py::{self, GilCell, import_attr};
 /// Datagrams read per readiness event before yielding to other callbacks.
 const READS_PER_EVENT: usize = 32;
 
+/// The inet readers' `recvmmsg` buffers (READS_PER_EVENT datagrams), shared by every
+/// datagram transport of the process (the GIL guards it).
+static BATCH: GilCell<Option<Box<crate::sys::RecvBatch>>> = GilCell::new(None);
+
 /// Address tuples remembered per transport, in each of `Peers`' two caches.
 const PEERS_CACHED: usize = 64;
 // `AddrCache`'s indexes store entry numbers as u8.
@@ -181,6 +185,9 @@ struct St {
     spare: Option<Py<PyBytes>>,
     buf: VecDeque<(Py<PyBytes>, Py<PyAny>)>,
     buf_size: usize,
+    /// Datagrams received in a batch but not delivered yet, because the protocol paused
+    /// reading or its `datagram_received` raised: delivered first when reading goes on.
+    pending: VecDeque<(Py<PyAny>, Py<PyAny>)>,
     conn_lost: u32,
     closing: bool,
     paused: bool,
@@ -339,26 +346,15 @@ impl DatagramCore {
         Ok(())
     }
 
-    /// One `recvfrom` into the shared read buffer: `(data, address)`.
-    #[allow(clippy::type_complexity)]
-    fn recv_native<'py>(
+    /// Datagram `i` of the last batch `batch` received, as `(data, address)`.
+    fn datagram<'py>(
         &self,
         py: Python<'py>,
-    ) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
-        let fd = self.with(py, |s| s.fd);
-        let mut buf = super::stream::take_read_buf(py);
-        let res = loop {
-            match crate::sys::recvfrom(fd, &mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                other => break other,
-            }
-        };
-        let out = res.map(|(n, addr)| (self.new_bytes(py, &buf[..n]), addr));
-        super::stream::give_read_buf(py, buf);
-        let (data, raw) = match out {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
-            other => other.map_err(crate::errors::from_io)?,
-        };
+        batch: &crate::sys::RecvBatch,
+        i: usize,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let (bytes, raw) = batch.get(i);
+        let data = self.new_bytes(py, bytes);
         let addr = match self.with(py, |s| s.peers.by_raw(py, &raw)) {
             Some(a) => a.into_bound(py),
             None => {
@@ -375,7 +371,157 @@ impl DatagramCore {
                 a
             }
         };
-        Ok(Some((data.into_any(), addr)))
+        Ok((data.into_any(), addr))
+    }
+
+    /// Whether received datagrams may be delivered now.
+    fn receiving(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.conn_lost == 0 && !s.paused && !s.closing)
+    }
+
+    /// Keeps datagrams `from..n` of `batch` for later delivery (dropped if the transport
+    /// is closing: its socket would have dropped them).
+    fn keep_pending(
+        &self,
+        py: Python<'_>,
+        batch: &crate::sys::RecvBatch,
+        from: usize,
+        n: usize,
+    ) -> PyResult<()> {
+        if self.with(py, |s| s.closing || s.conn_lost > 0) {
+            return Ok(());
+        }
+        for i in from..n {
+            let (d, a) = self.datagram(py, batch, i)?;
+            self.with(py, |s| s.pending.push_back((d.unbind(), a.unbind())));
+        }
+        Ok(())
+    }
+
+    /// Runs the reader again at the next iteration (the registration is edge-triggered).
+    fn again(&self, py: Python<'_>) {
+        if let Some(lp) = self.loop_(py) {
+            lp.get().redispatch(py, self.with(py, |s| s.fd));
+        }
+    }
+
+    /// `protocol.datagram_received(data, addr)`; `data` is kept for reuse if the
+    /// protocol did not keep it.
+    fn deliver(
+        slf: &Bound<'_, Self>,
+        data: Bound<'_, PyAny>,
+        addr: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let r = core
+            .protocol(py)
+            .call_method1(pyo3::intern!(py, "datagram_received"), (&data, addr))
+            .map(drop);
+        core.recycle(py, data);
+        r
+    }
+
+    /// The inet reader: up to `budget` datagrams, received `READS_PER_EVENT` at a time
+    /// with `recvmmsg` (one system call for what a `recvfrom` per datagram would take:
+    /// a system call costs ~170 ns here, ~4% of a 1 KiB UDP echo's server CPU).
+    fn read_batches(
+        slf: &Bound<'_, Self>,
+        batch: &mut crate::sys::RecvBatch,
+        mut budget: usize,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        while budget > 0 {
+            if !core.receiving(py) {
+                return Ok(());
+            }
+            let fd = core.with(py, |s| s.fd);
+            let res = loop {
+                match batch.recv(fd, budget) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            let n = match res {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => {
+                    // asyncio: an OSError from recvfrom goes to error_received.
+                    budget -= 1;
+                    let exc = crate::errors::from_io(e).into_value(py);
+                    if let Err(e) = core
+                        .protocol(py)
+                        .call_method1(pyo3::intern!(py, "error_received"), (exc,))
+                    {
+                        core.again(py);
+                        return Err(e);
+                    }
+                    continue;
+                }
+            };
+            budget -= n;
+            for i in 0..n {
+                if !core.receiving(py) {
+                    return core.keep_pending(py, batch, i, n);
+                }
+                let (data, addr) = match core.datagram(py, batch, i) {
+                    Ok(got) => got,
+                    Err(e) if passthrough(&e, py) => return Err(e),
+                    Err(e) => {
+                        return Self::fatal_error(slf, e, "Fatal read error on datagram transport");
+                    }
+                };
+                if let Err(e) = Self::deliver(slf, data, addr) {
+                    // The protocol's error goes to the exception handler (as asyncio's
+                    // does); the rest of the batch is delivered at the next iteration.
+                    core.keep_pending(py, batch, i + 1, n)?;
+                    core.again(py);
+                    return Err(e);
+                }
+            }
+        }
+        core.again(py);
+        Ok(())
+    }
+
+    /// The reader of other families (Unix datagram sockets): the socket object's
+    /// `recvfrom`, which knows how to convert their addresses.
+    fn read_ready_socket(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        for _ in 0..READS_PER_EVENT {
+            if !core.receiving(py) {
+                return Ok(());
+            }
+            let got = core
+                .sock(py)
+                .call_method1(pyo3::intern!(py, "recvfrom"), (MAX_SIZE,))
+                .and_then(|p| {
+                    let p = p.cast_into::<PyTuple>()?;
+                    Ok((p.get_item(0)?, p.get_item(1)?))
+                });
+            let delivered = match got {
+                Err(e) if would_block(&e, py) => return Ok(()),
+                Err(e) if e.is_instance_of::<PyOSError>(py) => core
+                    .protocol(py)
+                    .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))
+                    .map(drop),
+                Err(e) if passthrough(&e, py) => return Err(e),
+                Err(e) => {
+                    return Self::fatal_error(slf, e, "Fatal read error on datagram transport");
+                }
+                Ok((data, addr)) => Self::deliver(slf, data, addr),
+            };
+            if let Err(e) = delivered {
+                // The protocol's error goes to the exception handler (as asyncio's does);
+                // datagrams still queued are delivered at the next iteration.
+                core.again(py);
+                return Err(e);
+            }
+        }
+        core.again(py);
+        Ok(())
     }
 
     /// A `bytes` holding `data`: the spare one when its size matches, else a new one.
@@ -421,10 +567,16 @@ impl DatagramCore {
     }
 
     fn set_closing(&self, py: Python<'_>) {
-        let (fd, w) = self.with(py, |s| {
+        // Datagrams read ahead are dropped, as a closed socket drops what it queued.
+        let (fd, w, pending) = self.with(py, |s| {
             s.closing = true;
-            (s.fd, s.wrapper.as_ref().map(|w| w.as_ptr()))
+            (
+                s.fd,
+                s.wrapper.as_ref().map(|w| w.as_ptr()),
+                std::mem::take(&mut s.pending),
+            )
         });
+        drop(pending);
         if let (Some(lp), Some(w)) = (self.loop_(py), w) {
             super::forget_transport(&lp, fd, w);
         }
@@ -504,55 +656,33 @@ impl DatagramCore {
         // DEVIATION(asyncio): the registration is edge-triggered, so one event delivers
         //   the datagrams queued at that moment, up to READS_PER_EVENT (then the reader
         //   runs again at the next iteration): asyncio delivers one per loop iteration.
-        let again = || {
-            if let Some(lp) = core.loop_(py) {
-                lp.get().redispatch(py, core.with(py, |s| s.fd));
-            }
-        };
-        for _ in 0..READS_PER_EVENT {
-            let (lost, paused, closing) = core.with(py, |s| (s.conn_lost, s.paused, s.closing));
-            if lost > 0 || paused || closing {
-                return Ok(());
-            }
-            let got = if core.with(py, |s| s.inet) {
-                core.recv_native(py)
-            } else {
-                core.sock(py)
-                    .call_method1(pyo3::intern!(py, "recvfrom"), (MAX_SIZE,))
-                    .and_then(|p| {
-                        let p = p.cast_into::<PyTuple>()?;
-                        Ok(Some((p.get_item(0)?, p.get_item(1)?)))
-                    })
+        if !core.with(py, |s| s.inet) {
+            return Self::read_ready_socket(slf);
+        }
+        let mut budget = READS_PER_EVENT;
+        // Datagrams read ahead of a pause or a failed delivery go first.
+        while budget > 0 && core.receiving(py) {
+            let Some((data, addr)) = core.with(py, |s| s.pending.pop_front()) else {
+                break;
             };
-            let delivered = match got {
-                Ok(None) => return Ok(()),
-                Err(e) if would_block(&e, py) => return Ok(()),
-                Err(e) if e.is_instance_of::<PyOSError>(py) => core
-                    .protocol(py)
-                    .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))
-                    .map(drop),
-                Err(e) if passthrough(&e, py) => return Err(e),
-                Err(e) => {
-                    return Self::fatal_error(slf, e, "Fatal read error on datagram transport");
-                }
-                Ok(Some((data, addr))) => {
-                    let r = core
-                        .protocol(py)
-                        .call_method1(pyo3::intern!(py, "datagram_received"), (&data, addr))
-                        .map(drop);
-                    core.recycle(py, data);
-                    r
-                }
-            };
-            if let Err(e) = delivered {
-                // The protocol's error goes to the exception handler (as asyncio's does);
-                // datagrams still queued are delivered at the next iteration.
-                again();
+            budget -= 1;
+            if let Err(e) = Self::deliver(slf, data.into_bound(py), addr.into_bound(py)) {
+                core.again(py);
                 return Err(e);
             }
         }
-        again();
-        Ok(())
+        // NOTE: the batch is taken out of its cell while Python code runs between
+        //       deliveries: a re-entrant reader would allocate another.
+        let mut batch = BATCH
+            .with(py, |b| b.take())
+            .unwrap_or_else(|| crate::sys::RecvBatch::new(READS_PER_EVENT));
+        let res = Self::read_batches(slf, &mut batch, budget);
+        BATCH.with(py, |b| {
+            if b.is_none() {
+                *b = Some(batch);
+            }
+        });
+        res
     }
 
     #[pyo3(signature = (data, addr=None))]
@@ -713,7 +843,12 @@ impl DatagramCore {
             return Ok(());
         }
         slf.get().with(py, |s| s.paused = false);
-        Self::add_io(slf, "_read_ready", true)
+        Self::add_io(slf, "_read_ready", true)?;
+        // Datagrams read ahead of the pause wait for no new event.
+        if slf.get().with(py, |s| !s.pending.is_empty()) {
+            slf.get().again(py);
+        }
+        Ok(())
     }
 
     fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -840,6 +975,10 @@ impl DatagramCore {
             visit.call(d)?;
             visit.call(a)?;
         }
+        for (d, a) in &s.pending {
+            visit.call(d)?;
+            visit.call(a)?;
+        }
         Ok(())
     }
 
@@ -855,6 +994,7 @@ impl DatagramCore {
                 s.address.take(),
                 std::mem::take(&mut s.buf),
                 s.spare.take(),
+                std::mem::take(&mut s.pending),
             )
         });
         drop(taken);
@@ -896,6 +1036,7 @@ pub fn make<'py>(
                 peers: Peers::default(),
                 spare: None,
                 buf: VecDeque::new(),
+                pending: VecDeque::new(),
                 buf_size: 0,
                 conn_lost: 0,
                 closing: false,
