@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import sys
 import threading
+import warnings
 
 import ferroloop
 import pytest
@@ -50,6 +51,71 @@ def test_wrap_concurrent_future(loop):
     fut = asyncio.wrap_future(cf, loop=loop)
     threading.Timer(0.01, cf.set_result, ("from-thread",)).start()
     assert loop.run_until_complete(fut) == "from-thread"
+
+
+def test_futures_and_tasks_belong_to_the_loop_that_made_them(loop, loop_factory):
+    # Made by a loop that is not running, from inside another running loop, and from
+    # inside a loop whose running-loop slot was changed: always the creating loop.
+    other = loop_factory()
+    try:
+
+        async def coro():
+            return 1
+
+        def make():
+            f, t = other.create_future(), other.create_task(coro())
+            assert f.get_loop() is other and t.get_loop() is other
+            t.cancel()
+            return f
+
+        async def inside():
+            made = [make()]
+            mine = loop.create_future()
+            task = loop.create_task(coro())
+            assert mine.get_loop() is loop and task.get_loop() is loop
+            await task
+            asyncio.events._set_running_loop(other)
+            try:
+                f2 = loop.create_future()
+                t2 = loop.create_task(coro())
+            finally:
+                asyncio.events._set_running_loop(loop)
+            assert f2.get_loop() is loop and t2.get_loop() is loop
+            await t2
+            return made
+
+        made = loop.run_until_complete(inside())
+        assert made[0].get_loop() is other
+        other.run_until_complete(asyncio.sleep(0))
+    finally:
+        other.close()
+
+
+def test_loop_that_made_futures_is_collected(loop_factory):
+    import gc
+    import weakref
+
+    lp = loop_factory()
+    fut = lp.create_future()
+    task = lp.create_task(double(1))
+    lp.run_until_complete(task)
+    del fut, task
+    lp.close()
+    ref = weakref.ref(lp)
+    del lp
+    gc.collect()
+    assert ref() is None
+
+    # Not closed: only the collector can find what refers back to the loop.
+    lp = loop_factory()
+    lp.run_until_complete(lp.create_task(double(1)))
+    lp.create_future()
+    ref = weakref.ref(lp)
+    del lp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    assert ref() is None
 
 
 # ---- tasks ---------------------------------------------------------------------------

@@ -108,6 +108,9 @@ pub(crate) struct State {
     pub debug: bool,
     pub slow_callback_duration: f64,
     pub task_factory: Option<Py<PyAny>>,
+    /// `{"loop": <this loop>}`, the keyword arguments `create_future` / `create_task` give
+    /// asyncio's Future and Task (made at first use; a cycle the collector sees).
+    pub loop_kwargs: Option<Py<PyDict>>,
     /// add_reader / add_writer registrations, by fd.
     pub io: FdMap<IoHandles>,
     /// Descriptors still registered with the reactor after their last handle went:
@@ -438,6 +441,7 @@ impl LoopCore {
                 debug: false,
                 slow_callback_duration: 0.1,
                 task_factory: None,
+                loop_kwargs: None,
                 io: FdMap::default(),
                 idle_fds: FdSet::default(),
                 armed: FdMap::default(),
@@ -541,6 +545,7 @@ impl LoopCore {
                     (
                         std::mem::take(&mut s.transports),
                         std::mem::take(&mut s.armed),
+                        s.loop_kwargs.take(),
                     ),
                 )
             });
@@ -608,20 +613,7 @@ impl LoopCore {
     pub(crate) fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let future = import_attr!(py, "asyncio.futures", "Future")?;
-        // Future(loop=self), by vectorcall with the keyword's name (no kwargs dict here).
-        static KWNAMES: pyo3::sync::PyOnceLock<Py<PyTuple>> = pyo3::sync::PyOnceLock::new();
-        let kwnames = KWNAMES.get_or_try_init(py, || {
-            PyTuple::new(py, [pyo3::intern!(py, "loop")]).map(Bound::unbind)
-        })?;
-        let args = [slf.as_ptr()];
-        // SAFETY: `args` holds one borrowed, live object named by `kwnames` (one keyword,
-        // no positionals); the result is a new reference or NULL with an exception set.
-        unsafe {
-            Bound::from_owned_ptr_or_err(
-                py,
-                pyo3::ffi::PyObject_Vectorcall(future.as_ptr(), args.as_ptr(), 0, kwnames.as_ptr()),
-            )
-        }
+        Self::new_with_loop(slf, future, &PyTuple::empty(py))
     }
 
     /// `create_task(coro, *, name=None, context=None, eager_start=None, **kwargs)` with
@@ -640,27 +632,7 @@ impl LoopCore {
             .with(py, |s| s.task_factory.as_ref().map(|f| f.clone_ref(py)));
         let task_cls = import_attr!(py, "asyncio.tasks", "Task")?;
         if factory.is_none() && kwargs.as_ref().is_none_or(|k| k.is_empty()) {
-            // Task(coro, loop=self) by vectorcall: no argument tuple or kwargs dict, two
-            // objects per task the cycle collector would otherwise count and traverse.
-            static KWNAMES: pyo3::sync::PyOnceLock<Py<PyTuple>> = pyo3::sync::PyOnceLock::new();
-            let kwnames = KWNAMES.get_or_try_init(py, || {
-                PyTuple::new(py, [pyo3::intern!(py, "loop")]).map(Bound::unbind)
-            })?;
-            let args = [coro.as_ptr(), slf.as_ptr()];
-            // SAFETY: `args` holds one positional and one keyword argument (named by
-            // `kwnames`), borrowed and live; the result is a new reference or NULL with an
-            // exception set.
-            return unsafe {
-                Bound::from_owned_ptr_or_err(
-                    py,
-                    pyo3::ffi::PyObject_Vectorcall(
-                        task_cls.as_ptr(),
-                        args.as_ptr(),
-                        1,
-                        kwnames.as_ptr(),
-                    ),
-                )
-            };
+            return Self::new_with_loop(slf, task_cls, &PyTuple::new(py, [coro])?);
         }
         let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
         if let Some(f) = factory {
@@ -992,6 +964,7 @@ impl LoopCore {
             visit.call(f)?;
         }
         visit.call(&s.task_factory)?;
+        visit.call(&s.loop_kwargs)?;
         // SAFETY: as above.
         unsafe { self.run_ctx.traverse(|p| visit.call(p)) }
     }
@@ -1010,6 +983,7 @@ impl LoopCore {
                 std::mem::take(&mut s.dns_pending),
                 std::mem::take(&mut s.transports),
                 std::mem::take(&mut s.armed),
+                s.loop_kwargs.take(),
             )
         });
         drop(taken);
@@ -1018,6 +992,59 @@ impl LoopCore {
 }
 
 impl LoopCore {
+    /// `cls(*args, loop=self)`. For a class whose metaclass is `type` (asyncio's Future
+    /// and Task), what calling it does, `tp_new` then `tp_init`, is done here with a
+    /// keyword dict the loop keeps: calling the type builds a new dict of the keywords
+    /// every time (~260 instructions and a collector-counted object per future or task).
+    fn new_with_loop<'py>(
+        slf: &Bound<'py, Self>,
+        cls: &Bound<'py, PyAny>,
+        args: &Bound<'py, PyTuple>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let kwargs = slf
+            .get()
+            .state
+            .with(py, |s| s.loop_kwargs.as_ref().map(|d| d.clone_ref(py)));
+        let kwargs = match kwargs {
+            Some(d) => d.into_bound(py),
+            None => {
+                let d = PyDict::new(py);
+                d.set_item(pyo3::intern!(py, "loop"), slf)?;
+                let old = slf
+                    .get()
+                    .state
+                    .with(py, |s| s.loop_kwargs.replace(d.clone().unbind()));
+                drop(old);
+                d
+            }
+        };
+        // SAFETY: `cls` is checked to be a class made by `type` itself, so calling it is
+        // type_call: tp_new(cls, args, kwargs), and tp_init on the result if it is an
+        // instance of `cls`. Both get borrowed, live arguments and return a new
+        // reference / 0, or NULL / -1 with an exception set. The dict is not changed by
+        // either (argument parsing only reads it) and stays referenced during the calls.
+        unsafe {
+            use pyo3::ffi;
+            let tp = cls.as_ptr().cast::<ffi::PyTypeObject>();
+            let plain_class =
+                ffi::Py_TYPE(cls.as_ptr()) == std::ptr::addr_of_mut!(ffi::PyType_Type);
+            let Some(new) = (*tp).tp_new.filter(|_| plain_class) else {
+                return cls.call(args, Some(&kwargs.copy()?));
+            };
+            let obj = Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), kwargs.as_ptr()))?;
+            if ffi::PyObject_TypeCheck(obj.as_ptr(), tp) == 0 {
+                return Ok(obj);
+            }
+            if let Some(init) = (*ffi::Py_TYPE(obj.as_ptr())).tp_init
+                && init(obj.as_ptr(), args.as_ptr(), kwargs.as_ptr()) < 0
+            {
+                return Err(PyErr::fetch(py));
+            }
+            Ok(obj)
+        }
+    }
+
     /// Resolves inline (numeric input) or on a resolver thread, returning a future then.
     fn resolve<'py>(
         slf: &Bound<'py, Self>,
