@@ -602,3 +602,88 @@ def test_ferroloop_run():
         return type(asyncio.get_running_loop())
 
     assert ferroloop.run(main()) is ferroloop.Loop
+
+
+# ---- how tasks reach loop.call_soon --------------------------------------------------
+
+
+def _counting_wrapper(calls, original):
+    def call_soon(self, callback, *args, **kwargs):
+        calls.append(callback)
+        return original(self, callback, *args, **kwargs)
+
+    return call_soon
+
+
+async def _switch_a_few_times():
+    for _ in range(3):
+        await asyncio.sleep(0)
+    fut = asyncio.get_running_loop().create_future()
+    fut.add_done_callback(lambda f: None)
+    fut.set_result(None)
+    await fut
+
+
+def test_tasks_use_a_call_soon_overridden_in_a_subclass(loop_factory):
+    # Task and Future schedule through whatever `loop.call_soon` is: a subclass's
+    # override must be seen, including by the C Task's per-step lookup.
+    probe = loop_factory()
+    base = type(probe)
+    probe.close()
+    calls = []
+
+    class Sub(base):
+        call_soon = _counting_wrapper(calls, base.call_soon)
+
+    lp = Sub()
+    try:
+        lp.run_until_complete(_switch_a_few_times())
+    finally:
+        lp.close()
+    assert len(calls) >= 5
+
+
+def test_tasks_use_call_soon_patched_on_the_class_or_the_instance(loop):
+    cls = type(loop)
+    calls = []
+    cls.call_soon = _counting_wrapper(calls, cls.call_soon)
+    try:
+        loop.run_until_complete(_switch_a_few_times())
+    finally:
+        del cls.call_soon
+    assert len(calls) >= 5
+
+    calls.clear()
+    original = loop.call_soon
+    loop.call_soon = lambda *a, **k: (calls.append(a[0]), original(*a, **k))[1]
+    try:
+        loop.run_until_complete(_switch_a_few_times())
+    finally:
+        del loop.call_soon
+    assert len(calls) >= 5
+    # Back to the class's own method.
+    calls.clear()
+    loop.run_until_complete(_switch_a_few_times())
+    assert calls == []
+
+
+def test_call_soon_as_an_attribute(loop):
+    import inspect
+
+    cls = type(loop)
+    assert cls.call_soon.__name__ == "call_soon"
+    assert "callback" in str(inspect.signature(loop.call_soon))
+    assert loop.call_soon.__self__ is loop
+    seen = []
+    cls.call_soon(loop, seen.append, 1)
+    loop.call_soon(seen.append, 2)
+    bound = loop.call_soon
+    bound(seen.append, 3)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert seen == [1, 2, 3]
+    # Not a loop: asyncio's Python method fails on the missing attribute, ferroloop's
+    # descriptor on the type check.
+    with pytest.raises((TypeError, AttributeError)):
+        cls.call_soon(object(), print)
+    with pytest.raises(TypeError):
+        cls.call_soon()

@@ -111,6 +111,8 @@ pub(crate) struct State {
     /// `{"loop": <this loop>}`, the keyword arguments `create_future` / `create_task` give
     /// asyncio's Future and Task (made at first use; a cycle the collector sees).
     pub loop_kwargs: Option<Py<PyDict>>,
+    /// `self.call_soon` bound once while the loop runs (see `py::fastcall::SoonDescr`).
+    pub soon_bound: Option<Py<PyAny>>,
     /// add_reader / add_writer registrations, by fd.
     pub io: FdMap<IoHandles>,
     /// Descriptors still registered with the reactor after their last handle went:
@@ -442,6 +444,7 @@ impl LoopCore {
                 slow_callback_duration: 0.1,
                 task_factory: None,
                 loop_kwargs: None,
+                soon_bound: None,
                 io: FdMap::default(),
                 idle_fds: FdSet::default(),
                 armed: FdMap::default(),
@@ -965,6 +968,7 @@ impl LoopCore {
         }
         visit.call(&s.task_factory)?;
         visit.call(&s.loop_kwargs)?;
+        visit.call(&s.soon_bound)?;
         // SAFETY: as above.
         unsafe { self.run_ctx.traverse(|p| visit.call(p)) }
     }
@@ -984,6 +988,7 @@ impl LoopCore {
                 std::mem::take(&mut s.transports),
                 std::mem::take(&mut s.armed),
                 s.loop_kwargs.take(),
+                s.soon_bound.take(),
             )
         });
         drop(taken);

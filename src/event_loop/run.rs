@@ -52,6 +52,10 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         };
     }
     handle::trim_free_lists(py, handle::FREE_IDLE);
+    // The bound `call_soon` is kept only while running: a stopped loop refers to itself
+    // through nothing of ours.
+    let bound = core.state.with(py, |s| s.soon_bound.take());
+    drop(bound);
     core.state.with(py, |s| {
         s.stopping = false;
         s.thread_id = None;
