@@ -687,3 +687,40 @@ def test_call_soon_as_an_attribute(loop):
         cls.call_soon(object(), print)
     with pytest.raises(TypeError):
         cls.call_soon()
+
+
+def test_call_soon_descriptor_cannot_be_made_or_changed_and_pickles(loop):
+    import copy
+    import pickle
+
+    cls = type(loop)
+    descr = cls.__dict__.get("call_soon") or next(
+        k.__dict__["call_soon"] for k in cls.__mro__ if "call_soon" in k.__dict__
+    )
+    kind = type(descr)
+    if kind.__module__ == "ferroloop._ferroloop":
+        with pytest.raises(TypeError):
+            kind()
+        with pytest.raises(TypeError):
+            object.__new__(kind)
+        with pytest.raises(TypeError):
+            kind.__get__ = lambda *a: None
+    assert pickle.loads(pickle.dumps(descr)) is descr
+    assert copy.deepcopy(descr) is descr
+
+
+def test_futures_keep_their_loop_if_the_loops_internals_are_tampered_with(loop):
+    import gc
+
+    other = asyncio.new_event_loop()
+    try:
+        loop.create_future()
+        for obj in gc.get_referents(loop):
+            if type(obj) is dict and obj.get("loop") is loop and len(obj) == 1:
+                obj["loop"] = other
+                obj["extra"] = 1
+        assert loop.create_future().get_loop() is loop
+        assert loop.create_task(double(1)).get_loop() is loop
+        loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        other.close()

@@ -1007,15 +1007,24 @@ impl LoopCore {
         args: &Bound<'py, PyTuple>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
+        // The dict is reachable through gc.get_referents(loop): used only while it still
+        // is exactly {"loop": self}.
+        let key = pyo3::intern!(py, "loop");
         let kwargs = slf
             .get()
             .state
-            .with(py, |s| s.loop_kwargs.as_ref().map(|d| d.clone_ref(py)));
+            .with(py, |s| s.loop_kwargs.as_ref().map(|d| d.clone_ref(py)))
+            .map(|d| d.into_bound(py))
+            // SAFETY: reading a live dict's size and one item (borrowed), GIL held.
+            .filter(|d| unsafe {
+                pyo3::ffi::PyDict_Size(d.as_ptr()) == 1
+                    && pyo3::ffi::PyDict_GetItem(d.as_ptr(), key.as_ptr()) == slf.as_ptr()
+            });
         let kwargs = match kwargs {
-            Some(d) => d.into_bound(py),
+            Some(d) => d,
             None => {
                 let d = PyDict::new(py);
-                d.set_item(pyo3::intern!(py, "loop"), slf)?;
+                d.set_item(key, slf)?;
                 let old = slf
                     .get()
                     .state

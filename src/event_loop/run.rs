@@ -54,9 +54,7 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     handle::trim_free_lists(py, handle::FREE_IDLE);
     // The bound `call_soon` is kept only while running: a stopped loop refers to itself
     // through nothing of ours.
-    let bound = core.state.with(py, |s| s.soon_bound.take());
-    drop(bound);
-    core.state.with(py, |s| {
+    let bound = core.state.with(py, |s| {
         s.stopping = false;
         s.thread_id = None;
         // Outside run_forever every shared handle is tracked (see `OwnedHandle`).
@@ -72,7 +70,9 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         {
             h.track_if_shared();
         }
+        s.soon_bound.take()
     });
+    drop(bound);
     let restored = signals::leave_run(slf);
     result.and(restored)
 }

@@ -345,7 +345,9 @@ pub fn install(cls: &Bound<'_, PyType>) -> PyResult<()> {
                 cls.py(),
                 ffi::PyDescr_NewMethod(cls.as_type_ptr(), def),
             )?;
-            if name == c"call_soon" {
+            // From 3.12 Task and Future call `call_soon` through PyObject_VectorcallMethod,
+            // which binds nothing: the plain descriptor is best there.
+            if name == c"call_soon" && crate::py::version(cls.py()) < (3, 12) {
                 descr = soon_descriptor(cls.py(), cls, descr, def)?.into_bound(cls.py());
             }
             if ffi::PyObject_SetAttrString(cls.as_ptr(), name.as_ptr(), descr.as_ptr()) < 0 {
@@ -457,6 +459,21 @@ unsafe extern "C" fn soon_descr_repr(descr: *mut ffi::PyObject) -> *mut ffi::PyO
     unsafe { ffi::PyObject_Repr((*descr.cast::<SoonDescr>()).plain) }
 }
 
+/// Pickles as the plain descriptor does (`getattr(LoopCore, 'call_soon')`).
+unsafe extern "C" fn soon_descr_reduce(
+    descr: *mut ffi::PyObject,
+    _unused: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: `descr` is a live SoonDescr whose `plain` lives as long as it.
+    unsafe {
+        ffi::PyObject_CallMethod(
+            (*descr.cast::<SoonDescr>()).plain,
+            c"__reduce__".as_ptr(),
+            std::ptr::null(),
+        )
+    }
+}
+
 unsafe extern "C" fn soon_descr_attr(
     descr: *mut ffi::PyObject,
     name: *mut std::ffi::c_void,
@@ -517,7 +534,22 @@ fn soon_descriptor(
             doc: std::ptr::null(),
         },
     ]));
+    let methods: &'static mut [ffi::PyMethodDef] = Box::leak(Box::new([
+        ffi::PyMethodDef {
+            ml_name: c"__reduce__".as_ptr(),
+            ml_meth: ffi::PyMethodDefPointer {
+                PyCFunction: soon_descr_reduce,
+            },
+            ml_flags: ffi::METH_NOARGS,
+            ml_doc: std::ptr::null(),
+        },
+        ffi::PyMethodDef::zeroed(),
+    ]));
     let slots: &'static mut [ffi::PyType_Slot] = Box::leak(Box::new([
+        ffi::PyType_Slot {
+            slot: ffi::Py_tp_methods,
+            pfunc: methods.as_mut_ptr().cast(),
+        },
         ffi::PyType_Slot {
             slot: ffi::Py_tp_descr_get,
             pfunc: soon_descr_get as *mut std::ffi::c_void,
@@ -547,9 +579,13 @@ fn soon_descriptor(
         name: c"ferroloop._ferroloop.loop_method".as_ptr(),
         basicsize: std::mem::size_of::<SoonDescr>() as _,
         itemsize: 0,
+        // Immutable and not instantiable from Python: an instance made by anything but
+        // `soon_descriptor` would have NULL fields.
         flags: (ffi::Py_TPFLAGS_DEFAULT
             | ffi::Py_TPFLAGS_METHOD_DESCRIPTOR
-            | ffi::Py_TPFLAGS_HAVE_VECTORCALL) as _,
+            | ffi::Py_TPFLAGS_HAVE_VECTORCALL
+            | ffi::Py_TPFLAGS_IMMUTABLETYPE
+            | ffi::Py_TPFLAGS_DISALLOW_INSTANTIATION) as _,
         slots: slots.as_mut_ptr(),
     }));
     // SAFETY: the spec and everything it points to are leaked ('static). The new object

@@ -630,13 +630,15 @@ impl RecvBatch {
                 iov_len: DGRAM_SLOT,
             });
         }
-        for i in 0..slots {
-            let name = (&mut b.addrs[i].ss as *mut libc::sockaddr_storage).cast();
-            let iov = &mut b.iovs[i] as *mut libc::iovec;
-            let h = &mut b.hdrs[i].msg_hdr;
-            h.msg_name = name;
-            h.msg_iov = iov;
-            h.msg_iovlen = 1;
+        let addrs = b.addrs.as_mut_ptr();
+        let iovs = b.iovs.as_mut_ptr();
+        for (i, h) in b.hdrs.iter_mut().enumerate() {
+            // SAFETY: `i` < slots, the length of `addrs` and `iovs`.
+            unsafe {
+                h.msg_hdr.msg_name = std::ptr::addr_of_mut!((*addrs.add(i)).ss).cast();
+                h.msg_hdr.msg_iov = iovs.add(i);
+            }
+            h.msg_hdr.msg_iovlen = 1;
         }
         b
     }

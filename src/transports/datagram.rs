@@ -475,8 +475,12 @@ impl DatagramCore {
                 if let Err(e) = Self::deliver(slf, data, addr) {
                     // The protocol's error goes to the exception handler (as asyncio's
                     // does); the rest of the batch is delivered at the next iteration.
-                    core.keep_pending(py, batch, i + 1, n)?;
                     core.again(py);
+                    if let Err(lost) = core.keep_pending(py, batch, i + 1, n) {
+                        // The protocol's error is the one reported; this one (memory
+                        // running out) is not lost silently either.
+                        lost.write_unraisable(py, Some(slf.as_any()));
+                    }
                     return Err(e);
                 }
             }
