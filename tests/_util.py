@@ -20,6 +20,24 @@ LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 PY312 = sys.version_info >= (3, 12)
 
 
+def _reprs_show_args() -> bool:
+    import inspect
+    from asyncio import format_helpers
+
+    params = inspect.signature(format_helpers._format_args_and_kwargs).parameters
+    return "debug" not in params
+
+
+# Python 3.13 stopped showing a callback's arguments in handle reprs and callback error
+# messages outside debug mode (asyncio.format_helpers takes a ``debug`` flag there).
+REPR_SHOWS_ARGS = _reprs_show_args()
+
+
+def repr_args(text: str) -> str:
+    """The argument list asyncio's non-debug handle repr shows for arguments ``text``."""
+    return text if REPR_SHOWS_ARGS else ""
+
+
 def run_briefly(loop, iterations: int = 1) -> None:
     """Run ``iterations`` loop iterations (as test_asyncio.utils.run_briefly)."""
     for _ in range(iterations):

@@ -9,7 +9,7 @@ import weakref
 
 import ferroloop
 import pytest
-from _util import PY312, run_briefly
+from _util import PY312, repr_args, run_briefly
 
 var = contextvars.ContextVar("var", default="default")
 
@@ -141,7 +141,8 @@ def test_handle_repr(loop):
         pass
 
     h = loop.call_soon(noop, 1, "a")
-    assert repr(h) == f"<Handle {noop.__qualname__}(1, 'a') at {__file__}:{noop_line(noop)}>"
+    args = repr_args("1, 'a'")
+    assert repr(h) == f"<Handle {noop.__qualname__}({args}) at {__file__}:{noop_line(noop)}>"
     h.cancel()
     assert repr(h) == "<Handle cancelled>"
 
@@ -592,7 +593,8 @@ def test_handle_keeps_callback_after_running(loop):
     assert h._callback == calls.append
     assert h._args == ("ran",)
     assert not h.cancelled()
-    assert repr(h) == "<Handle list.append('ran')>"
+    args = repr_args("'ran'")
+    assert repr(h) == f"<Handle list.append({args})>"
 
 
 def test_weakref_to_handle(loop):

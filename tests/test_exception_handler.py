@@ -7,7 +7,7 @@ import logging
 import sys
 
 import pytest
-from _util import LOOP_FACTORIES, run_briefly
+from _util import LOOP_FACTORIES, repr_args, run_briefly
 
 
 def boom():
@@ -65,8 +65,9 @@ def test_callback_exception_args_in_message(loop, loop_errors):
     loop.call_soon(fails, 1, "two")
     run_briefly(loop)
     ctx = loop_errors.pop()
+    args = repr_args("1, 'two'")
     assert ctx["message"] == (
-        f"Exception in callback {fails.__qualname__}(1, 'two') at {__file__}:{line_of(fails)}"
+        f"Exception in callback {fails.__qualname__}({args}) at {__file__}:{line_of(fails)}"
     )
 
 

@@ -120,11 +120,12 @@ def test_server_close(loop, fds):
                 pairs.append(await loop.create_connection(RecordingProtocol, *addr))
         finally:
             server.close()
-            await server.wait_closed()
             for tr, _ in pairs:
                 tr.close()
             for _, proto in pairs:
                 await proto.lost
+            # From 3.12.1 wait_closed() also waits for the server's connections to end.
+            await server.wait_closed()
         await asyncio.sleep(0.01)
         await settle()
 

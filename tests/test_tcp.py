@@ -753,9 +753,13 @@ def test_create_connection_local_addr_in_use(loop):
 
     addr, exc = run(loop, main())
     assert exc.errno == errno.EADDRINUSE
-    assert exc.strerror == (
-        f"error while attempting to bind on address {addr!r}: address already in use"
+    # Python 3.13 words the reason as str(err), with the errno.
+    reason = (
+        "[errno 98] address already in use"
+        if sys.version_info >= (3, 13)
+        else ("address already in use")
     )
+    assert exc.strerror == f"error while attempting to bind on address {addr!r}: {reason}"
 
 
 def test_create_connection_sock(loop):

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from _util import run_briefly, run_until
+from _util import repr_args, run_briefly, run_until
 
 
 def test_call_later_returns_timer_handle(loop):
@@ -89,7 +89,7 @@ def test_timer_handle_when(loop):
 def test_timer_handle_repr(loop):
     loop.set_debug(False)
     h = loop.call_at(5, print, 1)
-    assert repr(h) == "<TimerHandle when=5 print(1)>"
+    assert repr(h) == f"<TimerHandle when=5 print({repr_args('1')})>"
     h.cancel()
     assert repr(h) == "<TimerHandle cancelled when=5>"
 
