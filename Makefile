@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: dev demo test lint fmt test-rust test-py conformance bench bench-smoke clean
+.PHONY: dev demo test lint fmt test-rust test-py conformance bench bench-smoke clean test-pythons
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,7 +24,7 @@ demo: dev
 	$(PY) examples/watch_fd.py
 
 ## The whole test suite (what CI runs).
-test: dev lint test-rust test-py conformance bench-smoke
+test: dev lint test-rust test-py conformance bench-smoke test-pythons
 
 lint: $(STAMP)
 	cargo fmt --all -- --check
@@ -47,6 +47,24 @@ test-rust:
 test-py: dev
 	$(PY) -m pytest -q
 	PYTHONASYNCIODEBUG=1 $(PY) -m pytest -q -p no:cacheprovider
+
+## The project tests (ferroloop only) and the conformance run on every other CPython
+## listed in PYTHONS that is installed (each in its own virtualenv and build directory;
+## pyenv's 3.10 / 3.12+ by default). A machine without them skips this.
+PYENV_PYTHONS := $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3 $(HOME)/.pyenv/versions/3.1[2-9].*/bin/python3)
+PYTHONS ?= $(or $(PYENV_PYTHONS),python3.10 python3.12 python3.13 python3.14)
+test-pythons:
+	@set -e; ran=""; for py in $(PYTHONS); do \
+	    command -v $$py >/dev/null && $$py -c "import venv" 2>/dev/null || { echo "== $$py: not installed, skipped"; continue; }; \
+	    v=.venv-$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	    echo "== $$py ($$v)"; \
+	    test -x $$v/bin/python || $$py -m venv $$v; \
+	    $$v/bin/pip install -q maturin pytest pytest-timeout; \
+	    VIRTUAL_ENV=$$PWD/$$v PATH=$$PWD/$$v/bin:$$PATH CARGO_TARGET_DIR=target/$$v $$v/bin/maturin develop --release -q; \
+	    FERROLOOP_TEST_LOOPS=ferroloop $$v/bin/python -m pytest -q -p no:cacheprovider; \
+	    $$v/bin/python conformance/run.py; \
+	    ran="$$ran $$py"; \
+	done; echo "test-pythons ran on:$${ran:- nothing}"
 
 ## CPython's own test.test_asyncio against ferroloop.
 conformance: dev

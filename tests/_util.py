@@ -16,6 +16,14 @@ LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "ferroloop": ferroloop.new_event_loop,
 }
+# The loops the ``loop`` fixture runs each parity test on. FERROLOOP_TEST_LOOPS=ferroloop
+# leaves out the stdlib loop (`make test-pythons`: other Pythons' stdlib loops have bugs
+# of their own); tests that compare both loops directly still use both.
+TESTED_LOOPS = [
+    name
+    for name in LOOP_FACTORIES
+    if name in os.environ.get("FERROLOOP_TEST_LOOPS", ",".join(LOOP_FACTORIES)).split(",")
+]
 
 PY312 = sys.version_info >= (3, 12)
 

@@ -18,7 +18,7 @@ import asyncio
 import signal
 
 import pytest
-from _util import LOOP_FACTORIES, not_implemented_method
+from _util import LOOP_FACTORIES, TESTED_LOOPS, not_implemented_method
 
 # Create the default policy now, so the guard below sees one policy throughout.
 asyncio.events._init_event_loop_policy()
@@ -27,7 +27,7 @@ asyncio.events._init_event_loop_policy()
 _BROKEN_LOOPS: list = []
 
 
-@pytest.fixture(params=list(LOOP_FACTORIES))
+@pytest.fixture(params=TESTED_LOOPS)
 def loop_name(request) -> str:
     """``"asyncio"`` or ``"ferroloop"``: the loop implementation under test."""
     return request.param

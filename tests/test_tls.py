@@ -11,9 +11,17 @@ import asyncio
 import os
 import socket
 import ssl
+import sys
 
 import pytest
 from _net import HOST, RecordingProtocol, listening_socket, make_tls_files, run
+
+# Python 3.10's asyncio.sslproto (replaced in 3.11) closes without eof_received, leaves its
+# transport to the collector after a peer's close and reports handshake timeouts
+# differently; ferroloop runs the running Python's SSLProtocol, so these follow 3.11+.
+sslproto_311 = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10's asyncio.sslproto behaves differently"
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +111,7 @@ def test_tls_echo_and_extra_info(loop, server_ctx, client_ctx):
     run(loop, main())
 
 
+@sslproto_311
 def test_tls_close_order(loop, server_ctx, client_ctx):
     """The client's close() (close_notify) reaches the server protocol as EOF."""
     side = ServerSide()
@@ -146,6 +155,7 @@ def test_tls_write_eof_not_supported(loop, server_ctx, client_ctx):
     run(loop, main())
 
 
+@sslproto_311
 def test_tls_large_transfer(loop, server_ctx, client_ctx):
     payload = os.urandom(2 * 1024 * 1024)
 
@@ -235,6 +245,7 @@ def test_tls_untrusted_certificate(loop, server_ctx):
     assert exc.verify_code == 18  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
 
 
+@sslproto_311
 def test_tls_no_hostname_check(loop, server_ctx, client_ctx):
     client_ctx.check_hostname = False
 
@@ -380,6 +391,7 @@ def test_tls_unix(loop, tmp_path, server_ctx, client_ctx):
     run(loop, main())
 
 
+@sslproto_311
 def test_tls_shutdown_timeout_accepted(loop, server_ctx, client_ctx):
     async def main():
         server = await loop.create_server(
@@ -507,6 +519,7 @@ def test_start_tls_argument_errors(loop, server_ctx):
     run(loop, main())
 
 
+@sslproto_311
 def test_start_tls_handshake_failure(loop, server_ctx, client_ctx):
     """start_tls() against a peer that answers the ClientHello with plain text:
     the handshake fails with an SSLError, the transport is closed and the protocol
