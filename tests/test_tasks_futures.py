@@ -735,3 +735,19 @@ def test_futures_keep_their_loop_if_the_loops_internals_are_tampered_with(loop):
         loop.run_until_complete(asyncio.sleep(0.01))
     finally:
         other.close()
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 11), reason="Python 3.10 only")
+def test_create_task_context_on_310_is_a_clear_error(loop_name, loop):
+    if loop_name != "ferroloop":
+        pytest.skip("ferroloop's message; the stdlib loop has no context= here at all")
+
+    async def coro():
+        return 1
+
+    c = coro()
+    with pytest.raises(TypeError, match=r"needs Python 3\.11 or later"):
+        loop.create_task(c, context=contextvars.copy_context())
+    c.close()
+    # context=None is what leaving it out means.
+    assert loop.run_until_complete(loop.create_task(coro(), context=None)) == 1

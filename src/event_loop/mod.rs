@@ -645,6 +645,21 @@ impl LoopCore {
         //       Task.__init__ schedules exactly one step with call_soon; the loop takes that
         //       handle back and runs it now, with the current task swapped out, as 3.12's
         //       Task.__eager_start does.
+        // NOTE: Python 3.10's Task has no `context` parameter and keeps the context it
+        //       copies out of reach, so a task cannot be made to run in a given context
+        //       (a copy would hide the task's changes from it): a clear error instead.
+        let context_key = pyo3::intern!(py, "context");
+        if py::version(py) < (3, 11)
+            && let Some(c) = kwargs.get_item(context_key)?
+        {
+            if !c.is_none() {
+                return Err(PyTypeError::new_err(
+                    "create_task(context=...) needs Python 3.11 or later: asyncio.Task has \
+                     no context parameter on this Python",
+                ));
+            }
+            kwargs.del_item(context_key)?; // context=None: the same as leaving it out
+        }
         let mut emulate_eager = false;
         let eager_key = pyo3::intern!(py, "eager_start");
         if !kwargs.is_empty()
