@@ -490,7 +490,7 @@ impl StreamCore {
 
     /// Writes as much of the queue as the descriptor takes. `Ok(true)`: the queue is empty.
     fn flush(&self, py: Python<'_>) -> io::Result<bool> {
-        let fd = self.fd(py);
+        let (fd, sock) = self.with(py, |s| (s.fd, s.kind == Kind::Socket));
         if fd < 0 {
             return Ok(true);
         }
@@ -513,9 +513,9 @@ impl StreamCore {
             // no Python code runs until the call returns.
             let r = unsafe {
                 if bufs.len() == 1 {
-                    crate::sys::write(fd, bufs[0].0, bufs[0].1)
+                    crate::sys::write(fd, bufs[0].0, bufs[0].1, sock)
                 } else {
-                    crate::sys::writev(fd, &bufs)
+                    crate::sys::writev(fd, &bufs, sock)
                 }
             };
             match r {
@@ -559,14 +559,15 @@ impl StreamCore {
     /// the object is shrunk to what came: no copy of the data, which was half of the
     /// user time of a 100 KiB echo.
     fn read_bytes<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let (fd, hint) = self.with(py, |s| (s.fd, s.read_hint as usize));
+        let (fd, hint, sock) =
+            self.with(py, |s| (s.fd, s.read_hint as usize, s.kind == Kind::Socket));
         let mut buf = take_read_buf(py);
         let res = if hint >= DIRECT_READ_MIN {
-            self.read_direct(py, fd, hint.min(DIRECT_READ_MAX), &mut buf)
+            self.read_direct(py, fd, sock, hint.min(DIRECT_READ_MAX), &mut buf)
         } else {
             loop {
                 // SAFETY: `buf` has MAX_SIZE initialised bytes.
-                match unsafe { crate::sys::read(fd, buf.as_mut_ptr(), MAX_SIZE) } {
+                match unsafe { crate::sys::read(fd, buf.as_mut_ptr(), MAX_SIZE, sock) } {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(None),
                     Err(e) => break Err(errors::from_io(e)),
@@ -594,6 +595,7 @@ impl StreamCore {
         &self,
         py: Python<'py>,
         fd: RawFd,
+        sock: bool,
         expect: usize,
         buf: &mut [u8],
     ) -> PyResult<Option<(usize, Bound<'py, PyBytes>)>> {
@@ -625,7 +627,8 @@ impl StreamCore {
             };
             let dst = pyo3::ffi::PyBytes_AsString(obj).cast::<u8>();
             let res = loop {
-                match crate::sys::read2(fd, dst, expect, buf.as_mut_ptr(), MAX_SIZE - expect) {
+                match crate::sys::read2(fd, dst, expect, buf.as_mut_ptr(), MAX_SIZE - expect, sock)
+                {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     other => break other,
                 }
@@ -721,11 +724,11 @@ impl StreamCore {
                 );
             }
         };
-        let fd = core.fd(py);
+        let (fd, sock) = core.with(py, |s| (s.fd, s.kind == Kind::Socket));
         let asked = view.len();
         let res = loop {
             // SAFETY: the view is a writable buffer of `asked` bytes, held until dropped.
-            match unsafe { crate::sys::read(fd, view.as_mut_ptr(), asked) } {
+            match unsafe { crate::sys::read(fd, view.as_mut_ptr(), asked, sock) } {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 other => break other,
             }
@@ -1008,7 +1011,9 @@ impl StreamCore {
             let fd = core.fd(py);
             let res = loop {
                 // SAFETY: the view covers `view.len()` readable bytes until dropped.
-                match unsafe { crate::sys::write(fd, view.as_ptr(), view.len()) } {
+                match unsafe {
+                    crate::sys::write(fd, view.as_ptr(), view.len(), kind == Kind::Socket)
+                } {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     other => break other,
                 }
