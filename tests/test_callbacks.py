@@ -44,6 +44,41 @@ def test_call_soon_accepts_partial_and_bound_methods(loop):
     assert calls == ["partial", "bound", "lambda"]
 
 
+def test_instances_with_call_as_callbacks(loop, loop_errors):
+    # Objects whose type has tp_call but no vectorcall (as asyncio's C task-step
+    # wrapper): with and without args, in a given context, and raising.
+    class Counter:
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, *args):
+            self.calls.append((args, var.get()))
+            var.set("set by callback")
+            return "ignored"
+
+    class Boom:
+        def __call__(self):
+            raise ZeroDivisionError("boom")
+
+    c = Counter()
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "given")
+    loop.call_soon(c)
+    loop.call_soon(c, 1)
+    loop.call_soon(c, context=ctx)
+    boom = Boom()
+    h = loop.call_soon(boom)
+    loop.call_soon(c, 2)
+    run_briefly(loop)
+    assert c.calls == [((), "default"), ((1,), "default"), ((), "given"), ((2,), "default")]
+    assert ctx[var] == "set by callback"
+    assert var.get() == "default"
+    assert len(loop_errors) == 1
+    err = loop_errors.pop()
+    assert err["handle"] is h
+    assert type(err["exception"]) is ZeroDivisionError
+
+
 def test_call_soon_rejects_keyword_arguments(loop):
     with pytest.raises(TypeError, match="got an unexpected keyword argument 'x'"):
         loop.call_soon(print, x=1)

@@ -700,6 +700,33 @@ def test_call_soon_as_an_attribute(loop):
         cls.call_soon()
 
 
+def test_call_soon_type_check_across_types(loop_factory):
+    # ferroloop remembers the last loop type it checked: other types must still be
+    # checked, and a subclass changed after the check must still be accepted.
+    base_loop = loop_factory()
+    base = type(base_loop)
+    sub_cls = type("SubLoop", (base,), {})
+    sub = sub_cls()
+    try:
+        seen = []
+        for _ in range(3):
+            for lp in (base_loop, sub):
+                base.call_soon(lp, seen.append, type(lp).__name__)
+                lp.call_soon(seen.append, 0)
+                for bad in (object(), object(), 3, 3):
+                    with pytest.raises((TypeError, AttributeError)):
+                        base.call_soon(bad, print)
+            sub_cls.marker = len(seen)  # changes the class
+        for lp in (base_loop, sub):
+            lp.run_until_complete(asyncio.sleep(0))
+        assert seen.count(0) == 6
+        assert seen.count(base.__name__) == 3
+        assert seen.count("SubLoop") == 3
+    finally:
+        base_loop.close()
+        sub.close()
+
+
 def test_call_soon_descriptor_cannot_be_made_or_changed_and_pickles(loop):
     import copy
     import pickle

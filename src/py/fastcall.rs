@@ -375,6 +375,11 @@ struct SoonDescr {
     plain: *mut ffi::PyObject,
     def: *mut ffi::PyMethodDef,
     owner: *mut ffi::PyTypeObject,
+    /// `tp_version_tag` of the last type found to be a subtype of `owner` (0: none).
+    /// CPython draws version tags from a counter and resets a type's tag to 0 when the
+    /// type changes (`__bases__` included), so an equal non-zero tag is that same,
+    /// unchanged type; this skips the MRO walk of `PyType_IsSubtype` on every lookup.
+    ok_tag: std::ffi::c_uint,
 }
 
 /// `descriptor 'call_soon' for 'LoopCore' objects doesn't apply to a 'X' object`, as
@@ -382,7 +387,13 @@ struct SoonDescr {
 unsafe fn soon_descr_check(d: *mut SoonDescr, obj: *mut ffi::PyObject) -> bool {
     // SAFETY: `d` is a live SoonDescr and `obj` a live object (GIL held).
     unsafe {
+        let tp = ffi::Py_TYPE(obj);
+        let tag = (*tp).tp_version_tag;
+        if tag != 0 && tag == (*d).ok_tag {
+            return true;
+        }
         if ffi::PyObject_TypeCheck(obj, (*d).owner) != 0 {
+            (*d).ok_tag = tag;
             return true;
         }
         let py = Python::assume_attached();
@@ -608,6 +619,7 @@ fn soon_descriptor(
         (*d).plain = plain.into_ptr();
         (*d).def = def;
         (*d).owner = owner.as_type_ptr();
+        (*d).ok_tag = 0;
         Ok(Bound::from_owned_ptr(py, obj).unbind())
     }
 }
