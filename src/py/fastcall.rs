@@ -376,10 +376,14 @@ struct SoonDescr {
     def: *mut ffi::PyMethodDef,
     owner: *mut ffi::PyTypeObject,
     /// `tp_version_tag` of the last type found to be a subtype of `owner` (0: none).
-    /// CPython draws version tags from a counter and resets a type's tag to 0 when the
-    /// type changes (`__bases__` included), so an equal non-zero tag is that same,
-    /// unchanged type; this skips the MRO walk of `PyType_IsSubtype` on every lookup.
+    /// From 3.11 CPython draws version tags from a counter that clearing the type cache
+    /// does not reset, and sets a changed type's tag (`__bases__` included) to 0 and its
+    /// valid-tag flag off; so an equal non-zero valid tag is that same, unchanged type.
+    /// This skips the MRO walk of `PyType_IsSubtype` on every lookup. 3.10 can hand a
+    /// tag out again after `sys._clear_type_cache()`, so there `ok_tag` stays 0.
     ok_tag: std::ffi::c_uint,
+    /// Whether `ok_tag` may be used (Python 3.11+).
+    tag_cache: bool,
 }
 
 /// `descriptor 'call_soon' for 'LoopCore' objects doesn't apply to a 'X' object`, as
@@ -388,12 +392,18 @@ unsafe fn soon_descr_check(d: *mut SoonDescr, obj: *mut ffi::PyObject) -> bool {
     // SAFETY: `d` is a live SoonDescr and `obj` a live object (GIL held).
     unsafe {
         let tp = ffi::Py_TYPE(obj);
-        let tag = (*tp).tp_version_tag;
+        let tag = if ffi::PyType_HasFeature(tp, ffi::Py_TPFLAGS_VALID_VERSION_TAG) != 0 {
+            (*tp).tp_version_tag
+        } else {
+            0
+        };
         if tag != 0 && tag == (*d).ok_tag {
             return true;
         }
         if ffi::PyObject_TypeCheck(obj, (*d).owner) != 0 {
-            (*d).ok_tag = tag;
+            if (*d).tag_cache {
+                (*d).ok_tag = tag;
+            }
             return true;
         }
         let py = Python::assume_attached();
@@ -620,6 +630,7 @@ fn soon_descriptor(
         (*d).def = def;
         (*d).owner = owner.as_type_ptr();
         (*d).ok_tag = 0;
+        (*d).tag_cache = crate::py::version(py) >= (3, 11);
         Ok(Bound::from_owned_ptr(py, obj).unbind())
     }
 }
