@@ -345,9 +345,10 @@ pub fn install(cls: &Bound<'_, PyType>) -> PyResult<()> {
                 cls.py(),
                 ffi::PyDescr_NewMethod(cls.as_type_ptr(), def),
             )?;
-            // From 3.12 Task and Future call `call_soon` through PyObject_VectorcallMethod,
-            // which binds nothing: the plain descriptor is best there.
-            if name == c"call_soon" && crate::py::version(cls.py()) < (3, 12) {
+            // 3.10 / 3.11's Task and Future look `call_soon` up (binding it); from 3.12
+            // they call it through PyObject_VectorcallMethod, which reaches the
+            // descriptor's vectorcall, whose type check is cheaper than the plain one's.
+            if name == c"call_soon" {
                 descr = soon_descriptor(cls.py(), cls, descr, def)?.into_bound(cls.py());
             }
             if ffi::PyObject_SetAttrString(cls.as_ptr(), name.as_ptr(), descr.as_ptr()) < 0 {

@@ -57,6 +57,11 @@ struct Offsets {
     all: [isize; 9],
     /// `__weakref__` slot (`tp_weaklistoffset`), 0 if none.
     weaklist: isize,
+    /// Whether the weak-reference list can be read at `weaklist` to skip clearing an
+    /// empty one: a positive offset (3.10, 3.11), or 3.12/3.13's managed slot in the
+    /// pre-header (negative offset, read there by CPython's own
+    /// `_PyObject_GET_WEAKREFS_LISTPTR`). Elsewhere `PyObject_ClearWeakRefs` is called.
+    weaklist_readable: bool,
 }
 
 impl Offsets {
@@ -357,7 +362,15 @@ pub fn init(py: Python<'_>) -> PyResult<(Py<PyType>, Py<PyType>)> {
         };
         all[i] = slot_offset(cls, name)?;
     }
-    let off = Offsets { all, weaklist };
+    let weaklist_readable = weaklist > 0
+        || (weaklist < 0
+            && !super::free_threaded(py)
+            && ((3, 12)..=(3, 13)).contains(&crate::py::version(py)));
+    let off = Offsets {
+        all,
+        weaklist,
+        weaklist_readable,
+    };
     let handle = make_type(
         &base_handle,
         c"ferroloop.Handle",
@@ -632,10 +645,14 @@ unsafe extern "C" fn handle_dealloc(slf: *mut ffi::PyObject) {
             return;
         };
         // NOTE: from Python 3.12 a `__weakref__` slot lives in the object's pre-header
-        //       (negative offset); PyObject_ClearWeakRefs finds it either way. The
-        //       positive-offset case checks the list first to skip the call.
-        if t.off.weaklist < 0 || (t.off.weaklist > 0 && !(*slot_ptr(slf, t.off.weaklist)).is_null())
-        {
+        //       (negative offset). Where the list can be read (see `Offsets`), an empty
+        //       one skips the call.
+        let has_weakrefs = if t.off.weaklist_readable {
+            !(*slot_ptr(slf, t.off.weaklist)).is_null()
+        } else {
+            t.off.weaklist != 0
+        };
+        if has_weakrefs {
             ffi::PyObject_ClearWeakRefs(slf);
         }
         let kind = kind_of(t, tp).unwrap_or(KIND_HANDLE);
