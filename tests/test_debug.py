@@ -23,6 +23,26 @@ def test_get_set_debug(loop):
     assert loop.get_debug() is False
 
 
+@pytest.mark.parametrize(
+    ("value", "on"), [(0, False), (1, True), (None, False), ("", False), ("x", True)]
+)
+def test_set_debug_takes_any_value(loop, value, on):
+    # asyncio stores the value as given, uvloop and ferroloop its truth value.
+    loop.set_debug(value)
+    assert bool(loop.get_debug()) is on
+    seen = []
+
+    async def main():
+        loop.set_debug(value)
+        seen.append(bool(loop.get_debug()))
+        await asyncio.sleep(0)
+        seen.append(bool(sys.get_coroutine_origin_tracking_depth()))
+
+    loop.run_until_complete(main())
+    assert seen == [on, on]
+    loop.set_debug(False)
+
+
 def test_set_debug_while_running(loop):
     seen = []
 

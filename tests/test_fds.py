@@ -302,6 +302,48 @@ def test_fd_closed_while_registered(loop, sockpair):
     assert loop.remove_reader(fd) is True
 
 
+@pytest.mark.parametrize("direction", ["reader", "writer"])
+def test_remove_with_socket_object_closed_since(loop, direction):
+    """A socket object registered, then closed (fileno() is now -1): removing by the
+    object still finds its registration, as the selectors module does (anyio closes
+    sockets this way), and the number can be used by a new socket afterwards."""
+    add, remove = getattr(loop, "add_" + direction), getattr(loop, "remove_" + direction)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = a.fileno()
+    called = []
+    add(a, called.append, "old")
+    run_briefly(loop)
+    a.close()
+    assert a.fileno() == -1
+    assert remove(a) is True
+    with pytest.raises(ValueError, match=r"^Invalid file descriptor: -1$"):
+        remove(a)  # no longer registered: nothing names the object now
+    # Another closed socket that was never registered: asyncio's ValueError.
+    c = socket.socket()
+    c.close()
+    with pytest.raises(ValueError, match=r"^Invalid file descriptor: -1$"):
+        remove(c)
+    with pytest.raises(ValueError, match=r"^Invalid file descriptor: -1$"):
+        add(c, called.append, "never")
+    # The number, reused by a new socket, works with a new callback only.
+    d, e = socket.socketpair()
+    try:
+        d.setblocking(False)
+        assert d.fileno() == fd
+        got = []
+        add(d, got.append, "new")
+        if direction == "reader":
+            e.send(b"x")
+        run_until(loop, lambda: got)
+        assert remove(d) is True
+        assert called in ([], ["old"])  # a writer may have run before the close
+        assert "old" not in got
+    finally:
+        for s in (b, d, e):
+            s.close()
+
+
 @pytest.mark.parametrize("method", ["add_reader", "add_writer"])
 @pytest.mark.parametrize(
     ("fileobj", "message"),

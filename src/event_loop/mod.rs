@@ -78,6 +78,10 @@ pub(crate) struct IoHandles {
     /// the descriptor.
     pub edge_r: bool,
     pub edge_w: bool,
+    /// The file object (not a plain int) last given to `add_reader` / `add_writer` for
+    /// this descriptor, weakly: `remove_*` finds the registration by it once the object
+    /// is closed and its `fileno()` is -1, as the selectors module does.
+    pub fileobj: Option<Py<pyo3::types::PyWeakrefReference>>,
 }
 
 impl IoHandles {
@@ -583,8 +587,11 @@ impl LoopCore {
         self.debug(py)
     }
 
-    fn set_debug(slf: &Bound<'_, Self>, enabled: bool) -> PyResult<()> {
+    /// Any value, as asyncio (which stores it as given) and uvloop (which takes its
+    /// truth value) accept: `set_debug(0)` is common in tests.
+    fn set_debug(slf: &Bound<'_, Self>, enabled: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = slf.py();
+        let enabled = enabled.is_truthy()?;
         let running = slf.get().state.with(py, |s| {
             s.debug = enabled;
             s.thread_id.is_some()
@@ -737,7 +744,7 @@ impl LoopCore {
 
     fn _ensure_fd_no_transport(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>) -> PyResult<()> {
         let n = fileobj_to_int(fd)?;
-        if let FdNum::Fd(n) = classify_fd(&n)? {
+        if let Ok(FdNum::Fd(n)) = classify_fd(&n) {
             slf.get().ensure_fd_no_transport(slf.py(), n)?;
         }
         Ok(())
@@ -1289,14 +1296,41 @@ impl LoopCore {
         args: Bound<'py, PyTuple>,
         read: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let fd = fileobj_to_int(fd)?;
-        slf.get().check_closed(slf.py())?;
-        let FdNum::Fd(fd) = classify_fd(&fd)? else {
+        let py = slf.py();
+        let n = fileobj_to_int(fd)?;
+        slf.get().check_closed(py)?;
+        let FdNum::Fd(n) = classify_fd(&n)? else {
             return Err(PyOverflowError::new_err(
                 "Python int too large to convert to C int",
             ));
         };
-        Self::add_io_fd(slf, fd, callback, args, read, false)
+        let handle = Self::add_io_fd(slf, n, callback, args, read, false)?;
+        if !fd.is_instance_of::<PyInt>() {
+            // Objects without weak-reference support are found by number only.
+            let weak = pyo3::types::PyWeakrefReference::new(fd)
+                .ok()
+                .map(Bound::unbind);
+            let old = slf.get().state.with(py, |s| {
+                s.io.get_mut(&n)
+                    .and_then(|e| std::mem::replace(&mut e.fileobj, weak))
+            });
+            drop(old);
+        }
+        Ok(handle)
+    }
+
+    /// The descriptor registered with the file object `fileobj` (see
+    /// `IoHandles::fileobj`).
+    fn fd_of_fileobj(&self, fileobj: &Bound<'_, PyAny>) -> Option<RawFd> {
+        let py = fileobj.py();
+        self.state.with(py, |s| {
+            s.io.iter().find_map(|(&fd, e)| {
+                // The referent, if alive, had a reference before this one: dropping
+                // it here runs no code.
+                let target = e.fileobj.as_ref()?.bind(py).upgrade()?;
+                target.is(fileobj).then_some(fd)
+            })
+        })
     }
 
     /// Registers `callback(*args)` for `fd` and returns its handle, cancelling the one it
@@ -1435,7 +1469,8 @@ impl LoopCore {
             return Ok(());
         }
         let n = fileobj_to_int(fd)?;
-        if let FdNum::Fd(n) = classify_fd(&n)? {
+        // A negative number (a closed socket's -1) names no transport.
+        if let Ok(FdNum::Fd(n)) = classify_fd(&n) {
             slf.get().ensure_fd_no_transport(py, n)?;
         }
         Ok(())
@@ -1546,12 +1581,16 @@ impl LoopCore {
     }
 
     fn remove_io(slf: &Bound<'_, Self>, fd: &Bound<'_, PyAny>, read: bool) -> PyResult<bool> {
-        let fd = fileobj_to_int(fd)?;
+        let n = fileobj_to_int(fd)?;
         if slf.get().state.with(slf.py(), |s| s.closed) {
             return Ok(false);
         }
-        let FdNum::Fd(fd) = classify_fd(&fd)? else {
-            return Ok(false);
+        let fd = match classify_fd(&n) {
+            Ok(FdNum::Fd(n)) => n,
+            Ok(FdNum::TooLarge) => return Ok(false),
+            // A closed socket's fileno() is -1: its registration is found by the object.
+            Err(e) if fd.is_instance_of::<PyInt>() => return Err(e),
+            Err(e) => slf.get().fd_of_fileobj(fd).ok_or(e)?,
         };
         // NOTE: removing a handle makes no system call: the registration keeps its
         //       interest until the next re-arm, and an fd left without handles stays
