@@ -52,6 +52,25 @@ def test_pending_callbacks_referencing_loop(loop_factory):
     assert collect_unclosed(loop_factory, make)
 
 
+def test_pending_callbacks_referencing_loop_through_args_and_context(loop_factory):
+    # The loop reaches itself only through a queued handle's args or its context.
+    var = contextvars.ContextVar("var")
+
+    def schedule(loop):
+        loop.call_soon(print, [loop])
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, loop)
+        loop.call_soon(print, context=ctx)
+
+    def make(loop):
+        schedule(loop)  # while the loop is not running
+        loop.call_soon(schedule, loop)  # and while it runs, left queued by stop()
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+
+    assert collect_unclosed(loop_factory, make)
+
+
 def test_timers_referencing_loop(loop_factory):
     def make(loop):
         loop.call_later(100, loop.stop)

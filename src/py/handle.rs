@@ -1175,14 +1175,24 @@ impl HandleTypes {
             // NOTE: only the slots that can hold container objects: `_cancelled`,
             //       `_scheduled`, `_repr` and `_when` hold bools, str, None and numbers.
             //       Not visiting a referent only keeps it alive (it looks externally
-            //       referenced), so this is safe either way.
+            //       referenced), so this is safe either way. So are the skips below,
+            //       which matter because a full collection visits every queued handle
+            //       twice (100k tasks' first steps in `gather`): None and an empty
+            //       tuple (`args` of a task step) hold nothing, and the handle's type
+            //       lives as long as the module (`TYPES`), so it is not visited either.
+            let none = ffi::Py_None();
             for slot in [CALLBACK, ARGS, LOOP, SOURCE_TRACEBACK, CONTEXT] {
                 let slot = slot_ptr(p, self.off.of(slot));
-                if !(*slot).is_null() {
-                    visit(&*(slot as *const Py<PyAny>))?;
+                let o = *slot;
+                if o.is_null()
+                    || o == none
+                    || (ffi::PyTuple_CheckExact(o) != 0 && ffi::PyTuple_GET_SIZE(o) == 0)
+                {
+                    continue;
                 }
+                visit(&*(slot as *const Py<PyAny>))?;
             }
-            visit(&*(ptr::addr_of!((*p).ob_type) as *const Py<PyAny>))
+            Ok(())
         }
     }
 }
