@@ -344,6 +344,33 @@ def test_remove_with_socket_object_closed_since(loop, direction):
             s.close()
 
 
+class ClosableFileLike:
+    """A file-like object without weak-reference support whose fileno() turns -1."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def fileno(self):
+        return self.sock.fileno()
+
+
+def test_remove_with_closed_object_without_weakrefs(loop):
+    a, b = socket.socketpair()
+    try:
+        obj = ClosableFileLike(a)
+        loop.add_reader(obj, lambda: None)
+        a.close()
+        assert obj.fileno() == -1
+        assert loop.remove_writer(obj) is False
+        assert loop.remove_reader(obj) is True
+        with pytest.raises(ValueError, match=r"^Invalid file descriptor: -1$"):
+            loop.remove_reader(obj)
+    finally:
+        b.close()
+
+
 @pytest.mark.parametrize("method", ["add_reader", "add_writer"])
 @pytest.mark.parametrize(
     ("fileobj", "message"),

@@ -79,9 +79,35 @@ pub(crate) struct IoHandles {
     pub edge_r: bool,
     pub edge_w: bool,
     /// The file object (not a plain int) last given to `add_reader` / `add_writer` for
-    /// this descriptor, weakly: `remove_*` finds the registration by it once the object
-    /// is closed and its `fileno()` is -1, as the selectors module does.
-    pub fileobj: Option<Py<pyo3::types::PyWeakrefReference>>,
+    /// this descriptor: `remove_*` finds the registration by it once the object is
+    /// closed and its `fileno()` is -1, as the selectors module does. Dropped outside
+    /// `GilCell::with` (a strong reference can run a finaliser).
+    pub fileobj: Option<FileObj>,
+}
+
+/// A file object given to `add_reader` / `add_writer`: weakly when it supports weak
+/// references (a socket), otherwise strongly, as the selectors module keeps it.
+pub(crate) enum FileObj {
+    Weak(Py<pyo3::types::PyWeakrefReference>),
+    Strong(Py<PyAny>),
+}
+
+impl FileObj {
+    fn new(obj: &Bound<'_, PyAny>) -> Self {
+        match pyo3::types::PyWeakrefReference::new(obj) {
+            Ok(w) => FileObj::Weak(w.unbind()),
+            Err(_) => FileObj::Strong(obj.clone().unbind()),
+        }
+    }
+
+    /// Whether this is `obj`. Runs no Python code: a live referent had a reference
+    /// before the one `upgrade` takes, so dropping that one frees nothing.
+    fn is(&self, obj: &Bound<'_, PyAny>) -> bool {
+        match self {
+            FileObj::Weak(w) => w.bind(obj.py()).upgrade().is_some_and(|o| o.is(obj)),
+            FileObj::Strong(o) => o.as_ptr() == obj.as_ptr(),
+        }
+    }
 }
 
 impl IoHandles {
@@ -1306,15 +1332,14 @@ impl LoopCore {
         };
         let handle = Self::add_io_fd(slf, n, callback, args, read, false)?;
         if !fd.is_instance_of::<PyInt>() {
-            // Objects without weak-reference support are found by number only.
-            let weak = pyo3::types::PyWeakrefReference::new(fd)
-                .ok()
-                .map(Bound::unbind);
-            let old = slf.get().state.with(py, |s| {
-                s.io.get_mut(&n)
-                    .and_then(|e| std::mem::replace(&mut e.fileobj, weak))
+            let new = FileObj::new(fd);
+            // Whichever object is left over (the one replaced, or `new` if the entry is
+            // gone) is dropped after the state is released.
+            let left = slf.get().state.with(py, |s| match s.io.get_mut(&n) {
+                Some(e) => e.fileobj.replace(new),
+                None => Some(new),
             });
-            drop(old);
+            drop(left);
         }
         Ok(handle)
     }
@@ -1324,12 +1349,8 @@ impl LoopCore {
     fn fd_of_fileobj(&self, fileobj: &Bound<'_, PyAny>) -> Option<RawFd> {
         let py = fileobj.py();
         self.state.with(py, |s| {
-            s.io.iter().find_map(|(&fd, e)| {
-                // The referent, if alive, had a reference before this one: dropping
-                // it here runs no code.
-                let target = e.fileobj.as_ref()?.bind(py).upgrade()?;
-                target.is(fileobj).then_some(fd)
-            })
+            s.io.iter()
+                .find_map(|(&fd, e)| e.fileobj.as_ref()?.is(fileobj).then_some(fd))
         })
     }
 
@@ -1558,19 +1579,23 @@ impl LoopCore {
         if core.state.with(py, |s| s.closed) {
             return Ok(false);
         }
-        let old = core.state.with(py, |s| {
-            let entry = s.io.get_mut(&fd)?;
+        let (old, gone) = core.state.with(py, |s| {
+            let Some(entry) = s.io.get_mut(&fd) else {
+                return (None, None);
+            };
             let old = if read {
                 entry.reader.take()
             } else {
                 entry.writer.take()
             };
+            let mut gone = None;
             if entry.reader.is_none() && entry.writer.is_none() {
-                s.io.remove(&fd);
+                gone = s.io.remove(&fd);
                 s.idle_fds.insert(fd);
             }
-            old
+            (old, gone)
         });
+        drop(gone);
         match old {
             Some(old) => {
                 crate::handles::cancel(old.bind(py))?;
@@ -1589,6 +1614,10 @@ impl LoopCore {
             Ok(FdNum::Fd(n)) => n,
             Ok(FdNum::TooLarge) => return Ok(false),
             // A closed socket's fileno() is -1: its registration is found by the object.
+            // DEVIATION(asyncio): once another object has registered the same number
+            //   (the descriptor was reused), the closed object names nothing here and
+            //   this raises; the selectors module keeps the first object of a key and
+            //   would remove the new object's callback instead.
             Err(e) if fd.is_instance_of::<PyInt>() => return Err(e),
             Err(e) => slf.get().fd_of_fileobj(fd).ok_or(e)?,
         };

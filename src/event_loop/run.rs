@@ -188,7 +188,7 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     }
 
     let mut signalled = false;
-    let mut released: Vec<OwnedHandle> = Vec::new();
+    let mut released = Released::default();
     for ev in &events {
         match ev.token {
             WAKER_TOKEN => {}
@@ -212,7 +212,7 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         core.state
             .with(py, |s| process_io(py, s, t, fd, &ev, &mut released));
     }
-    for h in &released {
+    for h in &released.handles {
         crate::handles::cancel(h.bind(py))?;
     }
     drop(released);
@@ -270,6 +270,14 @@ fn select_timeout(delta: f64) -> f64 {
     }
 }
 
+/// What `process_io` takes out of the state, for the caller to release after it: the
+/// cancelled handles it unregistered and the file objects of the entries it removed.
+#[derive(Default)]
+struct Released {
+    handles: Vec<OwnedHandle>,
+    fileobjs: Vec<super::FileObj>,
+}
+
 /// asyncio's `_process_events` for one descriptor, plus the re-arm that gives mio's
 /// edge-triggered registrations level-triggered behaviour. Cancelled handles found here
 /// are unregistered and handed back in `released`.
@@ -279,7 +287,7 @@ fn process_io(
     t: &HandleTypes,
     fd: i32,
     ev: &Readiness,
-    released: &mut Vec<OwnedHandle>,
+    released: &mut Released,
 ) {
     let Some(entry) = s.io.get_mut(&fd) else {
         return;
@@ -292,13 +300,15 @@ fn process_io(
             continue;
         };
         if t.is_cancelled(h.bind(py)) {
-            released.extend(slot.take());
+            released.handles.extend(slot.take());
         } else {
             s.ready.push(h.queue_ref(py));
         }
     }
     if entry.reader.is_none() && entry.writer.is_none() {
-        s.io.remove(&fd);
+        released
+            .fileobjs
+            .extend(s.io.remove(&fd).and_then(|e| e.fileobj));
         s.idle_fds.insert(fd);
     } else if entry.level() || ev.sticky {
         // NOTE: an edge-triggered transport reads once per event; when the event also

@@ -376,42 +376,46 @@ struct SoonDescr {
     plain: *mut ffi::PyObject,
     def: *mut ffi::PyMethodDef,
     owner: *mut ffi::PyTypeObject,
-    /// `tp_version_tag` of the last type found to be a subtype of `owner` (0: none).
-    /// From 3.11 CPython draws version tags from a counter that clearing the type cache
-    /// does not reset, and sets a changed type's tag (`__bases__` included) to 0 and its
-    /// valid-tag flag off; so an equal non-zero valid tag is that same, unchanged type.
-    /// This skips the MRO walk of `PyType_IsSubtype` on every lookup. 3.10 can hand a
-    /// tag out again after `sys._clear_type_cache()`, so there `ok_tag` stays 0.
+    /// The last type found to be a subtype of `owner` (a strong reference, or NULL) and
+    /// its `tp_version_tag` then. The same type with the same non-zero tag skips the MRO
+    /// walk of `PyType_IsSubtype` on the next call: from 3.11 CPython sets a type's tag
+    /// to 0 when the type changes (`__bases__` included) and later gives it a new one.
+    /// The reference keeps the type from being freed, so the pointer cannot come to
+    /// name another type (tags alone can repeat: 3.12 counts them per interpreter); it
+    /// keeps at most one loop class alive past its time.
+    ok_type: *mut ffi::PyTypeObject,
     ok_tag: std::ffi::c_uint,
-    /// Whether `ok_tag` may be used (Python 3.11+).
+    /// Whether the cache is used (Python 3.11+; 3.10 does not reset a changed type's tag).
     tag_cache: bool,
 }
 
-/// `descriptor 'call_soon' for 'LoopCore' objects doesn't apply to a 'X' object`, as
+/// `descriptor 'call_soon' for '<owner>' objects doesn't apply to a 'X' object`, as
 /// CPython's method descriptors word it.
 unsafe fn soon_descr_check(d: *mut SoonDescr, obj: *mut ffi::PyObject) -> bool {
     // SAFETY: `d` is a live SoonDescr and `obj` a live object (GIL held).
     unsafe {
         let tp = ffi::Py_TYPE(obj);
-        let tag = if ffi::PyType_HasFeature(tp, ffi::Py_TPFLAGS_VALID_VERSION_TAG) != 0 {
-            (*tp).tp_version_tag
-        } else {
-            0
-        };
-        if tag != 0 && tag == (*d).ok_tag {
+        let tag = (*tp).tp_version_tag;
+        if tp == (*d).ok_type && tag != 0 && tag == (*d).ok_tag {
             return true;
         }
         if ffi::PyObject_TypeCheck(obj, (*d).owner) != 0 {
-            if (*d).tag_cache {
+            if (*d).tag_cache && tag != 0 {
+                ffi::Py_INCREF(tp.cast());
+                let old = std::mem::replace(&mut (*d).ok_type, tp);
                 (*d).ok_tag = tag;
+                // Last: freeing the old type can run code that calls back in here.
+                ffi::Py_XDECREF(old.cast());
             }
             return true;
         }
         let py = Python::assume_attached();
-        let got = Bound::from_borrowed_ptr(py, obj).get_type();
-        let name = got.name().map(|n| n.to_string()).unwrap_or_default();
+        let tp_name =
+            |t: *mut ffi::PyTypeObject| std::ffi::CStr::from_ptr((*t).tp_name).to_string_lossy();
         PyTypeError::new_err(format!(
-            "descriptor 'call_soon' for 'LoopCore' objects doesn't apply to a '{name}' object"
+            "descriptor 'call_soon' for '{}' objects doesn't apply to a '{}' object",
+            tp_name((*d).owner),
+            tp_name(tp)
         ))
         .restore(py);
         false
@@ -630,6 +634,7 @@ fn soon_descriptor(
         (*d).plain = plain.into_ptr();
         (*d).def = def;
         (*d).owner = owner.as_type_ptr();
+        (*d).ok_type = std::ptr::null_mut();
         (*d).ok_tag = 0;
         (*d).tag_cache = crate::py::version(py) >= (3, 11);
         Ok(Bound::from_owned_ptr(py, obj).unbind())
