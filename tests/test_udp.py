@@ -759,3 +759,166 @@ def test_batch_of_large_datagrams_keeps_every_byte(loop):
             await close(a, b)
 
     assert run(loop, main()) == payloads
+
+
+class Replier(DatagramRecorder):
+    """Echoes each datagram from `datagram_received` (ferroloop defers such replies to
+    the end of the read batch and sends them together): also a bytearray and a
+    memoryview copy of every third one, and what the write buffer held after each."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffer_sizes: list[int] = []
+
+    def datagram_received(self, data, addr):
+        super().datagram_received(data, addr)
+        i = len(self.datagrams)
+        self.transport.sendto(data, addr)
+        if i % 3 == 1:
+            mutable = bytearray(b"b" + data)
+            self.transport.sendto(mutable, addr)
+            # asyncio sent it at once: changing it afterwards changes nothing sent.
+            mutable[:] = b"changed"
+        elif i % 3 == 2:
+            self.transport.sendto(memoryview(b"m" + data), addr)
+        self.buffer_sizes.append(self.transport.get_write_buffer_size())
+
+
+def _replies(payloads):
+    want = []
+    for i, p in enumerate(payloads, 1):
+        want.append(p)
+        if i % 3 == 1:
+            want.append(b"b" + p)
+        elif i % 3 == 2:
+            want.append(b"m" + p)
+    return want
+
+
+def test_replies_sent_during_a_batch_arrive_whole_and_in_order(loop):
+    # 70 datagrams wait together (more than one read batch); every reply, whatever its
+    # buffer type, arrives once and in order, and none waits in the write buffer.
+    payloads = _numbered(70)
+
+    async def main():
+        a, b = await _queue_then_receive(loop, Replier, payloads)
+        try:
+            got = await asyncio.wait_for(a[1].wait_for(len(_replies(payloads))), 5)
+            await asyncio.sleep(0.01)
+            return [d for d, _ in a[1].datagrams], b[1].buffer_sizes, b[1].errors
+        finally:
+            await close(a, b)
+
+    got, sizes, errors = run(loop, main())
+    assert got == _replies(payloads)
+    assert sizes == [0] * len(payloads)
+    assert errors == []
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+def test_replies_before_close_or_abort_mid_batch_are_sent(loop, how):
+    # The protocol replies, then closes (or aborts) at the 3rd of 20 queued datagrams:
+    # the three replies were sent (asyncio sends them at once; abort only drops what
+    # waits in the write buffer), and nothing more is delivered.
+    payloads = _numbered(20)
+
+    class ReplyThenClose(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            self.transport.sendto(data, addr)
+            if len(self.datagrams) == 3:
+                getattr(self.transport, how)()
+
+    async def main():
+        a, b = await _queue_then_receive(loop, ReplyThenClose, payloads)
+        try:
+            assert await asyncio.wait_for(b[1].lost, 5) is None
+            got = await asyncio.wait_for(a[1].wait_for(3), 5)
+            await asyncio.sleep(0.02)
+            return b[1].events, [d for d, _ in got]
+        finally:
+            a[0].close()
+            await a[1].lost
+
+    events, got = run(loop, main())
+    assert events == ["made", "datagram", "lost"]
+    assert got == payloads[:3]
+
+
+def test_send_error_during_a_batch_goes_to_error_received(loop):
+    # A reply to the broadcast address without SO_BROADCAST fails (EACCES): that one
+    # reaches error_received as asyncio reports it, and every other reply is sent.
+    payloads = _numbered(10)
+
+    class Broadcaster(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            if len(self.datagrams) == 4:
+                self.transport.sendto(data, ("255.255.255.255", addr[1]))
+            self.transport.sendto(data, addr)
+
+    async def main():
+        a, b = await _queue_then_receive(loop, Broadcaster, payloads)
+        try:
+            got = await asyncio.wait_for(a[1].wait_for(len(payloads)), 5)
+            await asyncio.sleep(0.01)
+            return [d for d, _ in got], b[1].errors, b[0].is_closing()
+        finally:
+            await close(a, b)
+
+    got, errors, closing = run(loop, main())
+    assert got == payloads
+    assert len(errors) == 1
+    assert isinstance(errors[0], PermissionError)
+    assert not closing
+
+
+def test_reply_from_a_slow_protocol_is_not_held_for_the_batch(loop):
+    # Five datagrams wait together; the protocol takes 20 ms over each. The first reply
+    # must reach the peer before the protocol gets to the last datagram (ferroloop sends
+    # replies deferred during a batch once the first has waited 50 µs).
+    import threading
+    import time
+
+    n = 5
+    starts: list[float] = []
+    arrivals: list[float] = []
+
+    class Slow(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            starts.append(time.monotonic())
+            time.sleep(0.02)
+            self.transport.sendto(data, addr)
+
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind((HOST, 0))
+    peer.settimeout(5)
+
+    def receive():
+        for _ in range(n):
+            peer.recv(100)
+            arrivals.append(time.monotonic())
+
+    async def main():
+        tr, _ = await loop.create_datagram_endpoint(Slow, local_addr=(HOST, 0))
+        try:
+            addr = tr.get_extra_info("sockname")
+            for i in range(n):
+                peer.sendto(bytes([i]), addr)
+            t = threading.Thread(target=receive)
+            t.start()
+            while len(starts) < n:
+                await asyncio.sleep(0.01)
+            await loop.run_in_executor(None, t.join)
+        finally:
+            tr.close()
+
+    try:
+        run(loop, main())
+    finally:
+        peer.close()
+    assert len(arrivals) == n
+    assert arrivals[0] < starts[-1]

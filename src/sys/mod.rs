@@ -116,6 +116,49 @@ mod tests {
         let err = batch.recv(fd, 3).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
     }
+
+    #[test]
+    fn sendmmsg_sends_each_datagram_to_its_address_up_to_the_batch() {
+        use std::net::UdpSocket;
+        use std::os::fd::AsRawFd;
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx1 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx2 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let raw = |s: &UdpSocket| match s.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => RawAddr::v4(*a.ip(), a.port()),
+            _ => unreachable!(),
+        };
+        let (a1, a2) = (raw(&rx1), raw(&rx2));
+        let msgs: [(&[u8], Option<&RawAddr>); 3] =
+            [(b"one", Some(&a1)), (b"", Some(&a2)), (b"three", Some(&a1))];
+        assert_eq!(sendmmsg(tx.as_raw_fd(), &msgs).unwrap(), 3);
+        let mut buf = [0u8; 16];
+        assert_eq!(rx1.recv(&mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"one");
+        assert_eq!(rx1.recv(&mut buf).unwrap(), 5);
+        assert_eq!(&buf[..5], b"three");
+        assert_eq!(rx2.recv(&mut buf).unwrap(), 0);
+        // More than SEND_BATCH: only the first SEND_BATCH go in one call.
+        let many = vec![(&b"x"[..], Some(&a2)); SEND_BATCH + 5];
+        assert_eq!(sendmmsg(tx.as_raw_fd(), &many).unwrap(), SEND_BATCH);
+        // Connected: no address.
+        tx.connect(rx2.local_addr().unwrap()).unwrap();
+        assert_eq!(sendmmsg(tx.as_raw_fd(), &[(b"peer", None)]).unwrap(), 1);
+        rx2.set_nonblocking(true).unwrap();
+        let mut n = 0;
+        while let Ok(len) = rx2.recv(&mut buf) {
+            n += 1;
+            if len == 4 {
+                assert_eq!(&buf[..4], b"peer");
+            }
+        }
+        assert_eq!(n, SEND_BATCH + 1);
+        // The first datagram's error: the broadcast address without SO_BROADCAST.
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let bcast = RawAddr::v4(std::net::Ipv4Addr::BROADCAST, 9);
+        let err = sendmmsg(udp.as_raw_fd(), &[(b"x", Some(&bcast))]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+    }
 }
 
 /// A socket address as `getaddrinfo(3)` returns it, with the host already formatted by
@@ -778,6 +821,43 @@ pub fn sendto(fd: RawFd, data: &[u8], addr: &RawAddr) -> io::Result<usize> {
         addr.len
     ))?;
     Ok(n as usize)
+}
+
+/// Most datagrams one `sendmmsg` call takes.
+pub const SEND_BATCH: usize = 32;
+
+/// `sendmmsg(2)` of the first `SEND_BATCH` (at most) of `msgs`, each datagram to its
+/// address (`None`: the connected peer), never blocking: how many were sent (at least
+/// one), or the first datagram's error.
+pub fn sendmmsg(fd: RawFd, msgs: &[(&[u8], Option<&RawAddr>)]) -> io::Result<usize> {
+    let n = msgs.len().min(SEND_BATCH);
+    // SAFETY: an all-zero iovec is a valid value (null pointer, zero length).
+    let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: an all-zero mmsghdr is a valid value (null pointers, zero lengths).
+    let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    let iov_base = iovs.as_mut_ptr();
+    for (i, (data, addr)) in msgs[..n].iter().enumerate() {
+        // SAFETY: `i` < n <= SEND_BATCH, inside `iovs`.
+        let iov = unsafe { &mut *iov_base.add(i) };
+        iov.iov_base = data.as_ptr().cast_mut().cast();
+        iov.iov_len = data.len();
+        let h = &mut hdrs[i].msg_hdr;
+        h.msg_iov = iov;
+        h.msg_iovlen = 1;
+        if let Some(a) = addr {
+            // The kernel only reads the name (sendmmsg takes it as non-const).
+            h.msg_name = (&a.ss as *const libc::sockaddr_storage).cast_mut().cast();
+            h.msg_namelen = a.len;
+        }
+    }
+    // The iovecs and names point into `msgs` and `iovs`, alive for the call.
+    let got = syscall!(sendmmsg(
+        fd,
+        hdrs.as_mut_ptr(),
+        n as libc::c_uint,
+        libc::MSG_DONTWAIT
+    ))?;
+    Ok(got as usize)
 }
 
 /// `accept4(2)` on a listening socket: the new connection, non-blocking and

@@ -20,6 +20,23 @@ use crate::py::{self, GilCell, import_attr};
 /// Datagrams read per readiness event before yielding to other callbacks.
 const READS_PER_EVENT: usize = 32;
 
+/// The most bytes the spare `bytes` of a transport hold together (unless just one).
+const SPARE_BYTES: usize = 64 * 1024;
+
+/// The longest a datagram `sendto` deferred during a read batch waits for the batch to
+/// end: past it, what was deferred is sent before the next delivery.
+const DEFER_MAX: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// A datagram `sendto` took while the transport's reader was delivering a batch: sent
+/// with the others of the batch by one `sendmmsg` when the batch ends.
+struct Deferred {
+    data: Py<PyBytes>,
+    /// The address as given (for the write buffer if the socket's buffer is full).
+    addr: Py<PyAny>,
+    /// Its binary form; `None` on a connected socket.
+    raw: Option<crate::sys::RawAddr>,
+}
+
 /// The inet readers' `recvmmsg` buffers (READS_PER_EVENT datagrams), shared by every
 /// datagram transport of the process (the GIL guards it).
 static BATCH: GilCell<Option<Box<crate::sys::RecvBatch>>> = GilCell::new(None);
@@ -179,10 +196,18 @@ struct St {
     inet: bool,
     family: i32,
     peers: Peers,
-    /// The last datagram's `bytes` when the protocol kept no reference to it: the next
-    /// datagram of the same size is copied into it instead of a new object (a 1 KiB
-    /// `bytes` is a glibc malloc/free pair, ~20% of a UDP echo's user time).
-    spare: Option<Py<PyBytes>>,
+    /// Delivered datagrams' `bytes` that nothing else references any more (at most
+    /// READS_PER_EVENT of them, SPARE_BYTES together unless just one): a new datagram of
+    /// the same size is copied into one of them instead of a new object (a 1 KiB `bytes`
+    /// is a glibc malloc/free pair, ~20% of a UDP echo's user time).
+    spare: Vec<Py<PyBytes>>,
+    spare_bytes: usize,
+    /// The inet reader is delivering a batch: `sendto` defers what it can send natively
+    /// to `out`, sent together when the batch ends (`flush_out`).
+    batching: bool,
+    out: Vec<Deferred>,
+    /// When the first datagram now in `out` has waited DEFER_MAX.
+    out_deadline: Option<std::time::Instant>,
     buf: VecDeque<(Py<PyBytes>, Py<PyAny>)>,
     buf_size: usize,
     /// Datagrams received in a batch but not delivered yet, because the protocol paused
@@ -299,6 +324,11 @@ impl DatagramCore {
     fn force_close(slf: &Bound<'_, Self>, exc: Py<PyAny>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
+        // Deferred datagrams count as sent (asyncio sent them at once); only what waits
+        // in the write buffer is dropped.
+        if core.with(py, |s| s.conn_lost == 0) {
+            Self::flush_out(slf)?;
+        }
         let (lost, had_buf, closing) =
             core.with(py, |s| (s.conn_lost, !s.buf.is_empty(), s.closing));
         if lost > 0 {
@@ -419,7 +449,129 @@ impl DatagramCore {
             .call_method1(pyo3::intern!(py, "datagram_received"), (&data, addr))
             .map(drop);
         core.recycle(py, data);
+        if r.is_ok()
+            && core.with(py, |s| {
+                s.out_deadline
+                    .is_some_and(|t| std::time::Instant::now() >= t)
+            })
+        {
+            return Self::flush_out(slf);
+        }
         r
+    }
+
+    /// While the reader delivers a batch, keeps a `bytes` datagram the socket can send
+    /// natively for the batch's `sendmmsg` (true). Otherwise sends what was deferred
+    /// first, to keep the order, and leaves this datagram to `sendto` (false).
+    fn defer(
+        slf: &Bound<'_, Self>,
+        data: &Bound<'_, PyAny>,
+        addr: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let py = slf.py();
+        let core = slf.get();
+        if !core.with(py, |s| s.batching) {
+            return Ok(false);
+        }
+        let raw = match data.is_exact_instance_of::<PyBytes>() {
+            true => core.native_addr(py, addr),
+            false => None,
+        };
+        let Some(raw) = raw else {
+            Self::flush_out(slf)?;
+            return Ok(false);
+        };
+        if core.with(py, |s| s.out.len() >= crate::sys::SEND_BATCH) {
+            Self::flush_out(slf)?;
+        }
+        // SAFETY: checked exact bytes above.
+        let data = unsafe { data.clone().cast_into_unchecked::<PyBytes>() }.unbind();
+        let d = Deferred {
+            data,
+            addr: addr.clone().unbind(),
+            raw,
+        };
+        // A full socket buffer (found by a flush) queued datagrams: this one goes after.
+        let refused = core.with(py, |s| {
+            if !s.buf.is_empty() {
+                return Some(d);
+            }
+            if s.out.is_empty() {
+                s.out_deadline = Some(std::time::Instant::now() + DEFER_MAX);
+            }
+            s.out.push(d);
+            None
+        });
+        Ok(refused.is_none())
+    }
+
+    /// Sends what `sendto` deferred during the read batch, in order, with one
+    /// `sendmmsg` per SEND_BATCH datagrams. A full socket buffer queues the rest as
+    /// `sendto` would have; any other error goes to `error_received` and loses that
+    /// datagram, as asyncio's `sendto` reports it. Every datagram is tried before the
+    /// first error `error_received` raised is returned.
+    fn flush_out(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let (fd, mut out) = core.with(py, |s| {
+            s.out_deadline = None;
+            (s.fd, std::mem::take(&mut s.out))
+        });
+        if out.is_empty() {
+            return Ok(());
+        }
+        let mut res = Ok(());
+        let mut sent = 0;
+        while fd >= 0 && sent < out.len() {
+            let mut msgs: [(&[u8], Option<&crate::sys::RawAddr>); crate::sys::SEND_BATCH] =
+                [(&[], None); crate::sys::SEND_BATCH];
+            let mut k = 0;
+            for (m, d) in msgs.iter_mut().zip(&out[sent..]) {
+                *m = (d.data.bind(py).as_bytes(), d.raw.as_ref());
+                k += 1;
+            }
+            match crate::sys::sendmmsg(fd, &msgs[..k]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    sent += 1;
+                    let exc = crate::errors::from_io(e).into_value(py);
+                    let r = core
+                        .protocol(py)
+                        .call_method1(pyo3::intern!(py, "error_received"), (exc,));
+                    match (r, &res) {
+                        (Err(e), Ok(())) => res = Err(e),
+                        (Err(e), Err(_)) => e.write_unraisable(py, Some(slf.as_any())),
+                        (Ok(_), _) => {}
+                    }
+                }
+            }
+        }
+        for d in out.drain(..sent) {
+            core.recycle(py, d.data.into_bound(py).into_any());
+        }
+        let queued = if fd >= 0 && !out.is_empty() {
+            let n: usize = out.iter().map(|d| d.data.bind(py).as_bytes().len()).sum();
+            core.with(py, |s| {
+                s.buf.extend(out.drain(..).map(|d| (d.data, d.addr)));
+                s.buf_size += n;
+            });
+            Self::add_io(slf, "_sendto_ready", false).and_then(|()| core.maybe_pause_protocol(py))
+        } else {
+            Ok(())
+        };
+        // The emptied vector keeps its room for the next batch (unless Python code run
+        // meanwhile deferred more: then it is dropped, outside the borrow).
+        out.clear();
+        let _unused = core.with(py, |s| {
+            if s.out.capacity() == 0 {
+                std::mem::replace(&mut s.out, out)
+            } else {
+                out
+            }
+        });
+        res.and(queued)
     }
 
     /// The inet reader: up to `budget` datagrams, received `READS_PER_EVENT` at a time
@@ -489,6 +641,37 @@ impl DatagramCore {
         Ok(())
     }
 
+    /// The inet reader: datagrams kept from earlier batches, then new ones, up to
+    /// READS_PER_EVENT.
+    fn read_inet(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        let mut budget = READS_PER_EVENT;
+        // Datagrams read ahead of a pause or a failed delivery go first.
+        while budget > 0 && core.receiving(py) {
+            let Some((data, addr)) = core.with(py, |s| s.pending.pop_front()) else {
+                break;
+            };
+            budget -= 1;
+            if let Err(e) = Self::deliver(slf, data.into_bound(py), addr.into_bound(py)) {
+                core.again(py);
+                return Err(e);
+            }
+        }
+        // NOTE: the batch is taken out of its cell while Python code runs between
+        //       deliveries: a re-entrant reader would allocate another.
+        let mut batch = BATCH
+            .with(py, |b| b.take())
+            .unwrap_or_else(|| crate::sys::RecvBatch::new(READS_PER_EVENT));
+        let res = Self::read_batches(slf, &mut batch, budget);
+        BATCH.with(py, |b| {
+            if b.is_none() {
+                *b = Some(batch);
+            }
+        });
+        res
+    }
+
     /// The reader of other families (Unix datagram sockets): the socket object's
     /// `recvfrom`, which knows how to convert their addresses.
     fn read_ready_socket(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -528,9 +711,14 @@ impl DatagramCore {
         Ok(())
     }
 
-    /// A `bytes` holding `data`: the spare one when its size matches, else a new one.
+    /// A `bytes` holding `data`: a spare one when its size matches, else a new one.
     fn new_bytes<'py>(&self, py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
-        if let Some(b) = self.with(py, |s| s.spare.take()) {
+        let spare = self.with(py, |s| {
+            let b = s.spare.pop()?;
+            s.spare_bytes -= b.bind(py).as_bytes().len();
+            Some(b)
+        });
+        if let Some(b) = spare {
             let p = b.as_ptr();
             // SAFETY: `p` is an exact bytes object only this transport references (checked
             // when it became the spare, and nothing could take a reference since), so
@@ -555,18 +743,26 @@ impl DatagramCore {
     }
 
     /// Keeps a delivered datagram's `bytes` for reuse if nothing else references it
-    /// (only where `recv_native` can reuse it).
+    /// (only where the inet reader can reuse it).
     fn recycle(&self, py: Python<'_>, data: Bound<'_, PyAny>) {
-        if !self.with(py, |s| s.inet && !s.closing) {
-            return;
-        }
         // SAFETY: reading the reference count of a live object, GIL held.
         let alone = unsafe { pyo3::ffi::Py_REFCNT(data.as_ptr()) } == 1;
         if alone && data.is_exact_instance_of::<PyBytes>() {
             // SAFETY: checked exact bytes just above.
             let b = unsafe { data.cast_into_unchecked::<PyBytes>() }.unbind();
-            let old = self.with(py, |s| s.spare.replace(b));
-            drop(old);
+            // Dropped here if not kept: outside the borrow.
+            let _dropped = self.with(py, |s| {
+                let len = b.bind(py).as_bytes().len();
+                let room = s.spare.is_empty()
+                    || (s.spare.len() < READS_PER_EVENT && s.spare_bytes + len <= SPARE_BYTES);
+                if s.inet && !s.closing && room {
+                    s.spare_bytes += len;
+                    s.spare.push(b);
+                    None
+                } else {
+                    Some(b)
+                }
+            });
         }
     }
 
@@ -586,40 +782,50 @@ impl DatagramCore {
         }
     }
 
+    /// How a datagram to `addr` is sent without the socket object: `Some(None)` on a
+    /// connected inet socket, `Some(Some(raw))` to a numeric inet address, `None` when
+    /// only the socket object can send it.
+    fn native_addr(
+        &self,
+        py: Python<'_>,
+        addr: &Bound<'_, PyAny>,
+    ) -> Option<Option<crate::sys::RawAddr>> {
+        let (fd, inet, family, connected) =
+            self.with(py, |s| (s.fd, s.inet, s.family, s.connected));
+        if !inet || fd < 0 {
+            return None;
+        }
+        if connected {
+            return Some(None);
+        }
+        if let Some(raw) = self.with(py, |s| s.peers.by_object(addr)) {
+            return Some(Some(raw));
+        }
+        let raw = parse_inet(family, addr)?;
+        let old = self.with(py, |s| s.peers.sent.insert(raw, addr.clone().unbind()));
+        drop(old);
+        Some(Some(raw))
+    }
+
     fn send_one(
         &self,
         py: Python<'_>,
         data: &Bound<'_, PyAny>,
         addr: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let (fd, inet, family, connected) =
-            self.with(py, |s| (s.fd, s.inet, s.family, s.connected));
-        if inet && fd >= 0 {
-            // NOTE: the native paths skip the socket object, so no "socket.sendto" audit event.
-            if connected {
-                let view = py::ByteView::new(data)?;
-                return Self::native_send(&view, |b| unsafe {
+        // NOTE: the native paths skip the socket object, so no "socket.sendto" audit event.
+        if let Some(raw) = self.native_addr(py, addr) {
+            let fd = self.with(py, |s| s.fd);
+            let view = py::ByteView::new(data)?;
+            return match raw {
+                None => Self::native_send(&view, |b| unsafe {
                     // SAFETY: `b` is a live slice.
                     crate::sys::send(fd, b.as_ptr(), b.len())
-                });
-            }
-            let raw = match self.with(py, |s| s.peers.by_object(addr)) {
-                Some(raw) => Some(raw),
-                None => {
-                    let raw = parse_inet(family, addr);
-                    if let Some(raw) = raw {
-                        let old =
-                            self.with(py, |s| s.peers.sent.insert(raw, addr.clone().unbind()));
-                        drop(old);
-                    }
-                    raw
-                }
+                }),
+                Some(raw) => Self::native_send(&view, |b| crate::sys::sendto(fd, b, &raw)),
             };
-            if let Some(raw) = raw {
-                let view = py::ByteView::new(data)?;
-                return Self::native_send(&view, |b| crate::sys::sendto(fd, b, &raw));
-            }
         }
+        let connected = self.with(py, |s| s.connected);
         let sock = self.sock(py);
         if connected {
             sock.call_method1(pyo3::intern!(py, "send"), (data,))?;
@@ -663,30 +869,24 @@ impl DatagramCore {
         if !core.with(py, |s| s.inet) {
             return Self::read_ready_socket(slf);
         }
-        let mut budget = READS_PER_EVENT;
-        // Datagrams read ahead of a pause or a failed delivery go first.
-        while budget > 0 && core.receiving(py) {
-            let Some((data, addr)) = core.with(py, |s| s.pending.pop_front()) else {
-                break;
-            };
-            budget -= 1;
-            if let Err(e) = Self::deliver(slf, data.into_bound(py), addr.into_bound(py)) {
-                core.again(py);
-                return Err(e);
+        // Replies the protocol sends while the batch is delivered leave together at its
+        // end (`defer`).
+        let nested = core.with(py, |s| std::mem::replace(&mut s.batching, true));
+        let res = Self::read_inet(slf);
+        if nested {
+            return res;
+        }
+        core.with(py, |s| s.batching = false);
+        let flushed = Self::flush_out(slf);
+        match res {
+            Ok(()) => flushed,
+            Err(e) => {
+                if let Err(lost) = flushed {
+                    lost.write_unraisable(py, Some(slf.as_any()));
+                }
+                Err(e)
             }
         }
-        // NOTE: the batch is taken out of its cell while Python code runs between
-        //       deliveries: a re-entrant reader would allocate another.
-        let mut batch = BATCH
-            .with(py, |b| b.take())
-            .unwrap_or_else(|| crate::sys::RecvBatch::new(READS_PER_EVENT));
-        let res = Self::read_batches(slf, &mut batch, budget);
-        BATCH.with(py, |b| {
-            if b.is_none() {
-                *b = Some(batch);
-            }
-        });
-        res
     }
 
     #[pyo3(signature = (data, addr=None))]
@@ -732,6 +932,11 @@ impl DatagramCore {
         if data.len()? == 0 && py::version(py) < (3, 13) {
             return Ok(());
         }
+        if empty && Self::defer(slf, data, &addr)? {
+            return Ok(());
+        }
+        // A flush of deferred datagrams may have found the socket's buffer full.
+        let empty = empty && core.with(py, |s| s.buf.is_empty());
         if empty {
             match core.send_one(py, data, &addr) {
                 Ok(()) => return Ok(()),
@@ -861,6 +1066,8 @@ impl DatagramCore {
         if core.with(py, |s| s.closing) {
             return Ok(());
         }
+        // What sendto deferred counts as sent (asyncio sent it at once): out before closing.
+        Self::flush_out(slf)?;
         core.set_closing(py);
         core.remove_io(py, true)?;
         if core.with(py, |s| s.buf.is_empty()) {
@@ -983,6 +1190,9 @@ impl DatagramCore {
             visit.call(d)?;
             visit.call(a)?;
         }
+        for d in &s.out {
+            visit.call(&d.addr)?;
+        }
         Ok(())
     }
 
@@ -997,8 +1207,12 @@ impl DatagramCore {
                 s.protocol.take(),
                 s.address.take(),
                 std::mem::take(&mut s.buf),
-                s.spare.take(),
+                {
+                    s.spare_bytes = 0;
+                    std::mem::take(&mut s.spare)
+                },
                 std::mem::take(&mut s.pending),
+                std::mem::take(&mut s.out),
             )
         });
         drop(taken);
@@ -1038,7 +1252,11 @@ pub fn make<'py>(
                 inet: crate::sys::is_inet(family),
                 family,
                 peers: Peers::default(),
-                spare: None,
+                spare: Vec::new(),
+                spare_bytes: 0,
+                batching: false,
+                out: Vec::new(),
+                out_deadline: None,
                 buf: VecDeque::new(),
                 pending: VecDeque::new(),
                 buf_size: 0,
