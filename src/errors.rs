@@ -5,13 +5,38 @@ use std::io;
 use pyo3::PyErr;
 use pyo3::exceptions::PyOSError;
 
-/// `OSError(errno, strerror)`: Python picks the subclass (`ConnectionResetError`, ...)
-/// and sets `exc.errno`.
+/// `OSError(errno, strerror)` as its errno's subclass (`ConnectionResetError`, ...), with
+/// `exc.errno` set.
+///
+/// The subclass is chosen here, as `OSError.__new__` would: raised lazily as a plain
+/// `OSError`, Python 3.10/3.11 normalise it to the subclass's instance but keep
+/// `OSError` as the error's type, so checks of the type (`is_instance_of`) missed it.
 pub fn os_error(errno: i32) -> PyErr {
-    PyOSError::new_err((
+    use pyo3::exceptions as e;
+    let args = (
         errno,
         io::Error::from_raw_os_error(errno).to_string_message(),
-    ))
+    );
+    // CPython's errno -> subclass table (Objects/exceptions.c, _PyExc_InitState).
+    match errno {
+        libc::EAGAIN | libc::EALREADY | libc::EINPROGRESS => {
+            PyErr::new::<e::PyBlockingIOError, _>(args)
+        }
+        libc::ECHILD => PyErr::new::<e::PyChildProcessError, _>(args),
+        libc::EPIPE | libc::ESHUTDOWN => PyErr::new::<e::PyBrokenPipeError, _>(args),
+        libc::ECONNABORTED => PyErr::new::<e::PyConnectionAbortedError, _>(args),
+        libc::ECONNREFUSED => PyErr::new::<e::PyConnectionRefusedError, _>(args),
+        libc::ECONNRESET => PyErr::new::<e::PyConnectionResetError, _>(args),
+        libc::EEXIST => PyErr::new::<e::PyFileExistsError, _>(args),
+        libc::ENOENT => PyErr::new::<e::PyFileNotFoundError, _>(args),
+        libc::EISDIR => PyErr::new::<e::PyIsADirectoryError, _>(args),
+        libc::ENOTDIR => PyErr::new::<e::PyNotADirectoryError, _>(args),
+        libc::EINTR => PyErr::new::<e::PyInterruptedError, _>(args),
+        libc::EACCES | libc::EPERM => PyErr::new::<e::PyPermissionError, _>(args),
+        libc::ESRCH => PyErr::new::<e::PyProcessLookupError, _>(args),
+        libc::ETIMEDOUT => PyErr::new::<e::PyTimeoutError, _>(args),
+        _ => PyOSError::new_err(args),
+    }
 }
 
 /// Converts an `io::Error`, keeping its errno when it has one.

@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::flow::{FlowControl, call_protocol_hook};
+use super::flow::{FlowControl, call_protocol_hook, report_hook_error};
 use super::stream::{LOG_THRESHOLD_FOR_CONNLOST_WRITES, MAX_SIZE};
 use crate::event_loop::LoopCore;
 use crate::py::{self, GilCell, import_attr};
@@ -326,13 +326,14 @@ impl DatagramCore {
         let core = slf.get();
         // Deferred datagrams count as sent (asyncio sent them at once); only what waits
         // in the write buffer is dropped.
-        if core.with(py, |s| s.conn_lost == 0) {
-            Self::flush_out(slf)?;
-        }
+        let flushed = match core.with(py, |s| s.conn_lost == 0) {
+            true => Self::flush_out(slf),
+            false => Ok(()),
+        };
         let (lost, had_buf, closing) =
             core.with(py, |s| (s.conn_lost, !s.buf.is_empty(), s.closing));
         if lost > 0 {
-            return Ok(());
+            return flushed;
         }
         if had_buf {
             let old = core.with(py, |s| {
@@ -347,7 +348,8 @@ impl DatagramCore {
             core.remove_io(py, true)?;
         }
         core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
-        Self::schedule_lost(slf, exc)
+        Self::schedule_lost(slf, exc)?;
+        flushed
     }
 
     fn maybe_pause_protocol(&self, py: Python<'_>) -> PyResult<()> {
@@ -463,6 +465,12 @@ impl DatagramCore {
     /// While the reader delivers a batch, keeps a `bytes` datagram the socket can send
     /// natively for the batch's `sendmmsg` (true). Otherwise sends what was deferred
     /// first, to keep the order, and leaves this datagram to `sendto` (false).
+    ///
+    /// DEVIATION(asyncio): asyncio tries each datagram's `sendto(2)` inside `sendto`, so
+    ///   a send error reaches `error_received` before `sendto` returns; a deferred
+    ///   datagram's error reaches it when the batch is sent (at most 50 µs or one
+    ///   `datagram_received` later). `get_write_buffer_size()` does not count deferred
+    ///   datagrams: asyncio would have sent them, not buffered them.
     fn defer(
         slf: &Bound<'_, Self>,
         data: &Bound<'_, PyAny>,
@@ -508,8 +516,9 @@ impl DatagramCore {
     /// Sends what `sendto` deferred during the read batch, in order, with one
     /// `sendmmsg` per SEND_BATCH datagrams. A full socket buffer queues the rest as
     /// `sendto` would have; any other error goes to `error_received` and loses that
-    /// datagram, as asyncio's `sendto` reports it. Every datagram is tried before the
-    /// first error `error_received` raised is returned.
+    /// datagram, as asyncio's `sendto` reports it. What `error_received` raises goes to
+    /// the exception handler; KeyboardInterrupt / SystemExit end the calls to it and are
+    /// returned once every datagram was tried.
     fn flush_out(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
@@ -536,14 +545,26 @@ impl DatagramCore {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     sent += 1;
+                    if res.is_err() {
+                        // After a KeyboardInterrupt / SystemExit: no more calls.
+                        continue;
+                    }
                     let exc = crate::errors::from_io(e).into_value(py);
-                    let r = core
-                        .protocol(py)
-                        .call_method1(pyo3::intern!(py, "error_received"), (exc,));
-                    match (r, &res) {
-                        (Err(e), Ok(())) => res = Err(e),
-                        (Err(e), Err(_)) => e.write_unraisable(py, Some(slf.as_any())),
-                        (Ok(_), _) => {}
+                    let proto = core.protocol(py);
+                    let r = proto.call_method1(pyo3::intern!(py, "error_received"), (exc,));
+                    // What error_received deferred goes right after the failed datagram,
+                    // where asyncio (calling it inside that datagram's sendto) sends it.
+                    let more = core.with(py, |s| {
+                        s.out_deadline = None;
+                        std::mem::take(&mut s.out)
+                    });
+                    if !more.is_empty() {
+                        out.splice(sent..sent, more);
+                    }
+                    if let Err(e) = r {
+                        let lp = core.loop_(py);
+                        let w = core.wrapper(py);
+                        res = report_hook_error(py, lp, &proto, &w, "error_received", e);
                     }
                 }
             }
@@ -1067,7 +1088,7 @@ impl DatagramCore {
             return Ok(());
         }
         // What sendto deferred counts as sent (asyncio sent it at once): out before closing.
-        Self::flush_out(slf)?;
+        let flushed = Self::flush_out(slf);
         core.set_closing(py);
         core.remove_io(py, true)?;
         if core.with(py, |s| s.buf.is_empty()) {
@@ -1075,7 +1096,7 @@ impl DatagramCore {
             core.remove_io(py, false)?;
             Self::schedule_lost(slf, py.None())?;
         }
-        Ok(())
+        flushed
     }
 
     fn abort(slf: &Bound<'_, Self>) -> PyResult<()> {

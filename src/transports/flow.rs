@@ -85,6 +85,19 @@ pub fn call_protocol_hook(
     let Err(e) = protocol.call_method0(hook) else {
         return Ok(());
     };
+    report_hook_error(py, lp, protocol, transport, hook, e)
+}
+
+/// What a protocol's `hook` raised goes to the loop's exception handler (as
+/// "protocol.<hook>() failed"), except KeyboardInterrupt and SystemExit: returned.
+pub fn report_hook_error(
+    py: Python<'_>,
+    lp: Option<Bound<'_, LoopCore>>,
+    protocol: &Bound<'_, PyAny>,
+    transport: &Bound<'_, PyAny>,
+    hook: &str,
+    e: PyErr,
+) -> PyResult<()> {
     if e.is_instance_of::<PyKeyboardInterrupt>(py) || e.is_instance_of::<PySystemExit>(py) {
         return Err(e);
     }
