@@ -651,6 +651,19 @@ async def _queue_then_receive(loop, proto_factory, payloads):
     return a, b
 
 
+async def _replies(loop, proto_factory, payloads, n: int):
+    """Queues ``payloads`` for a ``proto_factory`` endpoint (see `_queue_then_receive`),
+    waits for ``n`` replies at the sender and closes both: (the replies' data, the
+    replying protocol, whether its transport was closing)."""
+    a, b = await _queue_then_receive(loop, proto_factory, payloads)
+    try:
+        got = await asyncio.wait_for(a[1].wait_for(n), 5)
+        await asyncio.sleep(0.01)
+        return [d for d, _ in got], b[1], b[0].is_closing()
+    finally:
+        await close(a, b)
+
+
 def test_pause_reading_mid_batch_delivers_the_rest_after_resume(loop):
     # 20 datagrams are received together; the protocol pauses at the 5th. Nothing more
     # may arrive while paused, and resuming must deliver the other 15, in order,
@@ -784,7 +797,7 @@ class Replier(DatagramRecorder):
         self.buffer_sizes.append(self.transport.get_write_buffer_size())
 
 
-def _replies(payloads):
+def _expected_replies(payloads):
     want = []
     for i, p in enumerate(payloads, 1):
         want.append(p)
@@ -800,19 +813,11 @@ def test_replies_sent_during_a_batch_arrive_whole_and_in_order(loop):
     # buffer type, arrives once and in order, and none waits in the write buffer.
     payloads = _numbered(70)
 
-    async def main():
-        a, b = await _queue_then_receive(loop, Replier, payloads)
-        try:
-            await asyncio.wait_for(a[1].wait_for(len(_replies(payloads))), 5)
-            await asyncio.sleep(0.01)
-            return [d for d, _ in a[1].datagrams], b[1].buffer_sizes, b[1].errors
-        finally:
-            await close(a, b)
-
-    got, sizes, errors = run(loop, main())
-    assert got == _replies(payloads)
-    assert sizes == [0] * len(payloads)
-    assert errors == []
+    want = _expected_replies(payloads)
+    got, proto, _ = run(loop, _replies(loop, Replier, payloads, len(want)))
+    assert got == want
+    assert proto.buffer_sizes == [0] * len(payloads)
+    assert proto.errors == []
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])
@@ -857,19 +862,9 @@ def test_send_error_during_a_batch_goes_to_error_received(loop):
                 self.transport.sendto(data, ("255.255.255.255", addr[1]))
             self.transport.sendto(data, addr)
 
-    async def main():
-        a, b = await _queue_then_receive(loop, Broadcaster, payloads)
-        try:
-            got = await asyncio.wait_for(a[1].wait_for(len(payloads)), 5)
-            await asyncio.sleep(0.01)
-            return [d for d, _ in got], b[1].errors, b[0].is_closing()
-        finally:
-            await close(a, b)
-
-    got, errors, closing = run(loop, main())
+    got, proto, closing = run(loop, _replies(loop, Broadcaster, payloads, len(payloads)))
     assert got == payloads
-    assert len(errors) == 1
-    assert isinstance(errors[0], PermissionError)
+    assert [type(e) for e in proto.errors] == [PermissionError]
     assert not closing
 
 
@@ -942,18 +937,9 @@ def test_error_received_raising_for_a_reply_goes_to_the_handler(loop, loop_error
             super().error_received(exc)
             raise ValueError("from error_received")
 
-    async def main():
-        a, b = await _queue_then_receive(loop, Raiser, payloads)
-        try:
-            got = await asyncio.wait_for(a[1].wait_for(len(payloads)), 5)
-            await asyncio.sleep(0.01)
-            return [d for d, _ in got], b[1].errors, b[0].is_closing()
-        finally:
-            await close(a, b)
-
-    got, errors, closing = run(loop, main())
+    got, proto, closing = run(loop, _replies(loop, Raiser, payloads, len(payloads)))
     assert got == payloads
-    assert [type(e) for e in errors] == [PermissionError]
+    assert [type(e) for e in proto.errors] == [PermissionError]
     assert not closing
     assert len(loop_errors) == 1
     assert isinstance(loop_errors[0]["exception"], ValueError)
