@@ -980,3 +980,63 @@ def test_close_after_a_failed_deferred_reply_closes(loop, loop_name, loop_errors
     assert fileno == -1
     assert [type(c["exception"]) for c in loop_errors] == [ValueError]
     loop_errors.clear()
+
+
+def test_reply_from_error_received_keeps_its_place(loop):
+    # datagram_received sends A, a datagram that fails (EACCES), B and C; error_received
+    # sends R. asyncio calls error_received inside the failing sendto, so the peer gets
+    # A R B C; replies ferroloop deferred to the batch's end keep that order too.
+    class Replier(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            self.peer = addr
+            self.transport.sendto(b"A", addr)
+            self.transport.sendto(b"bad", ("255.255.255.255", addr[1]))
+            self.transport.sendto(b"B", addr)
+            self.transport.sendto(bytearray(b"C"), addr)
+
+        def error_received(self, exc):
+            super().error_received(exc)
+            self.transport.sendto(b"R", self.peer)
+
+    got, proto, _ = run(loop, _replies(loop, Replier, [b"go"], 4))
+    assert got == [b"A", b"R", b"B", b"C"]
+    assert [type(e) for e in proto.errors] == [PermissionError]
+
+
+def test_error_received_resending_the_failing_datagram_recurses(loop, loop_errors):
+    import time
+
+    # A protocol that re-sends a failing datagram from error_received recurses (asyncio:
+    # error_received is called inside sendto) until RecursionError, which reaches the
+    # exception handler; the loop goes on and the transport still works.
+    class Retrier(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            self.peer = addr
+            self.transport.sendto(data, addr)
+            if data == b"go":
+                self.transport.sendto(b"bad", ("255.255.255.255", addr[1]))
+                # ferroloop: past the 50 µs deadline, sent while the batch is delivered.
+                time.sleep(0.001)
+
+        def error_received(self, exc):
+            self.errors.append(exc)
+            self.transport.sendto(b"bad", ("255.255.255.255", self.peer[1]))
+
+    async def main():
+        a, b = await _queue_then_receive(loop, Retrier, [b"go"])
+        try:
+            await asyncio.wait_for(a[1].wait_for(1), 5)
+            a[0].sendto(b"again", b[0].get_extra_info("sockname"))
+            got = await asyncio.wait_for(a[1].wait_for(2), 5)
+            return [d for d, _ in got], len(b[1].errors), b[0].is_closing()
+        finally:
+            await close(a, b)
+
+    got, n_errors, closing = run(loop, main())
+    assert got == [b"go", b"again"]
+    assert n_errors > 50
+    assert not closing
+    assert [type(c["exception"]) for c in loop_errors] == [RecursionError]
+    loop_errors.clear()

@@ -33,8 +33,8 @@ struct Deferred {
     data: Py<PyBytes>,
     /// The address as given (for the write buffer if the socket's buffer is full).
     addr: Py<PyAny>,
-    /// Its binary form; `None` on a connected socket.
-    raw: Option<crate::sys::RawAddr>,
+    /// Its binary form.
+    raw: crate::sys::RawAddr,
 }
 
 /// The inet readers' `recvmmsg` buffers (READS_PER_EVENT datagrams), shared by every
@@ -485,7 +485,10 @@ impl DatagramCore {
             true => core.native_addr(py, addr),
             false => None,
         };
-        let Some(raw) = raw else {
+        // NOTE: not on a connected socket: there the kernel reports a peer's refusal
+        //       (ICMP) to the next send, and sendmmsg drops that error when it comes at a
+        //       datagram other than the first.
+        let Some(Some(raw)) = raw else {
             Self::flush_out(slf)?;
             return Ok(false);
         };
@@ -536,7 +539,7 @@ impl DatagramCore {
                 [(&[], None); crate::sys::SEND_BATCH];
             let mut k = 0;
             for (m, d) in msgs.iter_mut().zip(&out[sent..]) {
-                *m = (d.data.bind(py).as_bytes(), d.raw.as_ref());
+                *m = (d.data.bind(py).as_bytes(), Some(&d.raw));
                 k += 1;
             }
             match crate::sys::sendmmsg(fd, &msgs[..k]) {
@@ -551,20 +554,21 @@ impl DatagramCore {
                     }
                     let exc = crate::errors::from_io(e).into_value(py);
                     let proto = core.protocol(py);
+                    // What error_received sends goes out at once, right after the failed
+                    // datagram, where asyncio (calling it inside that datagram's sendto)
+                    // sends it; a protocol that re-sends a failing datagram from it
+                    // recurses as on asyncio, instead of being deferred behind itself.
+                    let batching = core.with(py, |s| std::mem::replace(&mut s.batching, false));
                     let r = proto.call_method1(pyo3::intern!(py, "error_received"), (exc,));
-                    // What error_received deferred goes right after the failed datagram,
-                    // where asyncio (calling it inside that datagram's sendto) sends it.
-                    let more = core.with(py, |s| {
-                        s.out_deadline = None;
-                        std::mem::take(&mut s.out)
-                    });
-                    if !more.is_empty() {
-                        out.splice(sent..sent, more);
-                    }
+                    core.with(py, |s| s.batching = batching);
                     if let Err(e) = r {
                         let lp = core.loop_(py);
                         let w = core.wrapper(py);
                         res = report_hook_error(py, lp, &proto, &w, "error_received", e);
+                    }
+                    if core.with(py, |s| !s.buf.is_empty()) {
+                        // It filled the socket's buffer: the rest queues behind it.
+                        break;
                     }
                 }
             }
@@ -1089,6 +1093,10 @@ impl DatagramCore {
         }
         // What sendto deferred counts as sent (asyncio sent it at once): out before closing.
         let flushed = Self::flush_out(slf);
+        if core.with(py, |s| s.closing) {
+            // error_received closed it meanwhile.
+            return flushed;
+        }
         core.set_closing(py);
         core.remove_io(py, true)?;
         if core.with(py, |s| s.buf.is_empty()) {
