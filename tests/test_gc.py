@@ -327,3 +327,61 @@ def test_queued_handles_do_not_count_towards_collections(loop, loop_name):
     loop.run_forever()
     gc.collect()
     assert [r for r in refs if r() is not None] == []
+
+
+def test_collected_transports_release_their_descriptors(loop):
+    """Unclosed transports nobody holds (paused, so not even the loop does) are collected,
+    and the loop forgets them: their descriptor numbers, reused by new sockets, are free
+    for add_reader, and close_clients() finds none. ferroloop keeps a bare pointer per
+    transport where asyncio keeps a weak reference; a stale one would be read here after
+    its transport was freed."""
+    import asyncio
+
+    class Forgetful(asyncio.DatagramProtocol, asyncio.Protocol):
+        def connection_made(self, transport):
+            # A reference cycle, as a real protocol makes it.
+            self.transport = transport
+            transport.pause_reading()
+            made.append(None)
+
+    made: list = []
+
+    async def main():
+        gc.disable()  # nothing is collected before the warnings are caught
+        server = await loop.create_server(Forgetful, "127.0.0.1", 0)
+        addr = server.sockets[0].getsockname()
+        clients = [socket.create_connection(addr) for _ in range(20)]
+        for _ in range(2):
+            await loop.create_datagram_endpoint(Forgetful, local_addr=("127.0.0.1", 0))
+        try:
+            for _ in range(200):
+                if len(made) == 22:
+                    break
+                await asyncio.sleep(0.005)
+            assert len(made) == 22
+            await asyncio.sleep(0)
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                for _ in range(3):
+                    gc.collect()
+            assert sum("unclosed transport" in str(x.message) for x in w) == 22, w
+            await asyncio.sleep(0.01)  # connection_lost of the collected transports
+            # New sockets reuse the freed descriptor numbers.
+            fresh = [socket.socket() for _ in range(30)]
+            try:
+                for s in fresh:
+                    loop.add_reader(s.fileno(), print)
+                    assert loop.remove_reader(s.fileno())
+            finally:
+                for s in fresh:
+                    s.close()
+            if hasattr(server, "close_clients"):  # 3.13+ on asyncio
+                server.close_clients()
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), 5)
+        finally:
+            gc.enable()
+            for c in clients:
+                c.close()
+
+    loop.run_until_complete(main())

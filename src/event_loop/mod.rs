@@ -5,6 +5,7 @@
 //! `asyncio.AbstractEventLoop` and adds the cold, coroutine-shaped methods.
 
 mod exception_handler;
+mod fdmap;
 mod run;
 
 use std::collections::{HashMap, HashSet};
@@ -62,8 +63,7 @@ impl Hasher for IntHasher {
     }
 }
 
-/// A map keyed by file descriptor.
-pub(crate) type FdMap<V> = HashMap<RawFd, V, BuildHasherDefault<IntHasher>>;
+pub(crate) use fdmap::FdMap;
 /// A set of file descriptors.
 pub(crate) type FdSet = HashSet<RawFd, BuildHasherDefault<IntHasher>>;
 
@@ -175,10 +175,10 @@ pub(crate) struct State {
     /// Futures of resolutions in flight, by request id.
     pub dns_pending: HashMap<u64, Py<PyAny>, BuildHasherDefault<IntHasher>>,
     pub dns_next: u64,
-    /// Weak references to the native transports, by descriptor, until their connection
-    /// is lost (asyncio's `_transports`): `add_reader` & co. refuse their descriptors
+    /// The native transports (borrowed, see `TransportRef`), by descriptor, until their
+    /// connection is lost (asyncio's `_transports`): `add_reader` & co. refuse their descriptors
     /// unless they are closing. Also how a server finds its clients.
-    pub transports: FdMap<Py<PyAny>>,
+    pub transports: FdMap<crate::transports::TransportRef>,
     /// Descriptors of stream transports lent to `sock_sendfile` (between
     /// `_make_empty_waiter` and `_reset_empty_waiter`): not refused.
     pub lent_fds: FdSet,
@@ -587,7 +587,7 @@ impl LoopCore {
         //       can stop the clean-up half-way.
         if let Some(r) = &registrar {
             for fd in io.keys() {
-                let _ = r.deregister(*fd);
+                let _ = r.deregister(fd);
             }
         }
         let poller = core.poller.lock().map(|mut p| p.take()).unwrap_or(None);
@@ -1011,7 +1011,7 @@ impl LoopCore {
         for h in handles {
             t.traverse_owned(h, |p| visit.call(p))?;
         }
-        for f in s.dns_pending.values().chain(s.transports.values()) {
+        for f in s.dns_pending.values() {
             visit.call(f)?;
         }
         visit.call(&s.task_factory)?;
@@ -1350,7 +1350,7 @@ impl LoopCore {
         let py = fileobj.py();
         self.state.with(py, |s| {
             s.io.iter()
-                .find_map(|(&fd, e)| e.fileobj.as_ref()?.is(fileobj).then_some(fd))
+                .find_map(|(fd, e)| e.fileobj.as_ref()?.is(fileobj).then_some(fd))
         })
     }
 
@@ -1456,7 +1456,7 @@ impl LoopCore {
             } else {
                 s.armed.remove(&fd)
             };
-            let e = s.io.entry(fd).or_default();
+            let e = s.io.get_or_default(fd);
             if read {
                 e.edge_r = edge;
             } else {
@@ -1548,17 +1548,12 @@ impl LoopCore {
             if s.lent_fds.contains(&fd) {
                 None
             } else {
-                s.transports.get(&fd).map(|t| t.clone_ref(py))
+                s.transports.get(&fd).copied()
             }
         });
-        // A weak reference (asyncio's WeakValueDictionary): a collected transport no
-        // longer claims its descriptor.
-        let tr = entry.and_then(|w| {
-            w.bind(py)
-                .cast::<pyo3::types::PyWeakrefReference>()
-                .ok()
-                .and_then(|w| w.upgrade())
-        });
+        // Not a weak reference as asyncio's, but a transport the collector is clearing no
+        // longer claims its descriptor either.
+        let tr = entry.and_then(|t| t.get(py));
         if let Some(tr) = tr
             && !tr
                 .call_method0(pyo3::intern!(py, "is_closing"))?

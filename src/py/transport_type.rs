@@ -434,9 +434,27 @@ unsafe fn clear(slf: *mut ffi::PyObject) {
     }
 }
 
+/// The loop's `_transports` entry for `slf` goes before its core may (see
+/// `transports::TransportRef`).
+///
+/// # Safety
+/// `slf` is a live wrapper instance; GIL held, outside any `GilCell::with`.
+unsafe fn unregister(slf: *mut ffi::PyObject) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let core = (*tail_of(slf, tail_for(slf))).core;
+        if !core.is_null() {
+            crate::transports::wrapper_cleared(Python::assume_attached(), core, slf);
+        }
+    }
+}
+
 unsafe extern "C" fn wrapper_clear(slf: *mut ffi::PyObject) -> c_int {
     // SAFETY: called by the collector on a live instance with the GIL held.
-    unsafe { clear(slf) };
+    unsafe {
+        unregister(slf);
+        clear(slf);
+    }
     0
 }
 
@@ -454,6 +472,8 @@ unsafe extern "C" fn wrapper_dealloc(slf: *mut ffi::PyObject) {
         if !(*t).weaklist.is_null() {
             ffi::PyObject_ClearWeakRefs(slf);
         }
+        // Normally a no-op: the core let go of the wrapper after removing its entry.
+        unregister(slf);
         clear(slf);
         let free = (*tp).tp_free.unwrap_or(ffi::PyObject_GC_Del);
         free(slf.cast());

@@ -242,6 +242,15 @@ impl DatagramCore {
             .map(|l| l.into_bound(py))
     }
 
+    /// The loop and descriptor its `_transports` entry (if any) is under: None once the
+    /// connection is lost or the core cleared.
+    pub(crate) fn registration(&self, py: Python<'_>) -> Option<(Py<LoopCore>, RawFd)> {
+        self.with(py, |s| {
+            let lp = s.loop_.as_ref().filter(|_| s.fd >= 0)?;
+            Some((lp.clone_ref(py), s.fd))
+        })
+    }
+
     fn get<'py>(
         &self,
         py: Python<'py>,
@@ -1196,6 +1205,11 @@ impl DatagramCore {
     }
 
     fn _finalize(&self, py: Python<'_>, wrapper: &Bound<'_, PyAny>) -> PyResult<()> {
+        // Garbage from here on (as asyncio's weak reference, cleared before `__del__`),
+        // even if the warning's record resurrects it: its entry in `_transports` goes.
+        if let Some((lp, fd)) = self.registration(py) {
+            super::forget_transport(lp.bind(py), fd, wrapper.as_ptr());
+        }
         let sock = self.with(py, |s| s.sock.as_ref().map(|s| s.clone_ref(py)));
         match sock {
             Some(sock) => super::warn_unclosed(wrapper, Some(sock.bind(py))),
@@ -1228,6 +1242,11 @@ impl DatagramCore {
     fn __clear__(&self) {
         // SAFETY: called by the collector with the GIL held, outside any `with`.
         let py = unsafe { Python::assume_attached() };
+        // The loop's entry for the wrapper goes before the reference keeping it alive.
+        let w = self.with(py, |s| s.wrapper.as_ref().map(|w| w.as_ptr()));
+        if let (Some((lp, fd)), Some(w)) = (self.registration(py), w) {
+            super::forget_transport(lp.bind(py), fd, w);
+        }
         let taken = self.with(py, |s| {
             (
                 s.loop_.take(),

@@ -244,20 +244,72 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// Records `wrapper` as the transport owning `fd` (asyncio's `_transports`, a
-/// WeakValueDictionary: the loop does not keep a transport alive).
+/// A native transport's wrapper as the loop's `_transports` entry for its descriptor.
+///
+/// asyncio keeps weak references there (a WeakValueDictionary). ferroloop keeps the bare
+/// pointer, which saves a weak-reference object per connection, and keeps it valid by
+/// this invariant: while the entry exists, the transport's core holds the wrapper (its
+/// `wrapper` field) and still has its loop and descriptor. Every path that lets go of
+/// those first removes the entry: losing the connection (`LoopCore::forget_fd`), closing
+/// a datagram transport, abandoning a half-built transport, and the collector clearing
+/// either the core (`__clear__`) or the wrapper (`wrapper_cleared`), whichever it reaches
+/// first. A loop that is closed or cleared drops all its entries.
+#[derive(Clone, Copy)]
+pub(crate) struct TransportRef(std::ptr::NonNull<pyo3::ffi::PyObject>);
+
+// SAFETY: only dereferenced with the GIL held (the loop's state is behind a `GilCell`).
+unsafe impl Send for TransportRef {}
+
+impl TransportRef {
+    /// Whether this entry is `wrapper`.
+    fn is(self, wrapper: *mut pyo3::ffi::PyObject) -> bool {
+        self.0.as_ptr() == wrapper
+    }
+
+    /// The wrapper, unless the collector has already cleared it (it then counts as gone,
+    /// as a weak reference would be by then).
+    pub(crate) fn get(self, py: Python<'_>) -> Option<Bound<'_, PyAny>> {
+        // SAFETY: the entry's invariant (see the type) keeps the wrapper alive; GIL held.
+        unsafe {
+            let w = Bound::from_borrowed_ptr(py, self.0.as_ptr());
+            transport_type::core_of(py, w.as_ptr()).is_ok().then_some(w)
+        }
+    }
+}
+
+/// Records `wrapper` as the transport owning `fd` (asyncio's `_transports`: the loop does
+/// not keep a transport alive). The caller's core already holds `wrapper`, its loop and
+/// `fd` (see `TransportRef`).
 pub(crate) fn register_transport(
     lp: &Bound<'_, LoopCore>,
     fd: RawFd,
     wrapper: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let py = lp.py();
-    let weak = pyo3::types::PyWeakrefReference::new(wrapper)?
-        .into_any()
-        .unbind();
-    let old = lp.get().state.with(py, |s| s.transports.insert(fd, weak));
-    drop(old);
+    let entry = TransportRef(std::ptr::NonNull::new(wrapper.as_ptr()).expect("live object"));
+    lp.get().state.with(py, |s| s.transports.insert(fd, entry));
     Ok(())
+}
+
+/// The collector is clearing `wrapper`, whose core is `core`: its `_transports` entry goes
+/// first, as the core may be freed with the wrapper's reference to it.
+pub(crate) fn wrapper_cleared(
+    py: Python<'_>,
+    core: *mut pyo3::ffi::PyObject,
+    wrapper: *mut pyo3::ffi::PyObject,
+) {
+    // SAFETY: `core` is the live core the wrapper still references; GIL held.
+    let core = unsafe { Bound::from_borrowed_ptr(py, core) };
+    let reg = if let Ok(c) = core.cast::<stream::StreamCore>() {
+        c.get().registration(py)
+    } else if let Ok(c) = core.cast::<datagram::DatagramCore>() {
+        c.get().registration(py)
+    } else {
+        None
+    };
+    if let Some((lp, fd)) = reg {
+        forget_transport(lp.bind(py), fd, wrapper);
+    }
 }
 
 /// The stream transports accepted by `server` whose connection is not lost yet (for
@@ -268,19 +320,14 @@ pub(crate) fn server_clients<'py>(
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
     let py = lp.py();
     let t = types()?;
-    let entries: Vec<Py<PyAny>> = lp.get().state.with(py, |s| {
-        s.transports.values().map(|w| w.clone_ref(py)).collect()
-    });
+    let entries: Vec<TransportRef> = lp
+        .get()
+        .state
+        .with(py, |s| s.transports.values().copied().collect());
+    // Strong references first: nothing below may then free a wrapper an entry points to.
+    let live: Vec<Bound<'py, PyAny>> = entries.into_iter().filter_map(|e| e.get(py)).collect();
     let mut out = Vec::new();
-    for w in entries {
-        let Some(tr) = w
-            .bind(py)
-            .cast::<pyo3::types::PyWeakrefReference>()
-            .ok()
-            .and_then(|w| w.upgrade())
-        else {
-            continue;
-        };
+    for tr in live {
         let tp = tr.get_type();
         if !tp.is(t.tcp.type_object(py)) && !tp.is(t.unix.type_object(py)) {
             continue;
@@ -316,20 +363,11 @@ pub(crate) fn forget_transport(
     wrapper: *mut pyo3::ffi::PyObject,
 ) {
     let py = lp.py();
-    let entry = lp
-        .get()
-        .state
-        .with(py, |s| s.transports.get(&fd).map(|w| w.clone_ref(py)));
-    let Some(entry) = entry else { return };
-    let referent = entry
-        .bind(py)
-        .cast::<pyo3::types::PyWeakrefReference>()
-        .ok()
-        .and_then(|w| w.upgrade());
-    if referent.is_none_or(|r| r.as_ptr() == wrapper) {
-        let old = lp.get().state.with(py, |s| s.transports.remove(&fd));
-        drop(old);
-    }
+    lp.get().state.with(py, |s| {
+        if s.transports.get(&fd).is_some_and(|t| t.is(wrapper)) {
+            s.transports.remove(&fd);
+        }
+    });
 }
 
 /// `extra` as asyncio's transports fill it: a new dict unless one is given.

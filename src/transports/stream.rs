@@ -258,6 +258,15 @@ impl StreamCore {
         drop((lp, server, own, sock, w, protocol));
     }
 
+    /// The loop and descriptor its `_transports` entry (if any) is under: None once the
+    /// connection is lost or the core cleared.
+    pub(crate) fn registration(&self, py: Python<'_>) -> Option<(Py<LoopCore>, RawFd)> {
+        self.with(py, |s| {
+            let lp = s.loop_.as_ref().filter(|_| s.fd >= 0)?;
+            Some((lp.clone_ref(py), s.fd))
+        })
+    }
+
     /// The server this transport was accepted by (None once its connection is lost).
     pub(crate) fn server_of(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.with(py, |s| s.server.as_ref().map(|v| v.clone_ref(py)))
@@ -1460,6 +1469,11 @@ impl StreamCore {
 
     /// The wrapper's `__del__`: warn about and close a socket or pipe never closed.
     fn _finalize(&self, py: Python<'_>, wrapper: &Bound<'_, PyAny>) -> PyResult<()> {
+        // Garbage from here on (as asyncio's weak reference, cleared before `__del__`),
+        // even if the warning's record resurrects it: its entry in `_transports` goes.
+        if let Some((lp, fd)) = self.registration(py) {
+            super::forget_transport(lp.bind(py), fd, wrapper.as_ptr());
+        }
         let (sock, own, server) = self.with(py, |s| {
             let own = s.own.take();
             let server = if s.sock.is_some() || own.is_some() {
@@ -1505,6 +1519,11 @@ impl StreamCore {
     fn __clear__(&self) {
         // SAFETY: called by the collector with the GIL held, outside any `with`.
         let py = unsafe { Python::assume_attached() };
+        // The loop's entry for the wrapper goes before the reference keeping it alive.
+        let w = self.with(py, |s| s.wrapper.as_ref().map(|w| w.as_ptr()));
+        if let (Some((lp, fd)), Some(w)) = (self.registration(py), w) {
+            super::forget_transport(lp.bind(py), fd, w);
+        }
         let taken = self.with(py, |s| {
             (
                 s.loop_.take(),
