@@ -1511,7 +1511,7 @@ impl LoopCore {
     pub(crate) fn forget_fd(slf: &Bound<'_, Self>, fd: RawFd) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
-        let (entry, tr) = core.state.with(py, |s| {
+        let (entry, armed) = core.state.with(py, |s| {
             let entry = s.io.remove(&fd);
             let known = entry.is_some() | s.idle_fds.remove(&fd);
             s.rearm.remove(&fd);
@@ -1520,9 +1520,9 @@ impl LoopCore {
                 let _ = reg.deregister(fd);
             }
             s.lent_fds.remove(&fd);
-            (entry, (s.transports.remove(&fd), s.armed.remove(&fd)))
+            (entry, s.armed.remove(&fd))
         });
-        drop(tr);
+        drop(armed);
         if let Some(e) = entry {
             for h in e.reader.iter().chain(e.writer.iter()) {
                 crate::handles::cancel(h.bind(py))?;

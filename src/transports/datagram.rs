@@ -1173,6 +1173,9 @@ impl DatagramCore {
         if let Some(lp) = &taken.2
             && fd >= 0
         {
+            if let Some(w) = &taken.3 {
+                super::forget_transport(lp.bind(py), fd, w.as_ptr());
+            }
             LoopCore::forget_fd(lp.bind(py), fd)?;
         }
         let closed = match &taken.0 {
@@ -1319,16 +1322,38 @@ pub fn make<'py>(
     let w = wrapper.clone().unbind();
     core.get().with(py, |s| s.wrapper = Some(w));
     super::register_transport(lp, fd, &wrapper)?;
-    lp.call_method1(
-        "call_soon",
-        (protocol.getattr("connection_made")?, &wrapper),
-    )?;
-    lp.call_method1("call_soon", (core.getattr("_start_reading")?,))?;
-    if let Some(waiter) = waiter
-        && !waiter.is_none()
-    {
-        let set = import_attr!(py, "asyncio.futures", "_set_result_unless_cancelled")?;
-        lp.call_method1("call_soon", (set, waiter, py.None()))?;
+    let built = (|| -> PyResult<()> {
+        lp.call_method1(
+            "call_soon",
+            (protocol.getattr("connection_made")?, &wrapper),
+        )?;
+        lp.call_method1("call_soon", (core.getattr("_start_reading")?,))?;
+        if let Some(waiter) = waiter
+            && !waiter.is_none()
+        {
+            let set = import_attr!(py, "asyncio.futures", "_set_result_unless_cancelled")?;
+            lp.call_method1("call_soon", (set, waiter, py.None()))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = built {
+        // Undone: it stops claiming the descriptor (the caller closes the socket) and
+        // its cycle with the wrapper is broken, as asyncio's half-built transport is
+        // simply dropped.
+        super::forget_transport(lp, fd, wrapper.as_ptr());
+        let taken = core.get().with(py, |s| {
+            s.closing = true;
+            s.conn_lost = s.conn_lost.max(1);
+            s.fd = -1;
+            (
+                s.wrapper.take(),
+                s.protocol.take(),
+                s.loop_.take(),
+                s.sock.take(),
+            )
+        });
+        drop(taken);
+        return Err(e);
     }
     Ok(wrapper)
 }

@@ -250,10 +250,16 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// pointer, which saves a weak-reference object per connection, and keeps it valid by
 /// this invariant: while the entry exists, the transport's core holds the wrapper (its
 /// `wrapper` field) and still has its loop and descriptor. Every path that lets go of
-/// those first removes the entry: losing the connection (`LoopCore::forget_fd`), closing
+/// those first removes the entry: losing the connection (`_call_connection_lost`), closing
 /// a datagram transport, abandoning a half-built transport, and the collector clearing
 /// either the core (`__clear__`) or the wrapper (`wrapper_cleared`), whichever it reaches
 /// first. A loop that is closed or cleared drops all its entries.
+///
+/// DEVIATION(asyncio): the collector clears weak references (and runs their callbacks)
+///   before it finalizes anything, so on asyncio a transport being collected has left
+///   `_transports` by then; here it leaves at its `__del__`, just after. Only a weak
+///   reference callback on the transport itself can tell: `add_reader` on its descriptor
+///   from there still raises RuntimeError.
 #[derive(Clone, Copy)]
 pub(crate) struct TransportRef(std::ptr::NonNull<pyo3::ffi::PyObject>);
 
@@ -285,6 +291,11 @@ pub(crate) fn register_transport(
     fd: RawFd,
     wrapper: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
+    // A socket closed before its transport was made has no descriptor to claim (and
+    // none of the paths that remove entries would look under -1).
+    if fd < 0 {
+        return Ok(());
+    }
     let py = lp.py();
     let entry = TransportRef(std::ptr::NonNull::new(wrapper.as_ptr()).expect("live object"));
     lp.get().state.with(py, |s| s.transports.insert(fd, entry));

@@ -267,6 +267,18 @@ impl StreamCore {
         })
     }
 
+    /// The transport (`wrapper`) is garbage: the loop forgets it, its `_transports` entry
+    /// and the descriptor it lent to `sock_sendfile`, if any.
+    fn forget_in_loop(&self, py: Python<'_>, wrapper: *mut pyo3::ffi::PyObject) {
+        let lent = self.with(py, |s| s.empty_waiter.is_some());
+        if let Some((lp, fd)) = self.registration(py) {
+            super::forget_transport(lp.bind(py), fd, wrapper);
+            if lent {
+                lp.get().state.with(py, |s| s.lent_fds.remove(&fd));
+            }
+        }
+    }
+
     /// The server this transport was accepted by (None once its connection is lost).
     pub(crate) fn server_of(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.with(py, |s| s.server.as_ref().map(|v| v.clone_ref(py)))
@@ -1348,6 +1360,9 @@ impl StreamCore {
         if let Some(lp) = &lp
             && fd >= 0
         {
+            if let Some(w) = &wrapper {
+                super::forget_transport(lp.bind(py), fd, w.as_ptr());
+            }
             LoopCore::forget_fd(lp.bind(py), fd)?;
         }
         let (sock, own) = sock;
@@ -1470,10 +1485,8 @@ impl StreamCore {
     /// The wrapper's `__del__`: warn about and close a socket or pipe never closed.
     fn _finalize(&self, py: Python<'_>, wrapper: &Bound<'_, PyAny>) -> PyResult<()> {
         // Garbage from here on (as asyncio's weak reference, cleared before `__del__`),
-        // even if the warning's record resurrects it: its entry in `_transports` goes.
-        if let Some((lp, fd)) = self.registration(py) {
-            super::forget_transport(lp.bind(py), fd, wrapper.as_ptr());
-        }
+        // even if the warning's record resurrects it.
+        self.forget_in_loop(py, wrapper.as_ptr());
         let (sock, own, server) = self.with(py, |s| {
             let own = s.own.take();
             let server = if s.sock.is_some() || own.is_some() {
@@ -1520,9 +1533,8 @@ impl StreamCore {
         // SAFETY: called by the collector with the GIL held, outside any `with`.
         let py = unsafe { Python::assume_attached() };
         // The loop's entry for the wrapper goes before the reference keeping it alive.
-        let w = self.with(py, |s| s.wrapper.as_ref().map(|w| w.as_ptr()));
-        if let (Some((lp, fd)), Some(w)) = (self.registration(py), w) {
-            super::forget_transport(lp.bind(py), fd, w);
+        if let Some(w) = self.with(py, |s| s.wrapper.as_ref().map(|w| w.as_ptr())) {
+            self.forget_in_loop(py, w);
         }
         let taken = self.with(py, |s| {
             (
