@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import gc
 import signal
@@ -337,7 +338,6 @@ def test_collected_transports_release_their_descriptors(loop):
     for add_reader, and close_clients() finds none. ferroloop keeps a bare pointer per
     transport where asyncio keeps a weak reference; a stale one would be read here after
     its transport was freed."""
-    import asyncio
 
     class Forgetful(asyncio.DatagramProtocol, asyncio.Protocol):
         def connection_made(self, transport):
@@ -420,11 +420,21 @@ def _add_reader_refused(loop, fd):
     return False
 
 
+async def _claimed_by_a_new_transport(loop, sock, meanwhile=None):
+    """A transport made on ``sock`` claims its descriptor (after ``meanwhile()`` too)."""
+    tr, _ = await loop.connect_accepted_socket(_Paused, sock)
+    assert _add_reader_refused(loop, sock.fileno())
+    if meanwhile is not None:
+        await meanwhile()
+        assert _add_reader_refused(loop, sock.fileno())
+    tr.close()
+    await asyncio.sleep(0.01)
+
+
 def test_resurrected_transport_leaves_a_new_ones_descriptor_claimed(loop):
     """A transport collected unclosed (its socket closed by ``__del__``) and resurrected
     by the warning's record: closing it later must not release the descriptor number of
     a newer transport that reused it."""
-    import asyncio
 
     async def main():
         a, a2 = socket.socketpair()
@@ -439,13 +449,12 @@ def test_resurrected_transport_leaves_a_new_ones_descriptor_claimed(loop):
         b, b2 = socket.socketpair()
         try:
             assert b.fileno() == a.fileno() or a.fileno() == -1
-            tr, _ = await loop.connect_accepted_socket(_Paused, b)
-            assert _add_reader_refused(loop, b.fileno())
-            old[0].close()
-            await asyncio.sleep(0.01)
-            assert _add_reader_refused(loop, b.fileno())
-            tr.close()
-            await asyncio.sleep(0.01)
+
+            async def close_old():
+                old[0].close()
+                await asyncio.sleep(0.01)
+
+            await _claimed_by_a_new_transport(loop, b, close_old)
         finally:
             for s in (a2, b, b2):
                 s.close()
@@ -456,7 +465,6 @@ def test_resurrected_transport_leaves_a_new_ones_descriptor_claimed(loop):
 def test_collected_transport_returns_a_lent_descriptor(loop):
     """A transport lent to sock_sendfile (``_make_empty_waiter``) and collected before
     it is given back: a new transport on the reused number claims it again."""
-    import asyncio
 
     async def main():
         a, a2 = socket.socketpair()
@@ -468,10 +476,7 @@ def test_collected_transport_returns_a_lent_descriptor(loop):
             gc.collect()
         b, b2 = socket.socketpair()
         try:
-            tr, _ = await loop.connect_accepted_socket(_Paused, b)
-            assert _add_reader_refused(loop, b.fileno())
-            tr.close()
-            await asyncio.sleep(0.01)
+            await _claimed_by_a_new_transport(loop, b)
         finally:
             for s in (a2, b, b2):
                 s.close()
@@ -483,7 +488,6 @@ def test_failed_datagram_endpoint_releases_its_descriptor(loop):
     """A datagram endpoint whose protocol has no connection_made fails to build; the
     half-built transport does not claim the descriptor number (reused at once) until the
     next collection."""
-    import asyncio
 
     class NoConnectionMade:
         pass
