@@ -571,3 +571,101 @@ def test_socket_closed_while_its_transport_is_built(loop_name, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "close_clients ok\n"
+
+
+def test_resurrected_transport_does_not_use_a_reused_descriptor(loop, loop_name):
+    """A transport collected unclosed has its socket closed by ``__del__``; resurrected
+    by the warning's record, it must not read or write the descriptor number a newer
+    socket got since (asyncio's gets EBADF from its closed socket)."""
+
+    class Keep(_Paused):
+        def data_received(self, data):
+            received.append(data)
+
+    received = []
+
+    async def main():
+        a, a2 = socket.socketpair()
+        await loop.connect_accepted_socket(Keep, a)
+        await asyncio.sleep(0.01)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            gc.collect()
+        [old] = [x.source for x in w if isinstance(x.source, asyncio.BaseTransport)]
+        del w
+        b, b2 = socket.socketpair()
+        try:
+            tr, _ = await loop.connect_accepted_socket(_Paused, b)
+            old.write(b"from the resurrected transport")
+            old.resume_reading()
+            b2.send(b"for the new transport")
+            await asyncio.sleep(0.05)
+            b2.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                b2.recv(100)
+            assert received == []
+            tr.close()
+            old.close()
+            await asyncio.sleep(0.01)
+        finally:
+            for s in (a2, b, b2):
+                s.close()
+
+    loop.run_until_complete(main())
+
+
+def test_stream_build_failing_late_is_undone(loop_name):
+    """The last step of building a connection's transport (scheduling the waiter) fails:
+    the error reaches create_connection's caller, and the half-built transport neither
+    claims nor uses the descriptor number, which a new socket reuses at once."""
+    if loop_name != "ferroloop":
+        pytest.skip("asyncio leaves its queued _add_reader to run on the closed number")
+    import ferroloop
+
+    class Failing(ferroloop.Loop):
+        arm = False
+
+        def call_soon(self, callback, *args, **kwargs):
+            if self.arm and getattr(callback, "__name__", "") == "_set_result_unless_cancelled":
+                self.arm = False
+                raise RuntimeError("boom")
+            return super().call_soon(callback, *args, **kwargs)
+
+    made = []
+
+    class Grab(asyncio.Protocol):
+        def connection_made(self, transport):
+            made.append(transport)
+            transport.write(b"from the half-built transport")
+
+        def data_received(self, data):
+            made.append(data)
+
+    async def main():
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        loop.arm = True
+        with pytest.raises(RuntimeError, match="boom"):
+            await loop.create_connection(Grab, *srv.getsockname())
+        a, b = socket.socketpair()  # the lowest free numbers: the closed socket's
+        try:
+            await asyncio.sleep(0.02)  # the queued connection_made runs
+            b.send(b"for the new socket")
+            await asyncio.sleep(0.02)
+            assert len(made) == 1 and made[0].is_closing()
+            b.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                b.recv(100)
+            assert a.recv(100) == b"for the new socket"
+            loop.add_reader(a.fileno(), print)
+            assert loop.remove_reader(a.fileno())
+        finally:
+            for s in (a, b, srv):
+                s.close()
+
+    loop = Failing()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

@@ -1214,8 +1214,17 @@ impl DatagramCore {
             super::forget_transport(lp.bind(py), fd, wrapper.as_ptr());
         }
         let sock = self.with(py, |s| s.sock.as_ref().map(|s| s.clone_ref(py)));
+        let detach = || {
+            let (fd, lp) = self.with(py, |s| {
+                (
+                    std::mem::replace(&mut s.fd, -1),
+                    s.loop_.as_ref().map(|l| l.clone_ref(py)),
+                )
+            });
+            super::detach_fd(py, fd, lp);
+        };
         match sock {
-            Some(sock) => super::warn_unclosed(wrapper, Some(sock.bind(py))),
+            Some(sock) => super::warn_unclosed(wrapper, Some(sock.bind(py)), detach),
             None => Ok(()),
         }
     }

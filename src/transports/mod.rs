@@ -44,7 +44,16 @@ forward_methods!(DATAGRAM_METHODS:
 /// ResourceWarning "unclosed transport", then the socket is closed. At interpreter
 /// shutdown, when `warnings` can no longer be imported (asyncio holds it from import
 /// time), the warning is skipped and the socket still closed.
-fn warn_unclosed(wrapper: &Bound<'_, PyAny>, sock: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+///
+/// `detach` runs after the warning, before the socket (or the descriptor the caller owns)
+/// is closed: the transport lets go of the descriptor number, as a transport the
+/// warning's record resurrects must not go on using whatever reuses it (asyncio's gets
+/// EBADF from its closed socket).
+fn warn_unclosed(
+    wrapper: &Bound<'_, PyAny>,
+    sock: Option<&Bound<'_, PyAny>>,
+    detach: impl FnOnce(),
+) -> PyResult<()> {
     let py = wrapper.py();
     if let Ok(warn) = crate::py::import_attr!(py, "warnings", "warn") {
         let kw = pyo3::types::PyDict::new(py);
@@ -53,7 +62,18 @@ fn warn_unclosed(wrapper: &Bound<'_, PyAny>, sock: Option<&Bound<'_, PyAny>>) ->
         let category = py.get_type::<pyo3::exceptions::PyResourceWarning>();
         warn.call((msg, category), Some(&kw))?;
     }
+    detach();
     sock.map_or(Ok(()), |s| s.call_method0("close").map(drop))
+}
+
+/// Drops the loop's handles and registration for the descriptor `fd` a transport core
+/// has just let go of (see `warn_unclosed`).
+fn detach_fd(py: Python<'_>, fd: RawFd, lp: Option<Py<LoopCore>>) {
+    if fd >= 0
+        && let Some(lp) = lp
+    {
+        let _ = LoopCore::forget_fd(lp.bind(py), fd);
+    }
 }
 
 /// The positional arguments of a `direct` call.

@@ -250,6 +250,10 @@ impl StreamCore {
         });
         if let Some(lp) = &lp {
             super::forget_transport(lp.bind(py), fd, wrapper);
+            // Best effort, as below: a reader the build had started goes too.
+            if fd >= 0 {
+                let _ = LoopCore::forget_fd(lp.bind(py), fd);
+            }
         }
         if let (Some(server), Some(w)) = (&server, &w) {
             // Best effort: the build's own error is what the caller reports.
@@ -874,6 +878,9 @@ impl StreamCore {
 
     /// A write pipe watches its descriptor for readability: the peer closed.
     fn _start_watching(slf: &Bound<'_, Self>) -> PyResult<()> {
+        if slf.get().with(slf.py(), |s| s.closing) {
+            return Ok(());
+        }
         Self::add_io(slf, "_read_ready", true)
     }
 
@@ -1496,10 +1503,19 @@ impl StreamCore {
             };
             (s.sock.as_ref().map(|s| s.clone_ref(py)), own, server)
         });
+        let detach = || {
+            let (fd, lp) = self.with(py, |s| {
+                (
+                    std::mem::replace(&mut s.fd, -1),
+                    s.loop_.as_ref().map(|l| l.clone_ref(py)),
+                )
+            });
+            super::detach_fd(py, fd, lp);
+        };
         let warned = match (&sock, own) {
-            (Some(sock), _) => super::warn_unclosed(wrapper, Some(sock.bind(py))),
+            (Some(sock), _) => super::warn_unclosed(wrapper, Some(sock.bind(py)), detach),
             (None, Some(own)) => {
-                let r = super::warn_unclosed(wrapper, None);
+                let r = super::warn_unclosed(wrapper, None, detach);
                 drop(own);
                 r
             }
@@ -1673,31 +1689,40 @@ pub fn make<'py>(
         core.get().abandon(py, fd, wrapper.as_ptr());
         return Err(e);
     }
-    match kind {
-        // An accepted connection starts reading at once instead of in a callback after
-        // connection_made (one handle fewer per connection); its first data_received
-        // still comes after connection_made, which is queued first, and the reader's
-        // context is the same copy as asyncio's (made after the protocol factory ran).
-        // Failing to watch it is the transport's fatal error (connection_lost follows),
-        // as asyncio's failing _start_reading callback would be reported.
-        Kind::Socket if accepted => {
-            if let Err(e) = StreamCore::_start_reading(&core) {
-                StreamCore::fatal_error(&core, e, "Fatal error on transport")?;
+    // The rest of the build: undone the same way if it fails (the caller then closes or
+    // keeps the socket, whose number must not stay claimed or watched).
+    let started = (|| -> PyResult<()> {
+        match kind {
+            // An accepted connection starts reading at once instead of in a callback after
+            // connection_made (one handle fewer per connection); its first data_received
+            // still comes after connection_made, which is queued first, and the reader's
+            // context is the same copy as asyncio's (made after the protocol factory ran).
+            // Failing to watch it is the transport's fatal error (connection_lost follows),
+            // as asyncio's failing _start_reading callback would be reported.
+            Kind::Socket if accepted => {
+                if let Err(e) = StreamCore::_start_reading(&core) {
+                    StreamCore::fatal_error(&core, e, "Fatal error on transport")?;
+                }
+            }
+            Kind::Socket | Kind::ReadPipe => call_soon(vec![core.getattr("_start_reading")?])?,
+            Kind::WritePipe => {
+                let k = crate::sys::file_kind(fd).map_err(errors::from_io)?;
+                if matches!(k, crate::sys::FileKind::Socket | crate::sys::FileKind::Fifo) {
+                    call_soon(vec![core.getattr("_start_watching")?])?;
+                }
             }
         }
-        Kind::Socket | Kind::ReadPipe => call_soon(vec![core.getattr("_start_reading")?])?,
-        Kind::WritePipe => {
-            let k = crate::sys::file_kind(fd).map_err(errors::from_io)?;
-            if matches!(k, crate::sys::FileKind::Socket | crate::sys::FileKind::Fifo) {
-                call_soon(vec![core.getattr("_start_watching")?])?;
-            }
+        if let Some(waiter) = waiter
+            && !waiter.is_none()
+        {
+            let set = import_attr!(py, "asyncio.futures", "_set_result_unless_cancelled")?;
+            call_soon(vec![set.clone(), waiter.clone(), py.None().into_bound(py)])?;
         }
-    }
-    if let Some(waiter) = waiter
-        && !waiter.is_none()
-    {
-        let set = import_attr!(py, "asyncio.futures", "_set_result_unless_cancelled")?;
-        call_soon(vec![set.clone(), waiter.clone(), py.None().into_bound(py)])?;
+        Ok(())
+    })();
+    if let Err(e) = started {
+        core.get().abandon(py, fd, wrapper.as_ptr());
+        return Err(e);
     }
     Ok(wrapper)
 }
