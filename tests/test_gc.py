@@ -431,27 +431,32 @@ async def _claimed_by_a_new_transport(loop, sock, meanwhile=None):
     await asyncio.sleep(0.01)
 
 
+async def _resurrected_transport(loop, factory):
+    """A transport on one end of a socket pair, dropped unclosed and collected, and back
+    in the record of its ResourceWarning (``source``): the pair and the transport."""
+    a, a2 = socket.socketpair()
+    await loop.connect_accepted_socket(factory, a)
+    await asyncio.sleep(0.01)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        gc.collect()
+    [old] = [x.source for x in w if isinstance(x.source, asyncio.BaseTransport)]
+    return a, a2, old
+
+
 def test_resurrected_transport_leaves_a_new_ones_descriptor_claimed(loop):
     """A transport collected unclosed (its socket closed by ``__del__``) and resurrected
     by the warning's record: closing it later must not release the descriptor number of
     a newer transport that reused it."""
 
     async def main():
-        a, a2 = socket.socketpair()
-        await loop.connect_accepted_socket(_Paused, a)
-        await asyncio.sleep(0.01)
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            gc.collect()
-        old = [x.source for x in w if isinstance(x.source, asyncio.BaseTransport)]
-        del w
-        assert len(old) == 1
+        a, a2, old = await _resurrected_transport(loop, _Paused)
         b, b2 = socket.socketpair()
         try:
             assert b.fileno() == a.fileno() or a.fileno() == -1
 
             async def close_old():
-                old[0].close()
+                old.close()
                 await asyncio.sleep(0.01)
 
             await _claimed_by_a_new_transport(loop, b, close_old)
@@ -585,14 +590,7 @@ def test_resurrected_transport_does_not_use_a_reused_descriptor(loop, loop_name)
     received = []
 
     async def main():
-        a, a2 = socket.socketpair()
-        await loop.connect_accepted_socket(Keep, a)
-        await asyncio.sleep(0.01)
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            gc.collect()
-        [old] = [x.source for x in w if isinstance(x.source, asyncio.BaseTransport)]
-        del w
+        _a, a2, old = await _resurrected_transport(loop, Keep)
         b, b2 = socket.socketpair()
         try:
             tr, _ = await loop.connect_accepted_socket(_Paused, b)
