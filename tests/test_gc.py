@@ -667,3 +667,44 @@ def test_stream_build_failing_late_is_undone(loop_name):
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def test_resurrected_datagram_transport_does_not_use_a_reused_descriptor(loop):
+    """As above for a datagram transport: resurrected after ``__del__`` closed its
+    socket, its sendto() does not go out through the newer socket on the same number."""
+
+    class Keep(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            transport.pause_reading()
+
+        def error_received(self, exc):
+            errors.append(exc)
+
+    errors = []
+
+    async def main():
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind(("127.0.0.1", 0))
+        receiver.setblocking(False)
+        await loop.create_datagram_endpoint(Keep, local_addr=("127.0.0.1", 0))
+        await asyncio.sleep(0.01)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            gc.collect()
+        [old] = [x.source for x in w if isinstance(x.source, asyncio.BaseTransport)]
+        del w
+        new = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the freed number
+        try:
+            new.bind(("127.0.0.1", 0))
+            old.sendto(b"from the resurrected transport", receiver.getsockname())
+            await asyncio.sleep(0.02)
+            with pytest.raises(BlockingIOError):
+                receiver.recvfrom(100)
+            old.close()
+            await asyncio.sleep(0.01)
+        finally:
+            new.close()
+            receiver.close()
+
+    loop.run_until_complete(main())
