@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 import gc
 import signal
 import socket
@@ -581,13 +582,16 @@ def test_socket_closed_while_its_transport_is_built(loop_name, tmp_path):
 def test_resurrected_transport_does_not_use_a_reused_descriptor(loop, loop_name):
     """A transport collected unclosed has its socket closed by ``__del__``; resurrected
     by the warning's record, it must not read or write the descriptor number a newer
-    socket got since (asyncio's gets EBADF from its closed socket)."""
+    socket got since: its write fails with EBADF, as on the closed socket."""
 
     class Keep(_Paused):
         def data_received(self, data):
             received.append(data)
 
-    received = []
+        def connection_lost(self, exc):
+            lost.append(exc)
+
+    received, lost = [], []
 
     async def main():
         _a, a2, old = await _resurrected_transport(loop, Keep)
@@ -602,6 +606,8 @@ def test_resurrected_transport_does_not_use_a_reused_descriptor(loop, loop_name)
             with pytest.raises(BlockingIOError):
                 b2.recv(100)
             assert received == []
+            # The write failed on the closed socket: a fatal error.
+            assert len(lost) == 1 and lost[0].errno == errno.EBADF, lost
             tr.close()
             old.close()
             await asyncio.sleep(0.01)

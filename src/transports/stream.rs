@@ -850,6 +850,21 @@ impl StreamCore {
     }
 
     /// A write that found the transport dead: counted, and logged past the threshold.
+    /// A write with the connection not lost but no descriptor: the transport was made on
+    /// a socket closed meanwhile, or its `__del__` closed it and the warning's record
+    /// brought it back. asyncio's write then fails with EBADF on the closed socket: a
+    /// fatal error, so the protocol gets `connection_lost(OSError(EBADF))`.
+    fn no_descriptor(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let kind = slf.get().with(slf.py(), |s| s.kind);
+        let msg = if kind == Kind::Socket {
+            "Fatal write error on socket transport"
+        } else {
+            "Fatal write error on pipe transport"
+        };
+        let e = io::Error::from_raw_os_error(libc::EBADF);
+        Self::fatal_error(slf, errors::from_io(e), msg)
+    }
+
     fn write_after_loss(&self, py: Python<'_>) -> PyResult<()> {
         let (n, kind) = self.with(py, |s| (s.conn_lost, s.kind));
         if n >= LOG_THRESHOLD_FOR_CONNLOST_WRITES {
@@ -1031,8 +1046,11 @@ impl StreamCore {
         if view.is_empty() {
             return Ok(());
         }
-        if lost > 0 || (kind == Kind::WritePipe && closing) || core.fd(py) < 0 {
+        if lost > 0 || (kind == Kind::WritePipe && closing) {
             return core.write_after_loss(py);
+        }
+        if core.fd(py) < 0 {
+            return Self::no_descriptor(slf);
         }
         let mut off = 0;
         if core.with(py, |s| s.buf.is_empty()) {
@@ -1092,9 +1110,11 @@ impl StreamCore {
             Self::check_data(d)?;
         }
         let lost = core.with(py, |s| s.conn_lost);
-        if lost > 0 || (kind == Kind::WritePipe && core.with(py, |s| s.closing)) || core.fd(py) < 0
-        {
+        if lost > 0 || (kind == Kind::WritePipe && core.with(py, |s| s.closing)) {
             return core.write_after_loss(py);
+        }
+        if core.fd(py) < 0 {
+            return Self::no_descriptor(slf);
         }
         let was_empty = core.with(py, |s| s.buf.is_empty());
         // Every item's buffer first: a bad one rejects the whole call, as asyncio's join.
