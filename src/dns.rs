@@ -10,8 +10,8 @@
 
 use std::collections::VecDeque;
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use pyo3::exceptions::{PyOSError, PyOverflowError};
 use pyo3::prelude::*;
@@ -130,22 +130,47 @@ struct Job {
 }
 
 /// The resolver threads, shared by every loop of the process.
+///
+/// A child made by `fork()` has none of its parent's threads, and may have inherited
+/// `jobs` locked by one of them: each pool records the process it was made in, and a
+/// process that finds its parent's pool makes one of its own (the old one, a copy made
+/// by `fork`, is left alone: its jobs belong to the parent's loops).
 struct Pool {
+    pid: u32,
     jobs: Mutex<VecDeque<Job>>,
     cond: Condvar,
     threads: AtomicUsize,
     idle: AtomicUsize,
 }
 
-static POOL: OnceLock<Pool> = OnceLock::new();
+/// The current process's pool: null, or made by `Box::into_raw` and never freed.
+static POOL: AtomicPtr<Pool> = AtomicPtr::new(std::ptr::null_mut());
 
 fn pool() -> &'static Pool {
-    POOL.get_or_init(|| Pool {
-        jobs: Mutex::new(VecDeque::new()),
-        cond: Condvar::new(),
-        threads: AtomicUsize::new(0),
-        idle: AtomicUsize::new(0),
-    })
+    let pid = std::process::id();
+    loop {
+        let current = POOL.load(Ordering::Acquire);
+        // SAFETY: a non-null POOL points to a pool that is never freed.
+        if let Some(pool) = unsafe { current.as_ref() }
+            && pool.pid == pid
+        {
+            return pool;
+        }
+        let fresh = Box::into_raw(Box::new(Pool {
+            pid,
+            jobs: Mutex::new(VecDeque::new()),
+            cond: Condvar::new(),
+            threads: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+        }));
+        match POOL.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire) {
+            // SAFETY: just installed; from now on never freed.
+            Ok(_) => return unsafe { &*fresh },
+            // Another thread of this process installed one first: use that.
+            // SAFETY: `fresh` was never shared.
+            Err(_) => drop(unsafe { Box::from_raw(fresh) }),
+        }
+    }
 }
 
 fn worker(pool: &'static Pool) {

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -20,6 +21,16 @@ use crate::event_loop::LoopCore;
 use crate::py::handle::{OwnedHandle, types};
 use crate::py::{self, import_attr};
 use crate::reactor::{Registrar, SIGNAL_TOKEN};
+
+/// The write ends of the wake-up sockets of this process's loops. Changed only with the
+/// GIL held: Python forks holding the GIL, so a child never inherits it locked.
+static WAKE_FDS: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+fn forget_wake_fd(fd: RawFd) {
+    if let Ok(mut fds) = WAKE_FDS.lock() {
+        fds.retain(|f| *f != fd);
+    }
+}
 
 /// The wake-up socket pair and the registered handlers.
 pub(crate) struct SignalState {
@@ -38,6 +49,9 @@ impl SignalState {
         read.set_nonblocking(true)?;
         write.set_nonblocking(true)?;
         registrar.register_token(read.as_raw_fd(), SIGNAL_TOKEN, true, false)?;
+        if let Ok(mut fds) = WAKE_FDS.lock() {
+            fds.push(write.as_raw_fd());
+        }
         Ok(SignalState {
             read: Some(read),
             write: Some(write),
@@ -60,6 +74,9 @@ impl SignalState {
 
     /// Gives up the sockets (loop close); the caller drops them.
     pub fn close(&mut self) -> (Option<UnixStream>, Option<UnixStream>) {
+        if let Some(w) = &self.write {
+            forget_wake_fd(w.as_raw_fd());
+        }
         (self.read.take(), self.write.take())
     }
 
@@ -70,6 +87,35 @@ impl SignalState {
             let _ = crate::sys::drain(r.as_raw_fd(), &mut out);
         }
         out
+    }
+}
+
+impl Drop for SignalState {
+    fn drop(&mut self) {
+        if let Some(w) = &self.write {
+            forget_wake_fd(w.as_raw_fd());
+        }
+    }
+}
+
+/// `os.register_at_fork(after_in_child=...)`: a child made by `fork()` inherits the
+/// wake-up fd, which may be a socket of one of its parent's loops, shared with the
+/// parent: the child's signals would wake the parent's loop and run its handlers, and a
+/// new loop in the child would not install its own. Python 3.12's asyncio resets the
+/// wake-up fd in every child; ferroloop does so on every Python, when the fd is a
+/// ferroloop loop's (another is put back, without its `warn_on_full_buffer` flag).
+#[pyfunction]
+pub fn _after_fork_child(py: Python<'_>) {
+    let ours = |fd: i64| {
+        WAKE_FDS
+            .try_lock()
+            .is_ok_and(|fds| fds.iter().any(|f| *f as i64 == fd))
+    };
+    if let Ok(prev) = set_wakeup_fd(py, -1)
+        && prev != -1
+        && !ours(prev)
+    {
+        let _ = set_wakeup_fd(py, prev);
     }
 }
 

@@ -8,6 +8,7 @@ unmodified program with ``python -m ferroloop app.py``.
 from __future__ import annotations
 
 import asyncio as _asyncio
+import os as _os
 import sys as _sys
 import warnings as _warnings
 
@@ -18,10 +19,16 @@ from ._ferroloop import (
     UnixTransport,
     WritePipeTransport,
     __version__,
+    _after_fork_child,
 )
 from ._handles import Handle, TimerHandle
 from ._loop import Loop, new_event_loop
 from ._net import Server
+
+# A forked child must not send its signals to its parent's loop (asyncio does the same
+# from Python 3.12 on; this covers every Python).
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_after_fork_child)
 
 __all__ = [
     "EventLoopPolicy",

@@ -24,6 +24,7 @@ __all__ = [
     "_SockOperation",
     "_StreamCore",
     "__version__",
+    "_after_fork_child",
     "_sighandler_noop",
 ]
 
@@ -106,6 +107,9 @@ class UDPTransport(asyncio.Transport, asyncio.DatagramTransport):
 
 def _sighandler_noop(_signum: Any, _frame: Any) -> None:
     """Dummy Python-level signal handler used with add_signal_handler()."""
+
+def _after_fork_child() -> None:
+    """In a forked child: drop a signal wake-up fd that is a ferroloop loop's."""
 
 @final
 class _SockOperation(Coroutine[Any, Any, Any]):

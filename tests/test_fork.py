@@ -1,0 +1,185 @@
+"""A process made by ``os.fork()`` (pre-fork servers, multiprocessing's fork start
+method) runs a new loop of its own: resolution, sockets, the executor, subprocesses and
+signal handlers all work there, and the parent's loop goes on unaffected.
+
+Each test runs a script in a subprocess that forks, so the test process itself never
+forks with pytest's threads and state.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from _util import python_subprocess
+
+# argv: loop name, "outside" (fork with the parent's loop stopped) or "inside" (fork from
+# a coroutine running on it). The parent's loop has used the resolver threads and has a
+# signal handler when it forks; the child runs a workload on a new loop and prints what
+# it got as JSON; the parent then checks its own loop still resolves, and prints the
+# child's exit status and the parent's signal handler calls.
+FORKING_SCRIPT = r"""
+import asyncio, json, os, signal, sys
+import ferroloop
+
+kind, mode = sys.argv[1], sys.argv[2]
+factory = ferroloop.new_event_loop if kind == "ferroloop" else asyncio.new_event_loop
+
+
+async def workload():
+    loop = asyncio.get_running_loop()
+    out = {"same_loop_type": type(loop) is type(factory())}
+    infos = await loop.getaddrinfo("localhost", 80, type=1)
+    out["dns"] = sorted({info[4][1] for info in infos})
+
+    async def echo(r, w):
+        w.write(await r.read(100))
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    r, w = await asyncio.open_connection(*server.sockets[0].getsockname())
+    w.write(b"ping")
+    out["tcp"] = (await r.read(100)).decode()
+    w.close()
+    server.close()
+    await server.wait_closed()
+    out["executor"] = await loop.run_in_executor(None, sum, [1, 2])
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(3)")
+    out["subprocess"] = await proc.wait()
+    got = loop.create_future()
+    loop.add_signal_handler(signal.SIGUSR1, got.set_result, "usr1")
+    os.kill(os.getpid(), signal.SIGUSR1)
+    out["signal"] = await asyncio.wait_for(got, 10)
+    loop.remove_signal_handler(signal.SIGUSR1)
+    out["sleep"] = await asyncio.sleep(0.01, "ok")
+    return out
+
+
+def fork_and_wait():
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(30)  # a hang in the child kills it (status 14) instead of the test
+        try:
+            runner = asyncio.runners.Runner(loop_factory=factory)
+            print(json.dumps(runner.run(workload())), flush=True)
+            runner.close()
+        except BaseException as exc:
+            print(json.dumps({"error": repr(exc)}), flush=True)
+            os._exit(1)
+        os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+parent_signals = []
+
+
+async def parent():
+    loop = asyncio.get_running_loop()
+    await loop.getaddrinfo("localhost", 81)  # the resolver threads exist now
+    loop.add_signal_handler(signal.SIGUSR1, parent_signals.append, "usr1")
+    status = fork_and_wait() if mode == "inside" else None
+    await asyncio.sleep(0.05)
+    return status
+
+
+loop = factory()
+status = loop.run_until_complete(parent())
+if mode == "outside":
+    status = fork_and_wait()
+after = loop.run_until_complete(loop.getaddrinfo("localhost", 82, type=1))
+loop.remove_signal_handler(signal.SIGUSR1)
+loop.close()
+result = {"status": status, "parent_dns": after[0][4][1], "parent_signals": parent_signals}
+print(json.dumps(result))
+"""
+
+
+def _run_forking(loop_name: str, mode: str) -> tuple[dict, dict]:
+    proc = python_subprocess(["-c", FORKING_SCRIPT, loop_name, mode])
+    out, err = proc.communicate(timeout=90)
+    lines = out.splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, (out, err)
+    return json.loads(lines[0]), json.loads(lines[1])
+
+
+@pytest.mark.parametrize("mode", ["outside", "inside"])
+def test_forked_child_runs_a_new_loop(loop_name, mode):
+    """The child resolves a name (ferroloop used to queue it for resolver threads that
+    exist only in the parent, and hang), serves and connects over TCP, uses the executor,
+    waits for a subprocess and handles a signal; the parent's loop still resolves."""
+    child, parent = _run_forking(loop_name, mode)
+    assert child == {
+        "same_loop_type": True,
+        "dns": [80],
+        "tcp": "ping",
+        "executor": 3,
+        "subprocess": 3,
+        "signal": "usr1",
+        "sleep": "ok",
+    }
+    assert parent == {"status": 0, "parent_dns": 82, "parent_signals": []}
+
+
+# The parent's loop, running with a SIGUSR1 handler, forks; the child runs a new loop
+# with no handler of its own and sends itself SIGUSR1, which the Python-level handler it
+# inherited catches. Prints whether the child's new loop installed a wake-up fd of its own
+# and which handler calls the parent saw.
+WAKEUP_SCRIPT = r"""
+import asyncio, json, os, signal, sys
+import ferroloop
+
+kind = sys.argv[1]
+factory = ferroloop.new_event_loop if kind == "ferroloop" else asyncio.new_event_loop
+parent_signals = []
+
+
+async def child_main(inherited):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    await asyncio.sleep(0.05)
+    current = signal.set_wakeup_fd(-1)
+    return current != inherited
+
+
+async def parent():
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, parent_signals.append, "usr1")
+    inherited = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(inherited)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(30)
+        try:
+            runner = asyncio.runners.Runner(loop_factory=factory)
+            print(json.dumps({"own_fd": runner.run(child_main(inherited))}), flush=True)
+        finally:
+            os._exit(0)
+    status = os.waitpid(pid, 0)[1]
+    await asyncio.sleep(0.1)  # a wake-up byte the child wrote would be read by now
+    loop.remove_signal_handler(signal.SIGUSR1)
+    return status
+
+
+loop = factory()
+status = loop.run_until_complete(parent())
+loop.close()
+print(json.dumps({"status": status, "parent_signals": parent_signals}))
+"""
+
+
+def test_forked_child_does_not_signal_its_parents_loop(loop_name):
+    """The child inherits the signal wake-up fd, a socket of its parent's loop; a signal
+    the child gets must not run the parent's handler. asyncio resets the wake-up fd in
+    every forked child from Python 3.12 on; ferroloop does on every Python."""
+    if loop_name == "asyncio" and sys.version_info < (3, 12):
+        pytest.skip("asyncio before 3.12 leaves the parent's wake-up fd to the child")
+    proc = python_subprocess(["-c", WAKEUP_SCRIPT, loop_name])
+    out, err = proc.communicate(timeout=60)
+    lines = out.splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, (out, err)
+    child, parent = json.loads(lines[0]), json.loads(lines[1])
+    assert parent == {"status": 0, "parent_signals": []}
+    # asyncio's new loop has no handler, so leaves the fd at -1; ferroloop's installs
+    # its own while it runs (so Ctrl+C wakes it): either way not the parent's.
+    assert child == {"own_fd": True}
