@@ -132,11 +132,11 @@ struct Job {
 /// The resolver threads, shared by every loop of the process.
 ///
 /// A child made by `fork()` has none of its parent's threads, and may have inherited
-/// `jobs` locked by one of them: each pool records the process it was made in, and a
-/// process that finds its parent's pool makes one of its own (the old one, a copy made
-/// by `fork`, is left alone: its jobs belong to the parent's loops).
+/// `jobs` locked by one of them: each pool records the fork generation it was made in,
+/// and a process that finds its parent's pool makes one of its own (the old one, a copy
+/// made by `fork`, is left alone: its jobs belong to the parent's loops).
 struct Pool {
-    pid: u32,
+    generation: u64,
     jobs: Mutex<VecDeque<Job>>,
     cond: Condvar,
     threads: AtomicUsize,
@@ -147,17 +147,17 @@ struct Pool {
 static POOL: AtomicPtr<Pool> = AtomicPtr::new(std::ptr::null_mut());
 
 fn pool() -> &'static Pool {
-    let pid = std::process::id();
+    let generation = sys::fork_generation();
     loop {
         let current = POOL.load(Ordering::Acquire);
         // SAFETY: a non-null POOL points to a pool that is never freed.
         if let Some(pool) = unsafe { current.as_ref() }
-            && pool.pid == pid
+            && pool.generation == generation
         {
             return pool;
         }
         let fresh = Box::into_raw(Box::new(Pool {
-            pid,
+            generation,
             jobs: Mutex::new(VecDeque::new()),
             cond: Condvar::new(),
             threads: AtomicUsize::new(0),

@@ -17,6 +17,7 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    sys::watch_forks();
     m.add_class::<event_loop::LoopCore>()?;
     py::fastcall::install(&m.py().get_type::<event_loop::LoopCore>())?;
     py::context::init(m.py());

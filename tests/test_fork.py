@@ -183,3 +183,69 @@ def test_forked_child_does_not_signal_its_parents_loop(loop_name):
     # asyncio's new loop has no handler, so leaves the fd at -1; ferroloop's installs
     # its own while it runs (so Ctrl+C wakes it): either way not the parent's.
     assert child == {"own_fd": True}
+
+
+# The parent's loop serves (a listener and one accepted connection) when it forks; the
+# child lets go of its copy of that loop in one of three ways and exits; then the parent
+# must still hear from both descriptors. argv: loop name, how the child lets go.
+INHERITED_SCRIPT = r"""
+import asyncio, os, socket, sys
+import ferroloop
+
+kind, how = sys.argv[1], sys.argv[2]
+loop = ferroloop.new_event_loop() if kind == "ferroloop" else asyncio.new_event_loop()
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+
+server = loop.run_until_complete(loop.create_server(Echo, "127.0.0.1", 0))
+addr = server.sockets[0].getsockname()
+old = socket.create_connection(addr)
+loop.run_until_complete(asyncio.sleep(0.05))
+pid = os.fork()
+if pid == 0:
+    if how == "close-server":
+        server.close()  # closes the accepted transport's copy too
+    if how in ("close", "close-server"):
+        loop.close()
+    sys.exit(0)  # the interpreter's exit collects what is left
+os.waitpid(pid, 0)
+
+
+async def check():
+    old.setblocking(False)
+    await loop.sock_sendall(old, b"old")
+    got_old = await asyncio.wait_for(loop.sock_recv(old, 100), 5)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr), 5)
+    writer.write(b"new")
+    got_new = await asyncio.wait_for(reader.read(100), 5)
+    writer.close()
+    return got_old.decode(), got_new.decode()
+
+
+print(*loop.run_until_complete(check()))
+old.close()
+server.close()
+loop.run_until_complete(server.wait_closed())
+loop.close()
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "close", "close-server"])
+def test_child_letting_go_of_an_inherited_loop_leaves_the_parents_alone(loop_name, how):
+    """A forked child shares its parent's epoll instance. ferroloop used to remove the
+    parent's descriptors from it when the child collected the inherited transports (even
+    at a plain exit), so the parent's loop stopped hearing from them. Closing the server
+    in the child does the same on asyncio, which removes the listener there."""
+    if loop_name == "asyncio" and how == "close-server":
+        pytest.skip("asyncio's server.close() in the child unregisters the parent's listener")
+    proc = python_subprocess(["-c", INHERITED_SCRIPT, loop_name, how])
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (out, err)
+    assert out == "old new\n"

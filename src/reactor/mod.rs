@@ -47,6 +47,8 @@ pub struct Poller {
 pub struct Registrar {
     registry: Registry,
     waker: Arc<Waker>,
+    /// `sys::fork_generation()` when the epoll instance was made.
+    generation: u64,
 }
 
 fn interest(readable: bool, writable: bool) -> Option<Interest> {
@@ -68,7 +70,11 @@ impl Poller {
                 poll,
                 events: Events::with_capacity(EVENTS_CAPACITY),
             },
-            Registrar { registry, waker },
+            Registrar {
+                registry,
+                waker,
+                generation: crate::sys::fork_generation(),
+            },
         ))
     }
 
@@ -122,6 +128,14 @@ impl Registrar {
     }
 
     pub fn deregister(&self, fd: RawFd) -> io::Result<()> {
+        // DEVIATION(asyncio): a child made by fork() shares the epoll instance with its
+        //   parent, and the descriptors it inherited are the parent's too: removing one (a
+        //   transport or the loop closed or collected in the child, even at its exit)
+        //   would stop the parent's loop hearing from it. asyncio's selector removes them.
+        //   The child's own descriptors leave the instance when it closes them.
+        if crate::sys::fork_generation() != self.generation {
+            return Ok(());
+        }
         self.registry.deregister(&mut SourceFd(&fd))
     }
 

@@ -17,6 +17,31 @@ macro_rules! syscall {
     }};
 }
 
+static FORKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn count_fork_in_child() {
+    // Only an atomic add: the child of a multi-threaded process may do little else here.
+    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Makes `fork_generation` count forks (once per process, at module import).
+pub fn watch_forks() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a child handler that only does an atomic add. A failure
+        // (ENOMEM) leaves forks uncounted, which only loses the protection they give.
+        unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+    });
+}
+
+/// How many `fork()`s lie between this process and the one that imported the module. State
+/// that recorded another value was made by a parent process: its threads do not exist
+/// here, and its epoll instance is shared with the parent.
+#[inline]
+pub fn fork_generation() -> u64 {
+    FORKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock behind `time.monotonic()`.
 #[inline]
 pub fn monotonic_ns() -> i64 {
