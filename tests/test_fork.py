@@ -25,6 +25,7 @@ import ferroloop
 
 kind, mode = sys.argv[1], sys.argv[2]
 factory = ferroloop.new_event_loop if kind == "ferroloop" else asyncio.new_event_loop
+run = ferroloop.run if kind == "ferroloop" else asyncio.run
 
 
 async def workload():
@@ -62,9 +63,7 @@ def fork_and_wait():
     if pid == 0:
         signal.alarm(30)  # a hang in the child kills it (status 14) instead of the test
         try:
-            runner = asyncio.runners.Runner(loop_factory=factory)
-            print(json.dumps(runner.run(workload())), flush=True)
-            runner.close()
+            print(json.dumps(run(workload())), flush=True)
         except BaseException as exc:
             print(json.dumps({"error": repr(exc)}), flush=True)
             os._exit(1)
@@ -132,6 +131,7 @@ import ferroloop
 
 kind = sys.argv[1]
 factory = ferroloop.new_event_loop if kind == "ferroloop" else asyncio.new_event_loop
+run = ferroloop.run if kind == "ferroloop" else asyncio.run
 parent_signals = []
 
 
@@ -151,8 +151,7 @@ async def parent():
     if pid == 0:
         signal.alarm(30)
         try:
-            runner = asyncio.runners.Runner(loop_factory=factory)
-            print(json.dumps({"own_fd": runner.run(child_main(inherited))}), flush=True)
+            print(json.dumps({"own_fd": run(child_main(inherited))}), flush=True)
         finally:
             os._exit(0)
     status = os.waitpid(pid, 0)[1]
