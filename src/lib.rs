@@ -26,6 +26,10 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TimerHandle", timer)?;
     m.add_function(wrap_pyfunction!(signals::_sighandler_noop, m)?)?;
     m.add_function(wrap_pyfunction!(signals::_after_fork_child, m)?)?;
+    m.add_function(wrap_pyfunction!(
+        event_loop::run::at_exit::_stop_loop_threads,
+        m
+    )?)?;
     m.add_class::<sock::SockOperation>()?;
     sock::install(&m.py().get_type::<sock::SockOperation>());
     m.add_class::<transports::stream::StreamCore>()?;

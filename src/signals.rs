@@ -103,9 +103,11 @@ impl Drop for SignalState {
 /// parent: the child's signals would wake the parent's loop and run its handlers, and a
 /// new loop in the child would not install its own. Python 3.12's asyncio resets the
 /// wake-up fd in every child; ferroloop does so on every Python, when the fd is a
-/// ferroloop loop's (another is put back, without its `warn_on_full_buffer` flag).
+/// ferroloop loop's (another is put back, without its `warn_on_full_buffer` flag). The
+/// parent's loops running in other threads are forgotten too (see `run::at_exit`).
 #[pyfunction]
 pub fn _after_fork_child(py: Python<'_>) {
+    crate::event_loop::run::at_exit::forget_all();
     let ours = |fd: i64| {
         WAKE_FDS
             .try_lock()
@@ -310,7 +312,7 @@ pub(crate) fn remove_all(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     Ok(())
 }
 
-fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
+pub(crate) fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
     let main = import_attr!(py, "threading", "main_thread")?.call0()?;
     let ident: Option<u64> = main.getattr("ident")?.extract()?;
     Ok(ident == Some(py::thread_ident()))

@@ -8,6 +8,7 @@ unmodified program with ``python -m ferroloop app.py``.
 from __future__ import annotations
 
 import asyncio as _asyncio
+import atexit as _atexit
 import os as _os
 import sys as _sys
 import warnings as _warnings
@@ -20,6 +21,7 @@ from ._ferroloop import (
     WritePipeTransport,
     __version__,
     _after_fork_child,
+    _stop_loop_threads,
 )
 from ._handles import Handle, TimerHandle
 from ._loop import Loop, new_event_loop
@@ -29,6 +31,9 @@ from ._net import Server
 # from Python 3.12 on; this covers every Python).
 if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_after_fork_child)
+# Loops still running in other (daemon) threads at exit stop at their next callback, before
+# Python 3.10-3.13 would end those threads in a way that aborts Rust code.
+_atexit.register(_stop_loop_threads)
 
 __all__ = [
     "EventLoopPolicy",

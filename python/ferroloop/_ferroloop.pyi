@@ -26,6 +26,7 @@ __all__ = [
     "__version__",
     "_after_fork_child",
     "_sighandler_noop",
+    "_stop_loop_threads",
 ]
 
 __version__: str
@@ -110,6 +111,9 @@ def _sighandler_noop(_signum: Any, _frame: Any) -> None:
 
 def _after_fork_child() -> None:
     """In a forked child: drop a signal wake-up fd that is a ferroloop loop's."""
+
+def _stop_loop_threads() -> None:
+    """At exit: stop loops running in other threads at their next callback."""
 
 @final
 class _SockOperation(Coroutine[Any, Any, Any]):

@@ -6,7 +6,7 @@
 
 mod exception_handler;
 mod fdmap;
-mod run;
+pub(crate) mod run;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};

@@ -37,12 +37,30 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         s.last_poll_ns = i64::MIN;
     });
     let mut result = signals::enter_run(slf);
+    let exit_entry = match signals::on_main_thread(py) {
+        Ok(true) => None,
+        Ok(false) => core
+            .state
+            .with(py, |s| s.registrar.as_ref().map(|r| r.waker()))
+            .map(|waker| at_exit::register(tid, waker)),
+        Err(e) => {
+            result = result.and(Err(e));
+            None
+        }
+    };
+    let park = exit_entry.as_deref();
     if result.is_ok() {
         result = loop {
             // NOTE: a Rust panic must not leave the loop marked running with the signal
             //       wake-up fd installed: it becomes a PanicException after the clean-up.
-            let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_once(slf)))
-                .unwrap_or_else(|payload| Err(py::panic_error(payload)));
+            //       Python ending this thread at exit parks it instead (HangOnThreadExit).
+            let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let hang = py::HangOnThreadExit;
+                let r = run_once(slf, park);
+                std::mem::forget(hang);
+                r
+            }))
+            .unwrap_or_else(|payload| Err(py::panic_error(payload)));
             if let Err(e) = once {
                 break Err(e);
             }
@@ -50,6 +68,9 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                 break Ok(());
             }
         };
+    }
+    if let Some(entry) = &exit_entry {
+        at_exit::unregister(entry);
     }
     handle::trim_free_lists(py, handle::FREE_IDLE);
     // The bound `call_soon` is kept only while running: a stopped loop refers to itself
@@ -78,7 +99,8 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
 }
 
 /// One iteration: purge cancelled timers, poll, queue I/O and due timers, run the batch.
-fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+/// `park`: this loop runs off the main thread (see `at_exit`).
+fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResult<()> {
     let py = slf.py();
     let core = slf.get();
     let t = types()?;
@@ -169,6 +191,9 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             }
         }
     };
+    if let Some(entry) = park {
+        entry.park_if_exiting(py);
+    }
     if !skip_poll {
         let now = crate::sys::monotonic_ns();
         core.state.with(py, |s| {
@@ -246,15 +271,26 @@ fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         }) else {
             break;
         };
+        if let Some(entry) = park {
+            entry.park_if_exiting(py);
+        }
         let hb = h.bind(py);
         if t.is_cancelled(hb) {
             continue;
         }
-        if core.debug(py) {
-            run_debug(slf, t, hb)?;
-        } else if let Err(e) = t.call(hb, Some(&core.run_ctx)) {
-            exception_handler::callback_error(slf, hb, e)?;
-        }
+        // Declared after `h`, so an unwind that ends the thread stops here before
+        // anything releases the handle without the GIL.
+        let hang = py::HangOnThreadExit;
+        let res = if core.debug(py) {
+            run_debug(slf, t, hb)
+        } else {
+            match t.call(hb, Some(&core.run_ctx)) {
+                Err(e) => exception_handler::callback_error(slf, hb, e),
+                ok => ok,
+            }
+        };
+        std::mem::forget(hang);
+        res?;
     }
     Ok(())
 }
@@ -376,4 +412,110 @@ pub(super) fn run_eager_step(slf: &Bound<'_, LoopCore>, step: &Bound<'_, PyAny>)
         enter.call1((slf, &cur))?;
     }
     res
+}
+
+/// Loops running off the main thread when the interpreter exits.
+///
+/// On Python 3.10-3.13, once the interpreter finalizes, a thread other than the main one
+/// that takes the GIL is ended with `pthread_exit`. A loop running in a daemon thread
+/// (`Thread(target=loop.run_forever, daemon=True)`) usually is in the middle of Python code
+/// then, called from Rust under a `catch_unwind`, and that unwind aborts the process
+/// (`py::HangOnThreadExit` covers the frames ferroloop controls, not pyo3's). So
+/// ferroloop's `atexit` handler, which runs before finalization, asks every such loop to
+/// stop at its next callback and waits a little for it: the thread then gives up the GIL
+/// and blocks for good, as Python 3.14 does with such threads itself.
+// DEVIATION(asyncio): asyncio's loop in a daemon thread runs on until finalization ends
+//   the thread; ferroloop's stops when its atexit handler runs (atexit handlers run last
+//   registered first, so those registered after `import ferroloop` still see it run).
+pub(crate) mod at_exit {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use pyo3::prelude::*;
+
+    /// How long the handler waits for the loops to stop (a callback that blocks longer
+    /// keeps its thread running into finalization).
+    const WAIT: Duration = Duration::from_millis(250);
+
+    static EXITING: AtomicBool = AtomicBool::new(false);
+    /// Changed with the GIL held (a fork never copies it locked).
+    static RUNNING: Mutex<Vec<Arc<Entry>>> = Mutex::new(Vec::new());
+
+    pub struct Entry {
+        thread: u64,
+        waker: Arc<mio::Waker>,
+        parked: AtomicBool,
+    }
+
+    pub fn register(thread: u64, waker: Arc<mio::Waker>) -> Arc<Entry> {
+        let entry = Arc::new(Entry {
+            thread,
+            waker,
+            parked: AtomicBool::new(false),
+        });
+        if let Ok(mut all) = RUNNING.lock() {
+            all.push(entry.clone());
+        }
+        entry
+    }
+
+    /// In a child made by fork(): the parent's loops do not run here.
+    pub fn forget_all() {
+        if let Ok(mut all) = RUNNING.try_lock() {
+            all.clear();
+        }
+    }
+
+    pub fn unregister(entry: &Arc<Entry>) {
+        if let Ok(mut all) = RUNNING.lock() {
+            all.retain(|e| !Arc::ptr_eq(e, entry));
+        }
+    }
+
+    impl Entry {
+        /// Blocks this thread for good, without the GIL, once the interpreter exits.
+        #[inline]
+        pub fn park_if_exiting(&self, _py: Python<'_>) {
+            if EXITING.load(Ordering::Relaxed) {
+                self.park()
+            }
+        }
+
+        #[cold]
+        fn park(&self) -> ! {
+            self.parked.store(true, Ordering::Release);
+            // SAFETY: the GIL is held (token above) and is given up for good: this thread
+            // never touches Python again, so its thread state is not restored.
+            unsafe { pyo3::ffi::PyEval_SaveThread() };
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
+    /// The `atexit` handler (registered by the package on import).
+    #[pyfunction]
+    pub fn _stop_loop_threads(py: Python<'_>) {
+        EXITING.store(true, Ordering::SeqCst);
+        let me = crate::py::thread_ident();
+        let others: Vec<Arc<Entry>> = match RUNNING.lock() {
+            Ok(all) => all.iter().filter(|e| e.thread != me).cloned().collect(),
+            Err(_) => return,
+        };
+        if others.is_empty() {
+            return;
+        }
+        for e in &others {
+            let _ = e.waker.wake();
+        }
+        py.detach(|| {
+            let deadline = Instant::now() + WAIT;
+            while others.iter().any(|e| !e.parked.load(Ordering::Acquire))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+    }
 }

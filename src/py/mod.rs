@@ -272,13 +272,41 @@ pub fn guard(
     py: Python<'_>,
     f: impl FnOnce() -> PyResult<*mut pyo3::ffi::PyObject>,
 ) -> *mut pyo3::ffi::PyObject {
-    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|payload| Err(panic_error(payload)));
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let hang = HangOnThreadExit;
+        let r = f();
+        std::mem::forget(hang);
+        r
+    }))
+    .unwrap_or_else(|payload| Err(panic_error(payload)));
     match res {
         Ok(p) => p,
         Err(e) => {
             e.restore(py);
             std::ptr::null_mut()
+        }
+    }
+}
+
+/// Stops a thread that Python ends while it runs ferroloop's code.
+///
+/// On Python 3.10-3.13 a thread other than the main one that wants the GIL back once the
+/// interpreter is finalizing (a daemon thread running a loop, at exit) is ended with
+/// `pthread_exit`, which unwinds its stack. A `catch_unwind` that catches that unwind
+/// makes glibc abort the process ("FATAL: exception not rethrown"), and dropping Python
+/// references on the way would touch objects without the GIL. So code that calls into
+/// Python under a `catch_unwind` keeps one of these alive across the call and forgets it
+/// after: only an unwind that is not a Rust panic drops it, and then the thread blocks
+/// for good, without the GIL, as Python 3.14 itself does with such threads.
+pub struct HangOnThreadExit;
+
+impl Drop for HangOnThreadExit {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return; // a Rust panic: caught and turned into PanicException as usual
+        }
+        loop {
+            std::thread::park();
         }
     }
 }

@@ -1,0 +1,86 @@
+"""The interpreter exits while a loop still runs in a daemon thread (the common
+``Thread(target=loop.run_forever, daemon=True)`` pattern): the process ends normally.
+
+On Python 3.10-3.13 CPython ends such a thread with ``pthread_exit`` once it finalizes;
+unwinding that through ferroloop's Rust frames aborted the process ("FATAL: exception
+not rethrown", status -6). Each case runs in a subprocess, several times, because where
+the thread is when the interpreter exits varies.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from _util import python_subprocess
+
+# argv: loop name, what the daemon thread's loop is doing when the main thread returns.
+DAEMON_SCRIPT = r"""
+import asyncio, socket, sys, threading, time
+import ferroloop
+
+kind, mode = sys.argv[1], sys.argv[2]
+loop = ferroloop.new_event_loop() if kind == "ferroloop" else asyncio.new_event_loop()
+
+if mode == "submitted":
+    # Coroutines submitted from the main thread, most still queued at exit.
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def work():
+        await asyncio.sleep(0)
+        return sum(range(2000))
+
+    futures = [asyncio.run_coroutine_threadsafe(work(), loop) for _ in range(20000)]
+    print(futures[0].result(), flush=True)
+elif mode == "callbacks":
+    def again():
+        loop.call_soon(again)
+
+    loop.call_soon(again)
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    time.sleep(0.1)
+    print("callbacks", flush=True)
+elif mode == "writing":
+    a, b = socket.socketpair()
+
+    async def write_forever():
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+        while True:
+            transport.write(b"x" * 1000)
+            await asyncio.sleep(0)
+            try:
+                b.recv(100000, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+
+    threading.Thread(target=loop.run_until_complete, args=(write_forever(),), daemon=True).start()
+    time.sleep(0.1)
+    print("writing", flush=True)
+elif mode == "blocked":
+    # A callback blocks past the exit: the process must not wait for it.
+    loop.call_soon(time.sleep, 3)
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    time.sleep(0.1)
+    print("blocked", flush=True)
+"""
+
+EXPECTED = {"submitted": "1999000\n", "callbacks": "callbacks\n", "writing": "writing\n"}
+
+
+@pytest.mark.parametrize("mode", sorted(EXPECTED))
+def test_exit_with_a_busy_loop_in_a_daemon_thread(loop_name, mode):
+    for _ in range(3):
+        proc = python_subprocess(["-c", DAEMON_SCRIPT, loop_name, mode])
+        out, err = proc.communicate(timeout=60)
+        assert (proc.returncode, out) == (0, EXPECTED[mode]), err
+        assert "FATAL" not in err
+
+
+def test_exit_with_a_daemon_loop_blocked_in_a_callback(loop_name):
+    """ferroloop waits a little (250 ms) for the loop to reach its next callback, then
+    exits without it."""
+    start = time.monotonic()
+    proc = python_subprocess(["-c", DAEMON_SCRIPT, loop_name, "blocked"])
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (0, "blocked\n"), err
+    assert time.monotonic() - start < 2.5
