@@ -84,3 +84,24 @@ def test_exit_with_a_daemon_loop_blocked_in_a_callback(loop_name):
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out) == (0, "blocked\n"), err
     assert time.monotonic() - start < 2.5
+
+
+# A loop never closed, with a child still running, is collected while the interpreter
+# finalizes: its close() must neither start a thread (3.10/3.11 block for good, 3.12+
+# raise) nor fail before closing the loop.
+UNCLOSED_WITH_CHILD = r"""
+import asyncio, sys
+import ferroloop
+
+kind = sys.argv[1]
+loop = ferroloop.new_event_loop() if kind == "ferroloop" else asyncio.new_event_loop()
+proc = loop.run_until_complete(asyncio.create_subprocess_exec("sleep", "5"))
+print("exiting", flush=True)
+"""
+
+
+def test_exit_with_an_unclosed_loop_watching_a_child(loop_name):
+    proc = python_subprocess(["-c", UNCLOSED_WITH_CHILD, loop_name])
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (0, "exiting\n"), err
+    assert "Exception ignored" not in err, err

@@ -161,8 +161,10 @@ class Loop(LoopCore, NetworkMixin, ProcessMixin, asyncio.AbstractEventLoop):
         if self.get_debug():
             _logger().debug("Close %r", self)
         try:
-            self._process_close()
-            LoopCore.close(self)
+            try:
+                self._process_close()
+            finally:
+                LoopCore.close(self)
         finally:
             self._executor_shutdown_called = True
             executor = self._default_executor

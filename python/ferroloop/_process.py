@@ -23,6 +23,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 import threading
 from asyncio import base_events, base_subprocess, unix_events
 
@@ -514,7 +515,9 @@ class ProcessMixin:
                 continue
             if pid:
                 _set_popen_returncode(proc, _exitcode(status))
-            else:
+            elif not sys.is_finalizing():
+                # (An unclosed loop collected at exit: no thread can start any more, 3.10
+                # and 3.11 would block for good, so the child is left to init.)
                 threading.Thread(
                     target=proc.wait, name=f"ferroloop-reap-{watch.pid}", daemon=True
                 ).start()
