@@ -242,3 +242,47 @@ def test_getnameinfo_concurrent(loop):
         )
 
     assert run(loop, main()) == [("127.0.0.1", str(1000 + i)) for i in range(50)]
+
+
+# ---- socket.getaddrinfo / getnameinfo replaced -------------------------------------------
+
+
+def test_replaced_socket_functions_are_used(loop, monkeypatch):
+    """asyncio calls whatever ``socket.getaddrinfo`` / ``socket.getnameinfo`` is current
+    (dnspython's override_system_resolver() and test suites replace them); ferroloop's
+    native resolution gives way to a replacement, for names, numeric hosts and the
+    connections that resolve through it."""
+    calls = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def fake_getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        calls.append(host)
+        return real_getaddrinfo("127.0.0.1", port, family, type, proto, flags)
+
+    def fake_getnameinfo(sockaddr, flags):
+        calls.append(sockaddr)
+        return ("fake-name.test", str(sockaddr[1]))
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    async def main():
+        monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+        monkeypatch.setattr(socket, "getnameinfo", fake_getnameinfo)
+        infos = await loop.getaddrinfo(UNRESOLVABLE, port, type=socket.SOCK_STREAM)
+        _reader, writer = await asyncio.open_connection(UNRESOLVABLE, port)
+        writer.close()
+        name = await loop.getnameinfo(("127.0.0.1", 22))
+        monkeypatch.undo()
+        # Put back: resolved natively again (the name cannot resolve).
+        with pytest.raises(socket.gaierror):
+            await loop.getaddrinfo(UNRESOLVABLE, port)
+        return infos[0][4], name
+
+    try:
+        addr, name = run(loop, main())
+    finally:
+        server.close()
+    assert addr == ("127.0.0.1", port)
+    assert name == ("fake-name.test", "22")
+    assert calls == [UNRESOLVABLE, UNRESOLVABLE, ("127.0.0.1", 22)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import concurrent.futures
+import functools
 import socket
 import sys
 import threading
@@ -29,6 +30,19 @@ __all__ = ["Loop", "new_event_loop"]
 
 
 type_of = type
+
+
+def _socket_function(name: str):
+    """The socket module's own ``name`` function, or None if it was already replaced."""
+    fn = getattr(socket, name)
+    return fn if getattr(fn, "__module__", None) == "socket" else None
+
+
+# While these are the socket module's functions, ferroloop resolves natively. A program
+# or library that replaces them (dnspython's override_system_resolver(), tests patching
+# socket.getaddrinfo) gets what asyncio does: the replacement, run in the executor.
+_SOCKET_GETADDRINFO = _socket_function("getaddrinfo")
+_SOCKET_GETNAMEINFO = _socket_function("getnameinfo")
 
 # The native sock_* operations are coroutines as far as asyncio can tell.
 collections.abc.Coroutine.register(_ferroloop._SockOperation)
@@ -320,6 +334,13 @@ class Loop(LoopCore, NetworkMixin, ProcessMixin, asyncio.AbstractEventLoop):
 
         Numeric hosts are answered at once; names are resolved on ferroloop's resolver
         threads without holding the GIL."""
+        if socket.getaddrinfo is not _SOCKET_GETADDRINFO:
+            # Replaced: call it as asyncio does.
+            if self.get_debug():
+                resolve = functools.partial(base_events.BaseEventLoop._getaddrinfo_debug, self)
+            else:
+                resolve = socket.getaddrinfo
+            return await self.run_in_executor(None, resolve, host, port, family, type, proto, flags)
         if not self.get_debug():
             res = self._getaddrinfo(host, port, family, type, proto, flags)
             return res if type_of(res) is list else await res
@@ -348,6 +369,8 @@ class Loop(LoopCore, NetworkMixin, ProcessMixin, asyncio.AbstractEventLoop):
 
     async def getnameinfo(self, sockaddr, flags=0):
         """Asynchronous ``socket.getnameinfo()``: the same result and errors."""
+        if socket.getnameinfo is not _SOCKET_GETNAMEINFO:
+            return await self.run_in_executor(None, socket.getnameinfo, sockaddr, flags)
         res = self._getnameinfo(sockaddr, flags)
         return res if type_of(res) is tuple else await res
 
