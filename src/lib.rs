@@ -17,6 +17,15 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Python 3.12+ refuses to load the module in a sub-interpreter (pyo3 declares no
+    // support). 3.10 and 3.11 would run this again there, and the module's static caches
+    // (types, imported functions) would mix the interpreters' objects: refuse as well.
+    // SAFETY: plain reads of interpreter pointers, GIL held.
+    if unsafe { pyo3::ffi::PyInterpreterState_Get() != pyo3::ffi::PyInterpreterState_Main() } {
+        return Err(pyo3::exceptions::PyImportError::new_err(
+            "ferroloop does not support loading in sub-interpreters",
+        ));
+    }
     sys::watch_forks();
     m.add_class::<event_loop::LoopCore>()?;
     py::fastcall::install(&m.py().get_type::<event_loop::LoopCore>())?;

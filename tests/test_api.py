@@ -331,3 +331,37 @@ def test_main_repl(tmp_path):
     assert "ferroloop" in out
     assert "after await" in out
     assert "asyncio REPL" in err
+
+
+SUBINTERPRETER_SCRIPT = r"""
+import asyncio, sys
+try:
+    import _xxsubinterpreters as interpreters
+except ImportError:
+    raise SystemExit("no _xxsubinterpreters")
+order = sys.argv[1]
+if order == "main-first":
+    import ferroloop
+iid = interpreters.create()
+try:
+    interpreters.run_string(iid, "import ferroloop")
+except interpreters.RunFailedError as exc:
+    print("sub-interpreter:", "ImportError" in str(exc))
+interpreters.destroy(iid)
+import ferroloop
+loop = ferroloop.new_event_loop()
+print("main:", loop.run_until_complete(asyncio.sleep(0.01, "ok")))
+loop.close()
+"""
+
+
+@pytest.mark.parametrize("order", ["main-first", "sub-first"])
+def test_sub_interpreters_cannot_import_ferroloop(order):
+    """ferroloop keeps process-wide caches of Python objects, so a sub-interpreter gets an
+    ImportError (Python 3.12+ refuses the module itself; 3.10 and 3.11 ran it there and
+    mixed the interpreters' objects, which broke the main interpreter's loops)."""
+    proc = python_subprocess(["-c", SUBINTERPRETER_SCRIPT, order])
+    out, err = proc.communicate(timeout=60)
+    if "no _xxsubinterpreters" in err:
+        pytest.skip("this Python has no _xxsubinterpreters")
+    assert (proc.returncode, out) == (0, "sub-interpreter: True\nmain: ok\n"), err
