@@ -286,3 +286,34 @@ def test_replaced_socket_functions_are_used(loop, monkeypatch):
     assert addr == ("127.0.0.1", port)
     assert name == ("fake-name.test", "22")
     assert calls == [UNRESOLVABLE, UNRESOLVABLE, ("127.0.0.1", 22)]
+
+
+NO_THREADS_SCRIPT = r"""
+import asyncio, os, resource, sys
+import concurrent.futures.thread, encodings.idna  # unreadable once unprivileged
+import ferroloop
+
+loop = ferroloop.new_event_loop() if sys.argv[1] == "ferroloop" else asyncio.new_event_loop()
+os.setgid(65534)
+os.setuid(65534)
+resource.setrlimit(resource.RLIMIT_NPROC, (1, resource.getrlimit(resource.RLIMIT_NPROC)[1]))
+try:
+    loop.run_until_complete(loop.getaddrinfo("localhost", 80))
+except Exception as exc:
+    print(type(exc).__name__, exc)
+loop.close()
+"""
+
+
+def test_no_thread_can_start(loop_name):
+    """With no thread allowed (RLIMIT_NPROC), resolving a name fails as asyncio's
+    executor does."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to an unprivileged user with RLIMIT_NPROC")
+    from _util import python_subprocess
+
+    proc = python_subprocess(["-c", NO_THREADS_SCRIPT, loop_name])
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (0, "RuntimeError can't start new thread\n"), err

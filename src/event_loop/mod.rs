@@ -1125,10 +1125,11 @@ impl LoopCore {
             (s.dns_next, s.dns_inbox.clone(), previous)
         });
         drop(previous); // ids are unique: always None
-        if let Err(e) = dns::submit(request, inbox, id) {
+        if dns::submit(request, inbox, id).is_err() {
             let item = slf.get().state.with(py, |s| s.dns_pending.remove(&id));
             drop(item);
-            return Err(errors::from_io(e));
+            // No resolver thread could start: asyncio's executor raises this then.
+            return Err(PyRuntimeError::new_err("can't start new thread"));
         }
         Ok(fut)
     }
