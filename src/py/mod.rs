@@ -345,3 +345,41 @@ fn iscoroutinefunction(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
     })
     .map(|o| o.bind(py))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::HangOnThreadExit;
+    use std::time::Duration;
+
+    #[test]
+    fn hang_guard_lets_a_rust_panic_be_caught() {
+        let caught = std::panic::catch_unwind(|| {
+            let hang = HangOnThreadExit;
+            if std::hint::black_box(true) {
+                panic!("a panic unwinds past the guard");
+            }
+            std::mem::forget(hang);
+        });
+        assert!(caught.is_err());
+    }
+
+    unsafe extern "C-unwind" {
+        fn pthread_exit(value: *mut libc::c_void) -> !;
+    }
+
+    #[test]
+    fn hang_guard_parks_a_thread_that_pthread_exit_unwinds() {
+        // What CPython 3.10-3.13 does to a thread taking the GIL during finalization.
+        // Without the guard the catch_unwind below catches the forced unwind and glibc
+        // aborts the whole test process.
+        let t = std::thread::spawn(|| {
+            let _ = std::panic::catch_unwind(|| {
+                let _hang = HangOnThreadExit;
+                // SAFETY: ends this thread by a forced unwind, which the guard stops.
+                unsafe { pthread_exit(std::ptr::null_mut()) };
+            });
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!t.is_finished(), "the thread ended instead of parking");
+    }
+}
