@@ -105,3 +105,45 @@ def test_exit_with_an_unclosed_loop_watching_a_child(loop_name):
     out, err = proc.communicate(timeout=30)
     assert (proc.returncode, out) == (0, "exiting\n"), err
     assert "Exception ignored" not in err, err
+
+
+# An atexit handler registered before ferroloop is imported runs after ferroloop's own
+# handler, and still gets work done on the daemon thread's loop.
+LATE_ATEXIT_SCRIPT = r"""
+import asyncio, atexit, sys, threading
+
+
+def shutdown():
+    async def last_words():
+        await asyncio.sleep(0.05)
+        return "done"
+
+    future = asyncio.run_coroutine_threadsafe(last_words(), loop)
+    print("handler:", future.result(timeout=10), flush=True)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    print("joined:", not thread.is_alive(), flush=True)
+
+
+atexit.register(shutdown)
+import ferroloop  # noqa: E402  (after the handler, so its own exit handler runs first)
+
+kind = sys.argv[1]
+loop = ferroloop.new_event_loop() if kind == "ferroloop" else asyncio.new_event_loop()
+
+
+def again():
+    loop.call_soon(again)
+
+
+loop.call_soon(again)
+thread = threading.Thread(target=loop.run_forever, daemon=True)
+thread.start()
+print("main done", flush=True)
+"""
+
+
+def test_exit_handler_registered_earlier_still_uses_the_daemon_loop(loop_name):
+    proc = python_subprocess(["-c", LATE_ATEXIT_SCRIPT, loop_name])
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (0, "main done\nhandler: done\njoined: True\n"), err

@@ -143,6 +143,8 @@ pub(crate) struct State {
     pub loop_kwargs: Option<Py<PyDict>>,
     /// `self.call_soon` bound once while the loop runs (see `py::fastcall::SoonDescr`).
     pub soon_bound: Option<Py<PyAny>>,
+    /// While running off the main thread: how the exit handler pauses it (`run::at_exit`).
+    pub exit_entry: Option<std::sync::Arc<run::at_exit::Entry>>,
     /// add_reader / add_writer registrations, by fd.
     pub io: FdMap<IoHandles>,
     /// Descriptors still registered with the reactor after their last handle went:
@@ -475,6 +477,7 @@ impl LoopCore {
                 task_factory: None,
                 loop_kwargs: None,
                 soon_bound: None,
+                exit_entry: None,
                 io: FdMap::default(),
                 idle_fds: FdSet::default(),
                 armed: FdMap::default(),
@@ -660,65 +663,8 @@ impl LoopCore {
         coro: &Bound<'py, PyAny>,
         kwargs: Option<Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        let core = slf.get();
-        core.check_closed(py)?;
-        let factory = core
-            .state
-            .with(py, |s| s.task_factory.as_ref().map(|f| f.clone_ref(py)));
-        let task_cls = import_attr!(py, "asyncio.tasks", "Task")?;
-        if factory.is_none() && kwargs.as_ref().is_none_or(|k| k.is_empty()) {
-            return Self::new_with_loop(slf, task_cls, &PyTuple::new(py, [coro])?);
-        }
-        let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
-        if let Some(f) = factory {
-            return call_task_factory(slf, &f.into_bound(py), coro, kwargs);
-        }
-        // NOTE: Python 3.12 added Task(eager_start=). On older Pythons the loop emulates it:
-        //       Task.__init__ schedules exactly one step with call_soon; the loop takes that
-        //       handle back and runs it now, with the current task swapped out, as 3.12's
-        //       Task.__eager_start does.
-        // NOTE: Python 3.10's Task has no `context` parameter and keeps the context it
-        //       copies out of reach, so a task cannot be made to run in a given context
-        //       (a copy would hide the task's changes from it): a clear error instead.
-        let context_key = pyo3::intern!(py, "context");
-        if py::version(py) < (3, 11)
-            && let Some(c) = kwargs.get_item(context_key)?
-        {
-            if !c.is_none() {
-                return Err(PyTypeError::new_err(
-                    "create_task(context=...) needs Python 3.11 or later: asyncio.Task has \
-                     no context parameter on this Python",
-                ));
-            }
-            kwargs.del_item(context_key)?; // context=None: the same as leaving it out
-        }
-        let mut emulate_eager = false;
-        let eager_key = pyo3::intern!(py, "eager_start");
-        if !kwargs.is_empty()
-            && py::version(py) < (3, 12)
-            && let Some(eager) = kwargs.get_item(eager_key)?
-        {
-            kwargs.del_item(eager_key)?;
-            emulate_eager = eager.is_truthy()? && core.is_running(py);
-        }
-        kwargs.set_item(pyo3::intern!(py, "loop"), slf)?;
-        if !emulate_eager {
-            return task_cls.call((coro,), Some(&kwargs));
-        }
-        let before = core.state.with(py, |s| s.ready.len());
-        let task = task_cls.call((coro,), Some(&kwargs))?;
-        let step = core.state.with(py, |s| {
-            if s.ready.len() == before + 1 {
-                s.ready.pop_last()
-            } else {
-                None
-            }
-        });
-        if let Some(step) = step {
-            run::run_eager_step(slf, step.bind(py))?;
-        }
-        Ok(task)
+        // Runs Python code (the task's registration, an eager first step, a factory).
+        py::hang_on_thread_exit(|| create_task_inner(slf, coro, kwargs))
     }
 
     fn set_task_factory(&self, py: Python<'_>, factory: Py<PyAny>) -> PyResult<()> {
@@ -1241,6 +1187,9 @@ impl LoopCore {
         //       blocks. One wake-up is sent per poll at most.
         let wake = self.state.with(py, |s| {
             s.ready.push(item);
+            if let Some(entry) = &s.exit_entry {
+                entry.resume();
+            }
             if s.polling && !s.wake_pending {
                 s.wake_pending = true;
                 s.registrar.as_ref().map(|r| r.wake())
@@ -1624,4 +1573,71 @@ impl LoopCore {
         //       for directions without a handle are ignored.
         Self::remove_io_fd(slf, fd, read)
     }
+}
+
+/// The body of `LoopCore.create_task` (see there).
+fn create_task_inner<'py>(
+    slf: &Bound<'py, LoopCore>,
+    coro: &Bound<'py, PyAny>,
+    kwargs: Option<Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = slf.py();
+    let core = slf.get();
+    core.check_closed(py)?;
+    let factory = core
+        .state
+        .with(py, |s| s.task_factory.as_ref().map(|f| f.clone_ref(py)));
+    let task_cls = import_attr!(py, "asyncio.tasks", "Task")?;
+    if factory.is_none() && kwargs.as_ref().is_none_or(|k| k.is_empty()) {
+        return LoopCore::new_with_loop(slf, task_cls, &PyTuple::new(py, [coro])?);
+    }
+    let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
+    if let Some(f) = factory {
+        return call_task_factory(slf, &f.into_bound(py), coro, kwargs);
+    }
+    // NOTE: Python 3.12 added Task(eager_start=). On older Pythons the loop emulates it:
+    //       Task.__init__ schedules exactly one step with call_soon; the loop takes that
+    //       handle back and runs it now, with the current task swapped out, as 3.12's
+    //       Task.__eager_start does.
+    // NOTE: Python 3.10's Task has no `context` parameter and keeps the context it
+    //       copies out of reach, so a task cannot be made to run in a given context
+    //       (a copy would hide the task's changes from it): a clear error instead.
+    let context_key = pyo3::intern!(py, "context");
+    if py::version(py) < (3, 11)
+        && let Some(c) = kwargs.get_item(context_key)?
+    {
+        if !c.is_none() {
+            return Err(PyTypeError::new_err(
+                "create_task(context=...) needs Python 3.11 or later: asyncio.Task has \
+                 no context parameter on this Python",
+            ));
+        }
+        kwargs.del_item(context_key)?; // context=None: the same as leaving it out
+    }
+    let mut emulate_eager = false;
+    let eager_key = pyo3::intern!(py, "eager_start");
+    if !kwargs.is_empty()
+        && py::version(py) < (3, 12)
+        && let Some(eager) = kwargs.get_item(eager_key)?
+    {
+        kwargs.del_item(eager_key)?;
+        emulate_eager = eager.is_truthy()? && core.is_running(py);
+    }
+    kwargs.set_item(pyo3::intern!(py, "loop"), slf)?;
+    if !emulate_eager {
+        return task_cls.call((coro,), Some(&kwargs));
+    }
+    let before = core.state.with(py, |s| s.ready.len());
+    let task = task_cls.call((coro,), Some(&kwargs))?;
+    let step = core.state.with(py, |s| {
+        if s.ready.len() == before + 1 {
+            s.ready.pop_last()
+        } else {
+            None
+        }
+    });
+    if let Some(step) = step {
+        run::run_eager_step(slf, step.bind(py))?;
+    }
+    Ok(task)
 }

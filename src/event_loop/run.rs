@@ -42,7 +42,11 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         Ok(false) => core
             .state
             .with(py, |s| s.registrar.as_ref().map(|r| r.waker()))
-            .map(|waker| at_exit::register(tid, waker)),
+            .map(|waker| {
+                let entry = at_exit::register(tid, waker);
+                core.state.with(py, |s| s.exit_entry = Some(entry.clone()));
+                entry
+            }),
         Err(e) => {
             result = result.and(Err(e));
             None
@@ -55,10 +59,7 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             //       wake-up fd installed: it becomes a PanicException after the clean-up.
             //       Python ending this thread at exit parks it instead (HangOnThreadExit).
             let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let hang = py::HangOnThreadExit;
-                let r = run_once(slf, park);
-                std::mem::forget(hang);
-                r
+                py::hang_on_thread_exit(|| run_once(slf, park))
             }))
             .unwrap_or_else(|payload| Err(py::panic_error(payload)));
             if let Err(e) = once {
@@ -71,6 +72,7 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     }
     if let Some(entry) = &exit_entry {
         at_exit::unregister(entry);
+        core.state.with(py, |s| s.exit_entry = None);
     }
     handle::trim_free_lists(py, handle::FREE_IDLE);
     // The bound `call_soon` is kept only while running: a stopped loop refers to itself
@@ -192,7 +194,7 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
         }
     };
     if let Some(entry) = park {
-        entry.park_if_exiting(py);
+        entry.pause_if_exiting(py);
     }
     if !skip_poll {
         let now = crate::sys::monotonic_ns();
@@ -272,7 +274,7 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
             break;
         };
         if let Some(entry) = park {
-            entry.park_if_exiting(py);
+            entry.pause_if_exiting(py);
         }
         let hb = h.bind(py);
         if t.is_cancelled(hb) {
@@ -418,23 +420,26 @@ pub(super) fn run_eager_step(slf: &Bound<'_, LoopCore>, step: &Bound<'_, PyAny>)
 ///
 /// On Python 3.10-3.13, once the interpreter finalizes, a thread other than the main one
 /// that takes the GIL is ended with `pthread_exit`. A loop running in a daemon thread
-/// (`Thread(target=loop.run_forever, daemon=True)`) usually is in the middle of Python code
-/// then, called from Rust under a `catch_unwind`, and that unwind aborts the process
-/// (`py::HangOnThreadExit` covers the frames ferroloop controls, not pyo3's). So
-/// ferroloop's `atexit` handler, which runs before finalization, asks every such loop to
-/// stop at its next callback and waits a little for it: the thread then gives up the GIL
-/// and blocks for good, as Python 3.14 does with such threads itself.
+/// (`Thread(target=loop.run_forever, daemon=True)`) that is busy then is usually in the
+/// middle of Python code called from Rust under a `catch_unwind`, and that unwind aborts
+/// the process (`py::HangOnThreadExit` covers the frames ferroloop controls, not pyo3's
+/// own). A loop waiting in its poll is safe: pyo3 blocks a thread that would re-take the
+/// GIL during finalization. So ferroloop's `atexit` handler, which runs before
+/// finalization, asks every such loop to pause at its next callback, without the GIL, and
+/// waits a little for it. A cross-thread call (`call_soon_threadsafe`, which
+/// `run_coroutine_threadsafe` uses) resumes a paused loop for good, so `atexit` handlers
+/// that run after ferroloop's can still use it.
 // DEVIATION(asyncio): asyncio's loop in a daemon thread runs on until finalization ends
-//   the thread; ferroloop's stops when its atexit handler runs (atexit handlers run last
-//   registered first, so those registered after `import ferroloop` still see it run).
+//   the thread; ferroloop's pauses when its atexit handler runs until something calls
+//   into it from another thread.
 pub(crate) mod at_exit {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Condvar, Mutex};
     use std::time::{Duration, Instant};
 
     use pyo3::prelude::*;
 
-    /// How long the handler waits for the loops to stop (a callback that blocks longer
+    /// How long the handler waits for the loops to pause (a callback that blocks longer
     /// keeps its thread running into finalization).
     const WAIT: Duration = Duration::from_millis(250);
 
@@ -445,14 +450,20 @@ pub(crate) mod at_exit {
     pub struct Entry {
         thread: u64,
         waker: Arc<mio::Waker>,
-        parked: AtomicBool,
+        paused: AtomicBool,
+        resumed: AtomicBool,
+        lock: Mutex<()>,
+        cond: Condvar,
     }
 
     pub fn register(thread: u64, waker: Arc<mio::Waker>) -> Arc<Entry> {
         let entry = Arc::new(Entry {
             thread,
             waker,
-            parked: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            resumed: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            cond: Condvar::new(),
         });
         if let Ok(mut all) = RUNNING.lock() {
             all.push(entry.clone());
@@ -474,23 +485,35 @@ pub(crate) mod at_exit {
     }
 
     impl Entry {
-        /// Blocks this thread for good, without the GIL, once the interpreter exits.
+        /// Pauses this loop's thread, without the GIL, once the interpreter exits.
         #[inline]
-        pub fn park_if_exiting(&self, _py: Python<'_>) {
-            if EXITING.load(Ordering::Relaxed) {
-                self.park()
+        pub fn pause_if_exiting(&self, py: Python<'_>) {
+            if EXITING.load(Ordering::Relaxed) && !self.resumed.load(Ordering::Relaxed) {
+                self.pause(py)
             }
         }
 
         #[cold]
-        fn park(&self) -> ! {
-            self.parked.store(true, Ordering::Release);
-            // SAFETY: the GIL is held (token above) and is given up for good: this thread
-            // never touches Python again, so its thread state is not restored.
-            unsafe { pyo3::ffi::PyEval_SaveThread() };
-            loop {
-                std::thread::park();
+        fn pause(&self, py: Python<'_>) {
+            py.detach(|| {
+                let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.paused.store(true, Ordering::Release);
+                while !self.resumed.load(Ordering::Acquire) {
+                    guard = self.cond.wait(guard).unwrap_or_else(|e| e.into_inner());
+                }
+            });
+            // Resumed: the GIL is back (once finalization began, pyo3 blocks this
+            // thread for good instead of taking it).
+        }
+
+        /// A cross-thread call arrived: run on as usual from now on.
+        pub fn resume(&self) {
+            if !EXITING.load(Ordering::Relaxed) || self.resumed.load(Ordering::Relaxed) {
+                return;
             }
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.resumed.store(true, Ordering::Release);
+            self.cond.notify_all();
         }
     }
 
@@ -511,7 +534,9 @@ pub(crate) mod at_exit {
         }
         py.detach(|| {
             let deadline = Instant::now() + WAIT;
-            while others.iter().any(|e| !e.parked.load(Ordering::Acquire))
+            while others
+                .iter()
+                .any(|e| !e.paused.load(Ordering::Acquire) && !e.resumed.load(Ordering::Acquire))
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(1));

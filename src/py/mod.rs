@@ -272,13 +272,8 @@ pub fn guard(
     py: Python<'_>,
     f: impl FnOnce() -> PyResult<*mut pyo3::ffi::PyObject>,
 ) -> *mut pyo3::ffi::PyObject {
-    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let hang = HangOnThreadExit;
-        let r = f();
-        std::mem::forget(hang);
-        r
-    }))
-    .unwrap_or_else(|payload| Err(panic_error(payload)));
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hang_on_thread_exit(f)))
+        .unwrap_or_else(|payload| Err(panic_error(payload)));
     match res {
         Ok(p) => p,
         Err(e) => {
@@ -299,6 +294,15 @@ pub fn guard(
 /// after: only an unwind that is not a Rust panic drops it, and then the thread blocks
 /// for good, without the GIL, as Python 3.14 itself does with such threads.
 pub struct HangOnThreadExit;
+
+/// Runs `f` with a [`HangOnThreadExit`] alive.
+#[inline(always)]
+pub fn hang_on_thread_exit<R>(f: impl FnOnce() -> R) -> R {
+    let hang = HangOnThreadExit;
+    let r = f();
+    std::mem::forget(hang);
+    r
+}
 
 impl Drop for HangOnThreadExit {
     fn drop(&mut self) {
