@@ -11,6 +11,7 @@ import contextlib
 import os
 import socket
 
+import pytest
 from _net import HOST, RecordingProtocol, run
 
 
@@ -146,6 +147,39 @@ def test_rejected_writelines_leaves_the_transport_usable(loop):
     assert size == 0
 
 
+def test_writelines_takes_any_bytes_like_object(loop):
+    """asyncio joins the list (3.11) or takes a memoryview of each item (3.12+): any
+    object with the buffer protocol goes, and the first item without one raises
+    TypeError with nothing sent."""
+    import array
+
+    async def main():
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.settimeout(5)
+        proto = RecordingProtocol()
+        tr, _ = await loop.connect_accepted_socket(lambda: proto, a)
+        try:
+            tr.writelines(
+                [b"head-", array.array("b", b"ABC"), bytearray(b"-"), memoryview(b"tail")]
+            )
+            try:
+                tr.writelines([b"x", "not bytes", b"y"])
+            except TypeError as exc:
+                refused = str(exc)
+            await asyncio.sleep(0.05)
+            b.setblocking(False)
+            return b.recv(100), refused
+        finally:
+            tr.close()
+            await proto.lost
+            b.close()
+
+    data, refused = run(loop, main())
+    assert data == b"head-ABC-tail"
+    assert "bytes-like object" in refused and "str" in refused
+
+
 def test_transport_has_a_dict(loop):
     async def main():
         a, b = socket.socketpair()
@@ -212,3 +246,28 @@ def test_unclosed_transports_at_interpreter_shutdown(loop_name, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "done\n"
     assert proc.stderr == ""
+
+
+def test_negative_backlog_is_taken_as_listen_takes_it(loop, loop_name):
+    """listen() clamps a negative backlog to 0; the server still accepts."""
+    if loop_name == "asyncio":
+        pytest.skip("asyncio makes the server, which never accepts: range(backlog) is empty")
+
+    async def main():
+        made = loop.create_future()
+
+        class Made(asyncio.Protocol):
+            def connection_made(self, transport):
+                if not made.done():
+                    made.set_result(True)
+                transport.close()
+
+        server = await loop.create_server(Made, HOST, 0, backlog=-5)
+        try:
+            _reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+            writer.close()
+            return await asyncio.wait_for(made, 5)
+        finally:
+            server.close()
+
+    assert run(loop, main())

@@ -60,7 +60,7 @@ impl Acceptor {
         sock: &Bound<'_, PyAny>,
         protocol_factory: &Bound<'_, PyAny>,
         server: &Bound<'_, PyAny>,
-        backlog: usize,
+        backlog: i64,
     ) -> PyResult<Self> {
         let fd: RawFd = sock.call_method0("fileno")?.extract()?;
         let family: i32 = sock.getattr("family")?.extract()?;
@@ -74,7 +74,8 @@ impl Acceptor {
                 server: server.clone().unbind(),
             })),
             fd,
-            backlog: backlog.max(1),
+            // listen() takes a negative backlog as 0; accepting stays possible.
+            backlog: backlog.clamp(1, i64::from(i32::MAX)) as usize,
             unix: family == libc::AF_UNIX,
             nodelay: crate::sys::is_inet(family)
                 && kind == libc::SOCK_STREAM
