@@ -160,6 +160,21 @@ fn attempt<'py>(
         Plan::SendAll(data, pos) => {
             let view = ByteView::new(data.bind(py))?;
             let mut sent = pos;
+            if view.is_empty() {
+                // asyncio still calls send(): a closed or unconnected socket fails.
+                // SAFETY: a zero-length send reads nothing from the pointer.
+                match unsafe { crate::sys::send(fd, view.as_ptr(), 0) } {
+                    Err(e)
+                        if !matches!(
+                            e.kind(),
+                            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                        ) =>
+                    {
+                        return Err(errors::from_io(e));
+                    }
+                    _ => {}
+                }
+            }
             while sent < view.len() {
                 // SAFETY: `view` keeps the buffer exported and alive; `sent < len`.
                 match unsafe { crate::sys::send(fd, view.as_ptr().add(sent), view.len() - sent) } {

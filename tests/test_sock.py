@@ -1028,3 +1028,25 @@ def test_sock_sendfile_datagram_socket(loop, udp_pair, data_file):
     f, _ = data_file
     with pytest.raises(ValueError, match=r"^only SOCK_STREAM type sockets are supported$"):
         run(loop, loop.sock_sendfile(a, f))
+
+
+def test_sock_sendall_of_nothing_still_sends(loop):
+    """asyncio calls send() even for empty data, so a closed or an unconnected socket
+    fails."""
+
+    async def main():
+        closed = socket.socket()
+        closed.setblocking(False)
+        closed.close()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.setblocking(False)
+        errors = []
+        for sock in (closed, udp):
+            try:
+                await loop.sock_sendall(sock, b"")
+            except OSError as exc:
+                errors.append(exc.errno)
+        udp.close()
+        return errors
+
+    assert run(loop, main()) == [errno.EBADF, errno.EDESTADDRREQ]
