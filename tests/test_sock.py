@@ -1050,3 +1050,16 @@ def test_sock_sendall_of_nothing_still_sends(loop):
         return errors
 
     assert run(loop, main()) == [errno.EBADF, errno.EDESTADDRREQ]
+
+
+def test_sock_recvfrom_into_negative_nbytes(loop):
+    async def main():
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        a.setblocking(False)
+        try:
+            with pytest.raises(ValueError, match="negative buffersize"):
+                await loop.sock_recvfrom_into(a, bytearray(10), -1)
+        finally:
+            a.close()
+
+    run(loop, main())

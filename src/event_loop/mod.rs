@@ -853,10 +853,14 @@ impl LoopCore {
         slf: &Bound<'_, Self>,
         sock: &Bound<'_, PyAny>,
         buf: &Bound<'_, PyAny>,
-        nbytes: usize,
+        nbytes: i64,
     ) -> PyResult<sock::SockOperation> {
-        // asyncio: `if not nbytes: nbytes = len(buf)`.
-        let nbytes = if nbytes == 0 { buf.len()? } else { nbytes };
+        // asyncio: `if not nbytes: nbytes = len(buf)`; the socket checks the rest.
+        let nbytes = if nbytes == 0 {
+            buf.len()? as i64
+        } else {
+            nbytes
+        };
         let nbytes = nbytes.into_pyobject(slf.py())?.into_any();
         let op = sock::call_op("recvfrom_into", &[buf, &nbytes], sock::Dir::Read);
         Ok(sock::SockOperation::new(
