@@ -340,6 +340,9 @@ def test_write_buffer_limits(loop):
             with pytest.raises(ValueError) as info:
                 tr.set_write_buffer_limits(high=-4)
             assert str(info.value) == "high (-4) must be >= low (-1) must be >= 0"
+            with pytest.raises(ValueError) as info:  # low is high // 4: floor division
+                tr.set_write_buffer_limits(high=-1)
+            assert str(info.value) == "high (-1) must be >= low (-1) must be >= 0"
             assert tr.get_write_buffer_limits() == (16 * 1024, 64 * 1024)
 
     run(loop, main())

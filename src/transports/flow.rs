@@ -64,7 +64,7 @@ pub fn limits(
         (None, None) => DEFAULT_HIGH,
         (None, Some(l)) => 4 * l,
     };
-    let low = low.unwrap_or(high / 4);
+    let low = low.unwrap_or(high.div_euclid(4)); // Python's floor division
     if !(high >= low && low >= 0) {
         return Err(PyValueError::new_err(format!(
             "high ({high}) must be >= low ({low}) must be >= 0"
