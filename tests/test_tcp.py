@@ -631,6 +631,29 @@ def test_buffered_protocol_empty_buffer(loop, loop_errors):
     assert context["protocol"] is c.server_proto
 
 
+@pytest.mark.parametrize(
+    "unusable", [b"read-only", "text", memoryview(bytearray(10))[::2]], ids=repr
+)
+def test_buffered_protocol_unusable_buffer(loop, loop_errors, unusable):
+    """A buffer recv_into() cannot fill: asyncio's recv_into() raises TypeError, a read
+    error that loses the connection."""
+
+    class Unusable(Buffered):
+        def get_buffer(self, sizehint):
+            return unusable
+
+    async def main():
+        async with tcp_conn(loop, server_factory=Unusable) as c:
+            c.client_tr.write(b"data")
+            return await c.server_proto.lost
+
+    exc = run(loop, main())
+    assert isinstance(exc, TypeError)
+    assert str(exc).startswith("recv_into() argument 1 must be read-write bytes-like object")
+    assert [c["message"] for c in loop_errors] == ["Fatal read error on socket transport"]
+    loop_errors.clear()
+
+
 def test_peer_reset(loop, loop_errors):
     """An RST from the peer: connection_lost(ConnectionResetError); OSErrors are not
     reported to the exception handler."""

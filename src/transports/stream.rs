@@ -735,10 +735,9 @@ impl StreamCore {
                         "get_buffer() returned an empty buffer",
                     ));
                 }
-                let view = WritableView::new(&buf)?;
-                Ok((buf, view))
+                Ok(buf)
             });
-        let (buf, mut view) = match got {
+        let buf = match got {
             Ok(v) => v,
             Err(e) if is_fatal_passthrough(&e, py) => return Err(e),
             Err(e) => {
@@ -747,6 +746,17 @@ impl StreamCore {
                     e,
                     "Fatal error: protocol.get_buffer() call failed.",
                 );
+            }
+        };
+        let mut view = match WritableView::new(&buf) {
+            Ok(v) => v,
+            Err(_) => {
+                // What asyncio's `sock.recv_into(buf)` raises for it: a read error.
+                let e = PyTypeError::new_err(format!(
+                    "recv_into() argument 1 must be read-write bytes-like object, not {}",
+                    buf.get_type().name()?
+                ));
+                return Self::fatal_error(slf, e, "Fatal read error on socket transport");
             }
         };
         let (fd, sock) = core.with(py, |s| (s.fd, s.kind == Kind::Socket));
