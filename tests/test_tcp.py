@@ -234,6 +234,10 @@ def test_write_eof(loop):
             # Writing nothing is also refused after write_eof().
             with pytest.raises(RuntimeError):
                 c.client_tr.write(b"")
+            # writelines() is write(b"".join(...)) before 3.12, a method of its own after.
+            name = "writelines" if sys.version_info >= (3, 12) else "write"
+            with pytest.raises(RuntimeError, match=rf"^Cannot call {name}\(\) after write_eof"):
+                c.client_tr.writelines([b"more"])
             await c.server_proto.eof
             assert bytes(c.server_proto.data) == b"data"
             # Reading still works after write_eof().

@@ -1100,15 +1100,21 @@ impl StreamCore {
         let items: Vec<Bound<'_, PyAny>> = list_of_data.try_iter()?.collect::<PyResult<_>>()?;
         let (kind, eof, sendfile) = core.with(py, |s| (s.kind, s.eof, s.empty_waiter.is_some()));
         if kind == Kind::Socket {
+            // Before 3.12 asyncio's writelines() is write(b''.join(...)): its messages.
+            let joined = py::version(py) < (3, 12);
             if eof {
-                return Err(PyRuntimeError::new_err(
-                    "Cannot call writelines() after write_eof()",
-                ));
+                return Err(PyRuntimeError::new_err(if joined {
+                    "Cannot call write() after write_eof()"
+                } else {
+                    "Cannot call writelines() after write_eof()"
+                }));
             }
             if sendfile {
-                return Err(PyRuntimeError::new_err(
-                    "unable to writelines; sendfile is in progress",
-                ));
+                return Err(PyRuntimeError::new_err(if joined {
+                    "unable to write; sendfile is in progress"
+                } else {
+                    "unable to writelines; sendfile is in progress"
+                }));
             }
         }
         // NOTE: one vectored write for the lot when the queue is empty, instead of
