@@ -117,17 +117,28 @@ def test_datagram_protocol_error_does_not_stall_the_queue(loop, loop_errors):
     loop_errors.clear()
 
 
+@contextlib.asynccontextmanager
+async def _accepted_pair(loop):
+    """A transport on one end of a socket pair, and the other end (5 s timeout)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.settimeout(5)
+    proto = RecordingProtocol()
+    tr, _ = await loop.connect_accepted_socket(lambda: proto, a)
+    try:
+        yield tr, b
+    finally:
+        tr.close()
+        await proto.lost
+        b.close()
+
+
 def test_rejected_writelines_leaves_the_transport_usable(loop):
     """writelines() with an item that is not bytes-like raises and queues nothing; later
     writes go through."""
 
     async def main():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.settimeout(5)
-        proto = RecordingProtocol()
-        tr, _ = await loop.connect_accepted_socket(lambda: proto, a)
-        try:
+        async with _accepted_pair(loop) as (tr, b):
             bad = [b"first", memoryview(b"xxxx")[::2], b"last"]  # non-contiguous view
             try:
                 tr.writelines(bad)
@@ -137,10 +148,6 @@ def test_rejected_writelines_leaves_the_transport_usable(loop):
             await asyncio.sleep(0.05)
             data = b.recv(100)
             return data, tr.get_write_buffer_size()
-        finally:
-            tr.close()
-            await proto.lost
-            b.close()
 
     data, size = run(loop, main())
     assert data.endswith(b"after")
@@ -154,12 +161,7 @@ def test_writelines_takes_any_bytes_like_object(loop):
     import array
 
     async def main():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.settimeout(5)
-        proto = RecordingProtocol()
-        tr, _ = await loop.connect_accepted_socket(lambda: proto, a)
-        try:
+        async with _accepted_pair(loop) as (tr, b):
             tr.writelines(
                 [b"head-", array.array("b", b"ABC"), bytearray(b"-"), memoryview(b"tail")]
             )
@@ -170,10 +172,6 @@ def test_writelines_takes_any_bytes_like_object(loop):
             await asyncio.sleep(0.05)
             b.setblocking(False)
             return b.recv(100), refused
-        finally:
-            tr.close()
-            await proto.lost
-            b.close()
 
     data, refused = run(loop, main())
     assert data == b"head-ABC-tail"
