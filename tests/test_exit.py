@@ -56,6 +56,30 @@ elif mode == "writing":
     threading.Thread(target=loop.run_until_complete, args=(write_forever(),), daemon=True).start()
     time.sleep(0.1)
     print("writing", flush=True)
+elif mode == "datagrams":
+    # A UDP echo endpoint busy with datagrams the main thread keeps sending.
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data, addr)
+
+    async def serve():
+        transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        return transport.get_extra_info("sockname")
+
+    addr = loop.run_until_complete(serve())
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setblocking(False)
+    for _ in range(20000):
+        try:
+            client.sendto(b"x" * 100, addr)
+            client.recv(1000)
+        except BlockingIOError:
+            pass
+    print("datagrams", flush=True)
 elif mode == "blocked":
     # A callback blocks past the exit: the process must not wait for it.
     loop.call_soon(time.sleep, 3)
@@ -64,7 +88,12 @@ elif mode == "blocked":
     print("blocked", flush=True)
 """
 
-EXPECTED = {"submitted": "1999000\n", "callbacks": "callbacks\n", "writing": "writing\n"}
+EXPECTED = {
+    "submitted": "1999000\n",
+    "callbacks": "callbacks\n",
+    "writing": "writing\n",
+    "datagrams": "datagrams\n",
+}
 
 
 @pytest.mark.parametrize("mode", sorted(EXPECTED))

@@ -82,7 +82,8 @@ pub fn call_protocol_hook(
     transport: &Bound<'_, PyAny>,
     hook: &str,
 ) -> PyResult<()> {
-    let Err(e) = protocol.call_method0(hook) else {
+    // Python code inside a pyo3 method (write() pausing the protocol): see HangOnThreadExit.
+    let Err(e) = crate::py::hang_on_thread_exit(|| protocol.call_method0(hook)) else {
         return Ok(());
     };
     report_hook_error(py, lp, protocol, transport, hook, e)
