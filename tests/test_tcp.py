@@ -264,6 +264,23 @@ def test_write_after_close_is_ignored(loop):
     run(loop, main())
 
 
+def test_is_closing_takes_no_arguments(loop):
+    # ferroloop answers a plain is_closing() without a method call; anything else must
+    # still be the TypeError asyncio's method raises.
+    async def main():
+        async with tcp_conn(loop) as c:
+            assert c.client_tr.is_closing() is False
+            with pytest.raises(TypeError):
+                c.client_tr.is_closing(True)
+            with pytest.raises(TypeError):
+                c.client_tr.is_closing(closing=True)
+            c.client_tr.close()
+            assert c.client_tr.is_closing() is True
+            await c.client.lost
+
+    run(loop, main())
+
+
 def test_connection_lost_called_once(loop):
     async def main():
         async with tcp_conn(loop) as c:

@@ -1013,10 +1013,15 @@ impl LoopCore {
             .state
             .with(py, |s| s.loop_kwargs.as_ref().map(|d| d.clone_ref(py)))
             .map(|d| d.into_bound(py))
-            // SAFETY: reading a live dict's size and one item (borrowed), GIL held.
+            // SAFETY: reading a live dict's size and its only item (borrowed), GIL held.
+            // Its key is compared by identity with the interned "loop" it was made with:
+            // cheaper than a lookup, and any other key means the dict was changed.
             .filter(|d| unsafe {
+                let (mut pos, mut k, mut v) = (0, std::ptr::null_mut(), std::ptr::null_mut());
                 pyo3::ffi::PyDict_Size(d.as_ptr()) == 1
-                    && pyo3::ffi::PyDict_GetItem(d.as_ptr(), key.as_ptr()) == slf.as_ptr()
+                    && pyo3::ffi::PyDict_Next(d.as_ptr(), &mut pos, &mut k, &mut v) != 0
+                    && k == key.as_ptr()
+                    && v == slf.as_ptr()
             });
         let kwargs = match kwargs {
             Some(d) => d,

@@ -36,6 +36,28 @@ pub struct Forward {
     pub func: ffi::PyCFunctionFastWithKeywords,
 }
 
+/// A method's name as an interned Python string, made on first use: the forwarder looks
+/// the core's method up by it on every call.
+pub struct MethodName {
+    text: &'static str,
+    cell: pyo3::sync::PyOnceLock<Py<PyString>>,
+}
+
+impl MethodName {
+    pub const fn new(text: &'static str) -> Self {
+        MethodName {
+            text,
+            cell: pyo3::sync::PyOnceLock::new(),
+        }
+    }
+
+    fn get<'py>(&self, py: Python<'py>) -> &Bound<'py, PyString> {
+        self.cell
+            .get_or_init(py, || PyString::intern(py, self.text).unbind())
+            .bind(py)
+    }
+}
+
 /// Declares C entry points that forward a wrapper method to its core, and the table
 /// listing them.
 macro_rules! forward_methods {
@@ -51,9 +73,11 @@ macro_rules! forward_methods {
                     // SAFETY: installed as a METH_FASTCALL|METH_KEYWORDS method of a
                     // wrapper type, so CPython passes a valid vectorcall frame.
                     unsafe {
+                        static NAME: $crate::py::transport_type::MethodName =
+                            $crate::py::transport_type::MethodName::new(stringify!($name));
                         $crate::py::transport_type::forward(
                             slf,
-                            stringify!($name),
+                            &NAME,
                             args,
                             nargsf,
                             kwnames,
@@ -291,7 +315,7 @@ pub unsafe fn core_of(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<Bound
 /// Called by CPython as a METH_FASTCALL|METH_KEYWORDS method of a wrapper type.
 pub unsafe fn forward(
     slf: *mut ffi::PyObject,
-    name: &'static str,
+    name: &'static MethodName,
     args: *const *mut ffi::PyObject,
     nargsf: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
@@ -321,7 +345,7 @@ pub unsafe fn forward(
             for i in 0..total {
                 frame[i + 1] = *args.add(i);
             }
-            let name = PyString::intern(py, name);
+            let name = name.get(py);
             let r = ffi::PyObject_VectorcallMethod(
                 name.as_ptr(),
                 frame.as_ptr(),

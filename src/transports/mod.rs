@@ -17,7 +17,7 @@ use pyo3::types::{PyDict, PyType};
 use crate::errors;
 use crate::event_loop::LoopCore;
 use crate::py::import_attr;
-use crate::py::transport_type::{self, WrapperType, forward_methods};
+use crate::py::transport_type::{self, MethodName, WrapperType, forward_methods};
 
 forward_methods!(STREAM_METHODS:
     write, writelines, write_eof, can_write_eof, get_write_buffer_size,
@@ -101,12 +101,12 @@ impl<'a> Args<'a> {
 /// instance and `args` / `nargsf` / `kwnames` a valid vectorcall frame.
 unsafe fn direct(
     slf: *mut pyo3::ffi::PyObject,
-    name: &'static str,
+    name: &'static MethodName,
     args: *const *mut pyo3::ffi::PyObject,
     nargsf: pyo3::ffi::Py_ssize_t,
     kwnames: *mut pyo3::ffi::PyObject,
     accepted: std::ops::RangeInclusive<isize>,
-    body: impl FnOnce(&Bound<'_, PyAny>, Args<'_>) -> PyResult<()>,
+    body: impl for<'py> FnOnce(&Bound<'py, PyAny>, Args<'py>) -> PyResult<Bound<'py, PyAny>>,
 ) -> *mut pyo3::ffi::PyObject {
     // SAFETY: guaranteed by the caller.
     unsafe {
@@ -117,14 +117,14 @@ unsafe fn direct(
         let py = Python::assume_attached();
         crate::py::guard(py, || {
             let core = transport_type::core_of(py, slf)?;
-            body(
+            let result = body(
                 &core,
                 Args {
                     py,
                     argv: std::slice::from_raw_parts(args, nargs as usize),
                 },
             )?;
-            Ok(pyo3::ffi::Py_NewRef(pyo3::ffi::Py_None()))
+            Ok(result.into_ptr())
         })
     }
 }
@@ -140,9 +140,11 @@ unsafe extern "C" fn stream_write(
     // SAFETY: installed as a METH_FASTCALL|METH_KEYWORDS method of the stream wrapper
     // types, so CPython passes a wrapper instance and a valid vectorcall frame.
     unsafe {
-        direct(slf, "write", args, nargsf, kwnames, 1..=1, |core, argv| {
+        static NAME: MethodName = MethodName::new("write");
+        direct(slf, &NAME, args, nargsf, kwnames, 1..=1, |core, argv| {
             let data = argv.get(0).expect("one argument");
-            stream::StreamCore::write(core.cast::<stream::StreamCore>()?, &data)
+            stream::StreamCore::write(core.cast::<stream::StreamCore>()?, &data)?;
+            Ok(core.py().None().into_bound(core.py()))
         })
     }
 }
@@ -157,10 +159,32 @@ unsafe extern "C" fn datagram_sendto(
 ) -> *mut pyo3::ffi::PyObject {
     // SAFETY: as `stream_write`, for the datagram wrapper type.
     unsafe {
-        direct(slf, "sendto", args, nargsf, kwnames, 1..=2, |core, argv| {
+        static NAME: MethodName = MethodName::new("sendto");
+        direct(slf, &NAME, args, nargsf, kwnames, 1..=2, |core, argv| {
+            let py = core.py();
             let core = core.cast::<datagram::DatagramCore>()?;
             let data = argv.get(0).expect("at least one argument");
-            datagram::DatagramCore::sendto(core, &data, argv.get(1))
+            datagram::DatagramCore::sendto(core, &data, argv.get(1))?;
+            Ok(py.None().into_bound(py))
+        })
+    }
+}
+
+/// `transport.is_closing()` of a stream transport without the forwarder's method call
+/// (`StreamWriter.drain()` asks it every time).
+unsafe extern "C" fn stream_is_closing(
+    slf: *mut pyo3::ffi::PyObject,
+    args: *const *mut pyo3::ffi::PyObject,
+    nargsf: pyo3::ffi::Py_ssize_t,
+    kwnames: *mut pyo3::ffi::PyObject,
+) -> *mut pyo3::ffi::PyObject {
+    // SAFETY: as `stream_write`, for every stream wrapper type (TCP, Unix, pipes).
+    unsafe {
+        static NAME: MethodName = MethodName::new("is_closing");
+        direct(slf, &NAME, args, nargsf, kwnames, 0..=0, |core, _| {
+            let py = core.py();
+            let closing = core.cast::<stream::StreamCore>()?.get().is_closing(py);
+            Ok(pyo3::types::PyBool::new(py, closing).to_owned().into_any())
         })
     }
 }
@@ -170,11 +194,21 @@ static DATAGRAM_DIRECT: &[transport_type::Forward] = &[transport_type::Forward {
     func: datagram_sendto,
 }];
 
-static STREAM_DIRECT: &[transport_type::Forward] = &[transport_type::Forward {
-    name: c"write",
-    func: stream_write,
-}];
+static STREAM_DIRECT: &[transport_type::Forward] = &[
+    transport_type::Forward {
+        name: c"write",
+        func: stream_write,
+    },
+    transport_type::Forward {
+        name: c"is_closing",
+        func: stream_is_closing,
+    },
+];
 static WRITE_PIPE_DIRECT: &[transport_type::Forward] = STREAM_DIRECT;
+static READ_PIPE_DIRECT: &[transport_type::Forward] = &[transport_type::Forward {
+    name: c"is_closing",
+    func: stream_is_closing,
+}];
 
 /// The Python-visible transport classes.
 pub struct Types {
@@ -224,7 +258,7 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
                 c"ferroloop.ReadPipeTransport",
                 c"The read end of a pipe (an asyncio.ReadTransport).",
                 READ_PIPE_METHODS,
-                &[],
+                READ_PIPE_DIRECT,
                 false,
             )?,
             write_pipe: transport_type::make_type(

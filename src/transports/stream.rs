@@ -1338,7 +1338,7 @@ impl StreamCore {
         Self::fatal_error(slf, PyErr::from_value(exc.clone()), message)
     }
 
-    fn is_closing(&self, py: Python<'_>) -> bool {
+    pub(crate) fn is_closing(&self, py: Python<'_>) -> bool {
         self.with(py, |s| s.closing)
     }
 
