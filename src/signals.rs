@@ -60,6 +60,36 @@ impl SignalState {
         })
     }
 
+    /// After `fork()`: a wake-up socket pair of this process's own, registered with
+    /// `registrar` (the inherited pair is shared with the parent, whose loop would read
+    /// this process's signals). Returns the old pair for the caller to drop, which closes
+    /// only this process's copies. A closed loop keeps none.
+    pub fn reopen(
+        &mut self,
+        registrar: &Registrar,
+    ) -> io::Result<(Option<UnixStream>, Option<UnixStream>)> {
+        if self.read.is_none() {
+            return Ok((None, None));
+        }
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        registrar.register_token(read.as_raw_fd(), SIGNAL_TOKEN, true, false)?;
+        if let Some(w) = &self.write {
+            forget_wake_fd(w.as_raw_fd());
+        }
+        if let Ok(mut fds) = WAKE_FDS.lock() {
+            fds.push(write.as_raw_fd());
+        }
+        Ok((self.read.replace(read), self.write.replace(write)))
+    }
+
+    /// Whether this loop wants its wake-up fd installed now: it has signal handlers, or
+    /// `run_forever` installed it for its duration.
+    fn wants_wakeup_fd(&self) -> bool {
+        !self.handlers.is_empty() || self.saved_wakeup_fd.is_some()
+    }
+
     fn write_fd(&self) -> Option<RawFd> {
         self.write.as_ref().map(|w| w.as_raw_fd())
     }
@@ -345,6 +375,29 @@ pub(crate) fn enter_run(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             Ok(())
         }
         // Not the main interpreter, or signals unavailable: run without wake-ups.
+        Err(e) if e.is_instance_of::<PyValueError>(py) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// After the loop got a new wake-up socket in a forked child (`LoopCore::rehome_if_forked`):
+/// installs it where the old one was wanted. The child's copy of the old one was dropped
+/// at the fork (`_after_fork_child`); a wake-up fd installed since is left in place.
+pub(crate) fn after_rehome(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+    let py = slf.py();
+    let (wants, wfd) = slf
+        .get()
+        .state
+        .with(py, |s| (s.signals.wants_wakeup_fd(), s.signals.write_fd()));
+    let Some(wfd) = wfd.filter(|_| wants) else {
+        return Ok(());
+    };
+    if !on_main_thread(py)? {
+        return Ok(());
+    }
+    match set_wakeup_fd(py, wfd as i64) {
+        Ok(prev) if prev != -1 => set_wakeup_fd(py, prev).map(drop),
+        Ok(_) => Ok(()),
         Err(e) if e.is_instance_of::<PyValueError>(py) => Ok(()),
         Err(e) => Err(e),
     }

@@ -1349,6 +1349,7 @@ impl LoopCore {
         let py = slf.py();
         let core = slf.get();
         core.check_closed(py)?;
+        Self::rehome_if_forked(slf)?;
         let handle = Self::new_handle(slf, callback, args, None, None, None)?;
         let item = OwnedHandle::new(&handle);
         // NOTE: made here, outside the state borrow (it allocates). CPython hands out the
@@ -1462,6 +1463,55 @@ impl LoopCore {
             s.io.get(&fd)
                 .map_or((false, false), |e| (e.reader.is_some(), e.writer.is_some()))
         })
+    }
+
+    /// A child made by `fork()` shares the loop's epoll instance, its cross-thread waker
+    /// and its signal wake-up socket with the parent. Edge-triggered events on a shared
+    /// instance go to whichever process polls first, so a child that runs the loop (or
+    /// starts watching a descriptor) first gets its own, as libuv's `uv_loop_fork` does:
+    /// a new epoll instance and waker, every watched descriptor registered with it, a new
+    /// signal socket. The parent's loop is not touched; the inherited copies are closed
+    /// here, which leaves the parent's registrations alone.
+    pub(crate) fn rehome_if_forked(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let core = slf.get();
+        if !core
+            .state
+            .with(py, |s| s.registrar.as_ref().is_some_and(|r| r.is_stale()))
+        {
+            return Ok(());
+        }
+        let (poller, registrar) = Poller::new().map_err(errors::from_io)?;
+        let old_poller = {
+            let mut guard = core
+                .poller
+                .lock()
+                .map_err(|_| PyRuntimeError::new_err("event loop poller is poisoned"))?;
+            guard.replace(poller)
+        };
+        let old = core.state.with(py, |s| {
+            let waker = registrar.waker();
+            let old_registrar = s.registrar.replace(registrar);
+            let reg = s.registrar.as_ref().expect("just set");
+            // NOTE: a descriptor closed behind the loop's back fails to register here;
+            //       as after a failed re-arm, that surfaces at its next add or remove.
+            for (fd, e) in s.io.iter() {
+                let _ = reg.register(fd, e.reader.is_some(), e.writer.is_some());
+            }
+            // Registrations without handles were the shared instance's only.
+            s.idle_fds.clear();
+            s.rearm.clear();
+            let armed = std::mem::take(&mut s.armed);
+            let sockets = s.signals.reopen(reg);
+            // Resolver threads are the parent's (see `dns`): the child's answers come
+            // through an inbox that wakes its own poll.
+            let inbox = std::mem::replace(&mut s.dns_inbox, dns::Inbox::new(&waker));
+            (old_registrar, armed, sockets, inbox)
+        });
+        let (old_registrar, armed, sockets, inbox) = old;
+        drop((old_poller, old_registrar, armed, inbox));
+        drop(sockets.map_err(errors::from_io)?);
+        crate::signals::after_rehome(slf)
     }
 
     /// A native transport is about to close `fd`: drop its handles and its epoll

@@ -31,6 +31,7 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             "This event loop is already running",
         ));
     }
+    LoopCore::rehome_if_forked(slf)?;
     let tid = py::thread_ident();
     core.state.with(py, |s| {
         s.thread_id = Some(tid);
@@ -117,7 +118,7 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
     }
     drop(removed);
 
-    let (timeout, skip_poll) = core.state.with(py, |s| {
+    let (timeout, skip_poll, forked) = core.state.with(py, |s| {
         let timeout = if !s.ready.is_empty() || s.stopping || !s.redispatch.is_empty() {
             Some(0.0)
         } else {
@@ -137,7 +138,11 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
             && !s.stopping
             && s.io.is_empty()
             && crate::sys::monotonic_ns().saturating_sub(s.last_poll_ns) < SKIP_POLL_NS;
-        if !skip && let Some(reg) = s.registrar.as_ref() {
+        let forked = s.registrar.as_ref().is_some_and(|r| r.is_stale());
+        if !skip
+            && !forked
+            && let Some(reg) = s.registrar.as_ref()
+        {
             // Level-triggered semantics: descriptors dispatched since the last poll are
             // re-armed now if they still have handles, so epoll reports them again while
             // they stay ready (see the reactor's module note). A failure (fd closed behind
@@ -154,8 +159,12 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
             }
         }
         s.polling = timeout != Some(0.0);
-        (timeout, skip)
+        (timeout, skip, forked)
     });
+    if forked {
+        // A callback forked and this is the child, still running the loop.
+        LoopCore::rehome_if_forked(slf)?;
+    }
 
     let mut events: Vec<Readiness> = Vec::new();
     let polled = if skip_poll {

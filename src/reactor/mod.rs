@@ -132,11 +132,19 @@ impl Registrar {
         //   parent, and the descriptors it inherited are the parent's too: removing one (a
         //   transport or the loop closed or collected in the child, even at its exit)
         //   would stop the parent's loop hearing from it. asyncio's selector removes them.
-        //   The child's own descriptors leave the instance when it closes them.
-        if crate::sys::fork_generation() != self.generation {
+        //   A child that uses the loop first gives it an epoll instance of its own
+        //   (`LoopCore::rehome_if_forked`); one that only closes things ends up here.
+        if self.is_stale() {
             return Ok(());
         }
         self.registry.deregister(&mut SourceFd(&fd))
+    }
+
+    /// Whether this registrar was made before a `fork()`: its epoll instance and waker
+    /// are then shared with the parent process (see `LoopCore::rehome_if_forked`).
+    #[inline]
+    pub fn is_stale(&self) -> bool {
+        crate::sys::fork_generation() != self.generation
     }
 
     /// The waker, for threads that deliver work to the loop without the GIL.
