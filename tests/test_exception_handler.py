@@ -307,3 +307,57 @@ def line_of(fn) -> int:
 
 def current_line() -> int:
     return sys._getframe(1).f_lineno
+
+
+class _FailingProtocol(asyncio.Protocol):
+    def data_received(self, data):
+        raise KeyError("data_received")
+
+
+def test_custom_handler_runs_while_the_exception_is_handled(loop):
+    """asyncio calls the exception handler from the `except` block that caught the
+    error: `sys.exc_info()` is that exception there, so a handler's `logger.exception()`
+    or `traceback.print_exc()` shows it, and an error the handler raises chains to it.
+    ferroloop's handler used to run with no exception active."""
+    seen = []
+
+    def handler(lp, ctx):
+        seen.append(sys.exc_info()[1])
+        if len(seen) == 2:
+            raise RuntimeError("handler broke")
+
+    async def main():
+        loop.set_exception_handler(handler)
+        loop.call_soon(boom)
+        await asyncio.sleep(0.01)
+        loop.call_later(0.001, boom)  # this time the handler raises
+        await asyncio.sleep(0.05)
+        server = await loop.create_server(_FailingProtocol, "127.0.0.1", 0)
+        r, w = await asyncio.open_connection(*server.sockets[0].getsockname())
+        w.write(b"x")
+        await r.read()  # the failing transport is closed
+        w.close()
+        server.close()
+        await server.wait_closed()
+        # Nothing is left handled afterwards.
+        return sys.exc_info()[1]
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("asyncio")
+    collector = Collect()
+    logger.addHandler(collector)
+    try:
+        assert loop.run_until_complete(main()) is None
+    finally:
+        logger.removeHandler(collector)
+    assert [type(e) for e in seen] == [ZeroDivisionError, ZeroDivisionError, KeyError]
+    assert str(seen[2]) == "'data_received'"
+    (record,) = [r for r in records if r.getMessage().startswith("Unhandled error")]
+    raised = record.exc_info[1]
+    assert isinstance(raised, RuntimeError)
+    assert raised.__context__ is seen[1]

@@ -311,6 +311,55 @@ def test_tls_server_handshake_timeout(loop, server_ctx, loop_errors):
     assert loop_errors == []
 
 
+def test_tls_server_handshake_cancelled_keeps_the_descriptor_number_it_frees(
+    loop, server_ctx, loop_errors
+):
+    """Cancelling the server's handshake task: the transport closes the accepted socket
+    when its connection is lost, an iteration later. ferroloop also closed it at once,
+    so a descriptor made in between got the number, and the transport's clean-up then
+    dropped that descriptor's reader."""
+    loop.set_debug(False)
+
+    async def main():
+        server = await loop.create_server(asyncio.Protocol, HOST, 0, ssl=server_ctx)
+        # Never starts the TLS handshake: the server's task waits for it.
+        client = socket.create_connection(server.sockets[0].getsockname())
+        try:
+            for _ in range(200):
+                handshakes = [
+                    t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_accept_connection2"
+                ]
+                if handshakes:
+                    break
+                await asyncio.sleep(0.005)
+            assert handshakes
+            got = loop.create_future()
+            pairs = []
+
+            def watch_a_new_socket():
+                a, b = socket.socketpair()
+                pairs.append((a, b))
+                loop.add_reader(a, lambda: got.done() or got.set_result(a.recv(10)))
+                b.send(b"ping")
+
+            for t in handshakes:
+                t.cancel()
+            loop.call_soon(watch_a_new_socket)
+            try:
+                return await asyncio.wait_for(got, 5)
+            finally:
+                for a, b in pairs:
+                    loop.remove_reader(a)
+                    a.close()
+                    b.close()
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+
+    assert run(loop, main()) == b"ping"
+
+
 def test_tls_cancelled_during_handshake(loop, loop_errors):
     """Cancelled while the handshake is pending: the raw connection is closed; the
     protocol (made by the factory before the handshake) never sees connection_made()."""

@@ -1177,10 +1177,15 @@ class NetworkMixin:
                 raise
             # From here on the connection is the protocol's business.
         except (SystemExit, KeyboardInterrupt):
-            conn.close()
+            if transport is None:
+                conn.close()
             raise
         except BaseException as exc:
-            conn.close()
+            # A transport owns the socket once made: it closes it when its connection is
+            # lost, which forgets the descriptor number (closing it here first could let
+            # a new descriptor take the number and be forgotten instead).
+            if transport is None:
+                conn.close()
             if self.get_debug():
                 context = {
                     "message": "Error on transport creation for incoming connection",

@@ -26,14 +26,14 @@ pub(super) fn callback_error(
     let source = format_callback_source(slf, &cb, &args)?;
     let context = PyDict::new(py);
     context.set_item("message", format!("Exception in callback {source}"))?;
-    context.set_item("exception", err.into_value(py))?;
+    let exc = err.into_value(py).into_bound(py);
+    context.set_item("exception", &exc)?;
     context.set_item("handle", h)?;
     let tb = t.source_traceback(h);
     if tb.is_truthy()? {
         context.set_item("source_traceback", tb)?;
     }
-    slf.call_method1(pyo3::intern!(py, "call_exception_handler"), (context,))?;
-    Ok(())
+    crate::py::call_exception_handler_for(slf.as_any(), &context, &exc)
 }
 
 /// `format_helpers._format_callback_source(cb, args)`, passing `debug=` where the running

@@ -123,6 +123,39 @@ pub(crate) use import_attr;
 
 /// asyncio's logger, looked up at each use as asyncio's own code does (`base_events.logger`
 /// is what tests and applications patch).
+/// `loop.call_exception_handler(context)` with `exc` as the exception being handled
+/// (`sys.exc_info()`), as asyncio calls it from the `except` block that caught `exc`: a
+/// custom handler's `logger.exception()` or `traceback.print_exc()` shows it, and an
+/// error the handler raises has it as its `__context__`.
+pub fn call_exception_handler_for(
+    lp: &Bound<'_, PyAny>,
+    context: &Bound<'_, pyo3::types::PyDict>,
+    exc: &Bound<'_, pyo3::exceptions::PyBaseException>,
+) -> PyResult<()> {
+    let py = lp.py();
+    // SAFETY: GIL held. PyErr_GetExcInfo returns new references (or NULL) that
+    // PyErr_SetExcInfo steals back when they are restored; the exception's type and
+    // traceback are new references PyErr_SetExcInfo steals (3.11+ uses the value alone).
+    unsafe {
+        use pyo3::ffi;
+        let (mut t, mut v, mut tb) = (
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        ffi::PyErr_GetExcInfo(&mut t, &mut v, &mut tb);
+        let value = exc.as_ptr();
+        ffi::PyErr_SetExcInfo(
+            ffi::Py_NewRef(ffi::Py_TYPE(value).cast()),
+            ffi::Py_NewRef(value),
+            ffi::PyException_GetTraceback(value),
+        );
+        let r = lp.call_method1(pyo3::intern!(py, "call_exception_handler"), (context,));
+        ffi::PyErr_SetExcInfo(t, v, tb);
+        r.map(drop)
+    }
+}
+
 pub fn asyncio_logger(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     import_attr!(py, "asyncio", "base_events")?.getattr("logger")
 }

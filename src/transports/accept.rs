@@ -221,11 +221,11 @@ impl Acceptor {
                         "message",
                         "Error on transport creation for incoming connection",
                     )?;
-                    context.set_item("exception", e.into_value(py))?;
+                    context.set_item("exception", e.value(py))?;
                     if let Some(p) = protocol {
                         context.set_item("protocol", p)?;
                     }
-                    lp.call_method1(pyo3::intern!(py, "call_exception_handler"), (context,))?;
+                    crate::py::call_exception_handler_for(lp.as_any(), &context, e.value(py))?;
                 }
                 Ok(())
             }

@@ -324,7 +324,7 @@ impl DatagramCore {
                 ctx.set_item("exception", exc.value(py))?;
                 ctx.set_item("transport", &wrapper)?;
                 ctx.set_item("protocol", core.protocol(py))?;
-                lp.call_method1("call_exception_handler", (ctx,))?;
+                py::call_exception_handler_for(lp.as_any(), &ctx, exc.value(py))?;
             }
         }
         Self::force_close(slf, exc.into_value(py).into_any())

@@ -108,7 +108,7 @@ pub fn report_hook_error(
         ctx.set_item("exception", e.value(py))?;
         ctx.set_item("transport", transport)?;
         ctx.set_item("protocol", protocol)?;
-        lp.call_method1("call_exception_handler", (ctx,))?;
+        crate::py::call_exception_handler_for(lp.as_any(), &ctx, e.value(py))?;
     }
     Ok(())
 }

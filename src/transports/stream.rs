@@ -428,7 +428,7 @@ impl StreamCore {
             ctx.set_item("exception", exc.value(py))?;
             ctx.set_item("transport", &wrapper)?;
             ctx.set_item("protocol", core.protocol(py))?;
-            lp.call_method1(pyo3::intern!(py, "call_exception_handler"), (ctx,))?;
+            py::call_exception_handler_for(lp.as_any(), &ctx, exc.value(py))?;
         }
         match kind {
             Kind::Socket => Self::force_close(slf, Some(exc.into_value(py).into_any())),
