@@ -206,6 +206,41 @@ def test_sendfile_fallback_offset_count(loop):
     assert run(loop, main()) == (70000, data[300:70300], 70300)
 
 
+def test_sendfile_fallback_cancelled_leaves_the_file_after_what_was_written(loop):
+    """Cancelled while waiting for the peer, the fallback leaves the file position after
+    the last chunk it wrote, so a transfer can resume from file.tell(). ferroloop wrote a
+    chunk before waiting and did not count it when the wait was cancelled: the position
+    was 16 KiB short of the bytes the peer got."""
+    data = bytes(range(256)) * (64 * 1024)  # 16 MiB: far more than the sockets hold
+
+    async def main():
+        c = await open_conn(loop, small=True)
+        try:
+            c.peer.transport.pause_reading()
+            f = io.BytesIO(data)
+            task = asyncio.ensure_future(loop.sendfile(c.tr, f))
+            await asyncio.sleep(0.2)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            c.peer.transport.resume_reading()
+            # Whatever was written goes out: wait until nothing more arrives.
+            quiet = 0
+            while quiet < 5:
+                before = len(c.peer.data)
+                await asyncio.sleep(0.02)
+                quiet = quiet + 1 if len(c.peer.data) == before else 0
+            return f.tell(), bytes(c.peer.data)
+        finally:
+            await close_conn(c)
+
+    position, received = run(loop, main())
+    assert 0 < position < len(data)
+    assert len(received) == position
+    assert received == data[:position]
+
+
 def test_sendfile_no_fallback_for_non_regular_file(loop):
     async def main():
         c = await open_conn(loop)

@@ -24,6 +24,7 @@ import zlib
 
 import pytest
 from _net import run
+from _util import python_subprocess
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -1072,3 +1073,38 @@ def test_thread_fallback_loop_closed_first(loop, loop_name, monkeypatch, no_leak
             break
         threading.Event().wait(0.01)
     assert popen.returncode == -signal.SIGKILL
+
+
+# A child still running when asyncio.run returns, its Process object dropped; the script
+# then collects garbage and waits for the child to finish its work. argv: loop name,
+# marker file the child writes.
+LEFT_RUNNING_SCRIPT = r"""
+import asyncio, gc, os, sys, time
+import ferroloop
+
+kind, marker = sys.argv[1], sys.argv[2]
+
+
+async def main():
+    await asyncio.create_subprocess_exec(
+        "sh", "-c", f"sleep 0.5; echo done > {marker}", start_new_session=True
+    )
+
+
+(ferroloop.run if kind == "ferroloop" else asyncio.run)(main())
+gc.collect()
+time.sleep(1.5)
+print(os.path.exists(marker))
+"""
+
+
+def test_child_left_running_when_the_loop_closes(loop_name, tmp_path):
+    """What happens to a child still running when the loop closes follows the running
+    Python's asyncio: on 3.10/3.11 its watcher thread keeps the transport until the child
+    exits, so the child finishes; from 3.12 the collected transport kills it. ferroloop
+    killed it on every Python."""
+    marker = tmp_path / "done"
+    proc = python_subprocess(["-W", "ignore", "-c", LEFT_RUNNING_SCRIPT, loop_name, str(marker)])
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (out, err)
+    assert out.strip() == str(sys.version_info < (3, 12))

@@ -1423,10 +1423,12 @@ class NetworkMixin:
                 read = await self.run_in_executor(None, file.readinto, view)
                 if not read:
                     return total_sent  # EOF
+                # As asyncio: the wait comes before the write, so a chunk is counted
+                # (and the file position set past it) exactly when it was written.
+                await proto.drain()
                 # NOTE: a copy, as the buffer is refilled next round while the
                 #       transport may still hold what it could not send yet.
                 transp.write(bytes(view[:read]))
-                await proto.drain()
                 total_sent += read
         finally:
             if total_sent > 0 and hasattr(file, "seek"):

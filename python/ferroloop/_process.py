@@ -432,7 +432,9 @@ class ProcessMixin:
             returncode = _exitcode(status)
         transport = self._unwatch(watch)
         if transport is not None:
-            transport._process_exited(returncode)
+            # One iteration later, as asyncio's watchers hand the exit over: a pipe whose
+            # end-of-file came in the same poll reports pipe_connection_lost() first there.
+            self.call_soon(transport._process_exited, returncode)
 
     def _wait_child_in_thread(self, watch: _ChildWatch) -> None:
         """Waiter thread body: block in waitpid() for one child, then hand the result
@@ -498,7 +500,7 @@ class ProcessMixin:
         self._process_watches = {}
         for watch in list(watches.values()):
             watch.detached = True
-            watch.transport = None
+            transport, watch.transport = watch.transport, None
             pidfd, watch.pidfd = watch.pidfd, None
             if pidfd is None:
                 continue  # its waiter thread reaps it and sees `detached`
@@ -518,8 +520,12 @@ class ProcessMixin:
             elif not sys.is_finalizing():
                 # (An unclosed loop collected at exit: no thread can start any more, 3.10
                 # and 3.11 would block for good, so the child is left to init.)
+                # On 3.10/3.11 the thread also keeps the transport alive until the child
+                # exits, as asyncio's ThreadedChildWatcher does there: collected, the
+                # transport would close itself and kill the child (what 3.12+ does).
+                keep = transport if sys.version_info < (3, 12) else None
                 threading.Thread(
-                    target=proc.wait, name=f"ferroloop-reap-{watch.pid}", daemon=True
+                    target=_reap, args=(proc, keep), name=f"ferroloop-reap-{watch.pid}", daemon=True
                 ).start()
 
     def close(self) -> None:
@@ -539,6 +545,11 @@ def _check_binary_unbuffered(bufsize, text, encoding, errors) -> None:
         raise ValueError("encoding must be None")
     if errors is not None:
         raise ValueError("errors must be None")
+
+
+def _reap(proc, transport) -> None:
+    """A reaper thread's body: waits for the child; `transport` is only held."""
+    proc.wait()
 
 
 def _set_popen_returncode(proc: subprocess.Popen, returncode: int) -> None:
