@@ -14,7 +14,14 @@ import ssl
 import sys
 
 import pytest
-from _net import HOST, RecordingProtocol, listening_socket, make_tls_files, run
+from _net import (
+    HOST,
+    RecordingProtocol,
+    listening_socket,
+    make_tls_files,
+    run,
+    stdlib_only_from,
+)
 
 # Python 3.10's asyncio.sslproto (replaced in 3.11) closes without eof_received, leaves its
 # transport to the collector after a peer's close and reports handshake timeouts
@@ -464,6 +471,62 @@ def test_tls_shutdown_timeout_accepted(loop, server_ctx, client_ctx):
             await finish((tr, proto))
 
     run(loop, main())
+
+
+def test_tls_shutdown_timeout_ends_an_unanswered_close(loop_name, loop, server_ctx, client_ctx):
+    """close() sends close_notify and waits for the peer's; a peer that never answers
+    ends the connection with TimeoutError after ssl_shutdown_timeout. ferroloop accepted
+    the argument on Python 3.10 but ignored it (3.10's SSLProtocol has no such timer)."""
+    stdlib_only_from(loop_name, (3, 11), "ssl_shutdown_timeout")
+    import threading
+    import time
+
+    listener = socket.create_server((HOST, 0))
+    released = threading.Event()
+
+    def peer():
+        # Completes the handshake, then reads nothing until released.
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True):
+            released.wait(10)
+
+    thread = threading.Thread(target=peer)
+    thread.start()
+
+    async def main():
+        tr, proto = await loop.create_connection(
+            RecordingProtocol,
+            *listener.getsockname(),
+            ssl=client_ctx,
+            server_hostname="localhost",
+            ssl_shutdown_timeout=0.3,
+        )
+        t0 = time.monotonic()
+        tr.close()
+        exc = await asyncio.wait_for(proto.lost, 5)
+        return exc, time.monotonic() - t0
+
+    try:
+        exc, elapsed = run(loop, main())
+        # (With a socket of the test's own: asyncio leaves one it made unclosed here.)
+        with socket.create_connection(listener.getsockname()) as sock:
+            with pytest.raises(ValueError, match="ssl_shutdown_timeout should be a positive"):
+                run(
+                    loop,
+                    loop.create_connection(
+                        asyncio.Protocol,
+                        sock=sock,
+                        ssl=client_ctx,
+                        server_hostname="localhost",
+                        ssl_shutdown_timeout=0,
+                    ),
+                )
+    finally:
+        released.set()
+        thread.join(10)
+        listener.close()
+    assert isinstance(exc, TimeoutError) and str(exc) == "SSL shutdown timed out"
+    assert 0.2 < elapsed < 3
 
 
 # ---- start_tls ---------------------------------------------------------------------------------

@@ -139,15 +139,57 @@ def _make_ssl_protocol(
     ssl_shutdown_timeout,
     call_connection_made=True,
 ):
-    kwargs = {
-        "call_connection_made": call_connection_made,
-        "ssl_handshake_timeout": ssl_handshake_timeout,
-    }
-    if _SSL_HAS_SHUTDOWN_TIMEOUT:
-        kwargs["ssl_shutdown_timeout"] = ssl_shutdown_timeout
-    return sslproto.SSLProtocol(
-        loop, app_protocol, sslcontext, waiter, server_side, server_hostname, **kwargs
+    cls = sslproto.SSLProtocol if _SSL_HAS_SHUTDOWN_TIMEOUT else _SSLProtocol310
+    return cls(
+        loop,
+        app_protocol,
+        sslcontext,
+        waiter,
+        server_side,
+        server_hostname,
+        call_connection_made=call_connection_made,
+        ssl_handshake_timeout=ssl_handshake_timeout,
+        ssl_shutdown_timeout=ssl_shutdown_timeout,
     )
+
+
+class _SSLProtocol310(sslproto.SSLProtocol):
+    """Python 3.10's SSLProtocol with 3.11's ``ssl_shutdown_timeout``: a TLS shutdown
+    (``close()``) that the peer has not answered in time ends the connection with
+    ``TimeoutError("SSL shutdown timed out")``, as on 3.11 (3.10 waits for the peer)."""
+
+    def __init__(self, *args, ssl_shutdown_timeout=None, **kwargs):
+        if ssl_shutdown_timeout is None:
+            ssl_shutdown_timeout = 30.0  # 3.11's constants.SSL_SHUTDOWN_TIMEOUT
+        elif ssl_shutdown_timeout <= 0:
+            raise ValueError(
+                f"ssl_shutdown_timeout should be a positive number, got {ssl_shutdown_timeout}"
+            )
+        super().__init__(*args, **kwargs)
+        self._ssl_shutdown_timeout = ssl_shutdown_timeout
+        self._shutdown_timeout_handle = None
+
+    def _start_shutdown(self):
+        super()._start_shutdown()
+        if (
+            self._in_shutdown
+            and self._shutdown_timeout_handle is None
+            and self._transport is not None
+        ):
+            self._shutdown_timeout_handle = self._loop.call_later(
+                self._ssl_shutdown_timeout, self._check_shutdown_timeout
+            )
+
+    def _check_shutdown_timeout(self):
+        self._shutdown_timeout_handle = None
+        if self._transport is not None:
+            self._transport._force_close(TimeoutError("SSL shutdown timed out"))
+
+    def connection_lost(self, exc):
+        if self._shutdown_timeout_handle is not None:
+            self._shutdown_timeout_handle.cancel()
+            self._shutdown_timeout_handle = None
+        super().connection_lost(exc)
 
 
 # ---- Server ----------------------------------------------------------------------------
