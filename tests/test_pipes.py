@@ -280,6 +280,12 @@ def test_write_pipe_write_variants(loop, no_fd_leak):
             transport, proto = await loop.connect_write_pipe(RecordingProtocol, pipe)
             assert proto.events == ["made"]
             assert isinstance(transport, asyncio.WriteTransport)
+            # asyncio's write pipe transport is a full asyncio.Transport (its
+            # _FlowControlMixin base): the read half is there and not implemented.
+            assert isinstance(transport, asyncio.Transport)
+            for method in (transport.pause_reading, transport.resume_reading):
+                with pytest.raises(NotImplementedError):
+                    method()
             assert transport.get_extra_info("pipe") is pipe
             assert not os.get_blocking(w.fileno())
             assert transport.can_write_eof() is True

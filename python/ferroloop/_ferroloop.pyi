@@ -93,8 +93,8 @@ class ReadPipeTransport(asyncio.ReadTransport):
     def _fatal_error(self, exc: BaseException, message: str = ...) -> None: ...
 
 @final
-class WritePipeTransport(asyncio.WriteTransport):
-    """The write end of a pipe (an asyncio.WriteTransport)."""
+class WritePipeTransport(asyncio.Transport):
+    """The write end of a pipe (an asyncio.Transport, as asyncio's)."""
 
     def _force_close(self, exc: BaseException | None = None) -> None: ...
     def _fatal_error(self, exc: BaseException, message: str = ...) -> None: ...

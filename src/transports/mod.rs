@@ -261,10 +261,12 @@ pub fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
                 READ_PIPE_DIRECT,
                 false,
             )?,
+            // An asyncio.Transport, as asyncio's own write pipe transport (through its
+            // _FlowControlMixin): the read half's methods raise NotImplementedError.
             write_pipe: transport_type::make_type(
-                &[base("WriteTransport")?],
+                &[base("Transport")?],
                 c"ferroloop.WritePipeTransport",
-                c"The write end of a pipe (an asyncio.WriteTransport).",
+                c"The write end of a pipe (an asyncio.Transport).",
                 WRITE_PIPE_METHODS,
                 WRITE_PIPE_DIRECT,
                 false,
