@@ -677,3 +677,24 @@ def test_pipe_object_with_fileno_only(loop, no_fd_leak):
                 pipe.close()
 
     run(loop, main())
+
+
+def test_write_pipe_writes_after_the_reader_left_warn_as_asyncio(loop, no_fd_leak, caplog):
+    """asyncio warns "pipe closed by peer..." from the sixth write after a loss (its
+    constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5 writes dropped quietly); the reader
+    going away is not itself counted. ferroloop counted it, and warned a write early."""
+    import logging
+
+    async def main():
+        with pipe_files() as (r, w):
+            transport, proto = await loop.connect_write_pipe(RecordingProtocol, w)
+            r.close()
+            assert await asyncio.wait_for(proto.lost, 5) is None
+            with caplog.at_level(logging.WARNING, logger="asyncio"):
+                for _ in range(7):
+                    transport.write(b"x")
+            return [rec.getMessage() for rec in caplog.records if rec.name == "asyncio"]
+
+    assert (
+        run(loop, main()) == ["pipe closed by peer or os.write(pipe, data) raised exception."] * 2
+    )

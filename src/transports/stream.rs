@@ -1404,8 +1404,13 @@ impl StreamCore {
         let (sock, protocol, lp, server, wrapper, fd) = core.with(py, |s| {
             // From here on the descriptor is not ours: nothing may read or write it (its
             // number can be reused as soon as the socket closes), and later writes are
-            // dropped as writes to a lost connection.
-            s.conn_lost = s.conn_lost.max(1);
+            // dropped as writes to a lost connection. (A pipe drops them for being
+            // closing; as asyncio's, it does not count the loss itself as a lost write,
+            // which would bring the "pipe closed by peer" warnings one write earlier.)
+            if s.kind == Kind::Socket {
+                s.conn_lost = s.conn_lost.max(1);
+            }
+            s.closing = true;
             let fd = std::mem::replace(&mut s.fd, -1);
             let old = s.buf.clear();
             (
