@@ -128,31 +128,6 @@ def _bind_error(sa, err: OSError) -> OSError:
     return OSError(err.errno, f"error while attempting to bind on address {sa!r}: {reason.lower()}")
 
 
-def _make_ssl_protocol(
-    loop,
-    app_protocol,
-    sslcontext,
-    waiter,
-    server_side,
-    server_hostname,
-    ssl_handshake_timeout,
-    ssl_shutdown_timeout,
-    call_connection_made=True,
-):
-    cls = sslproto.SSLProtocol if _SSL_HAS_SHUTDOWN_TIMEOUT else _SSLProtocol310
-    return cls(
-        loop,
-        app_protocol,
-        sslcontext,
-        waiter,
-        server_side,
-        server_hostname,
-        call_connection_made=call_connection_made,
-        ssl_handshake_timeout=ssl_handshake_timeout,
-        ssl_shutdown_timeout=ssl_shutdown_timeout,
-    )
-
-
 class _SSLProtocol310(sslproto.SSLProtocol):
     """Python 3.10's SSLProtocol with 3.11's ``ssl_shutdown_timeout``: a TLS shutdown
     (``close()``) that the peer has not answered in time ends the connection with
@@ -190,6 +165,10 @@ class _SSLProtocol310(sslproto.SSLProtocol):
             self._shutdown_timeout_handle.cancel()
             self._shutdown_timeout_handle = None
         super().connection_lost(exc)
+
+
+# The SSL protocol the loop's TLS transports use (3.10: with 3.11's shutdown timer).
+_SSLProtocol = sslproto.SSLProtocol if _SSL_HAS_SHUTDOWN_TIMEOUT else _SSLProtocol310
 
 
 # ---- Server ----------------------------------------------------------------------------
@@ -740,15 +719,15 @@ class NetworkMixin:
         ssl_shutdown_timeout=None,
     ):
         """A TLS transport: asyncio's SSLProtocol over a plain socket transport."""
-        ssl_protocol = _make_ssl_protocol(
+        ssl_protocol = _SSLProtocol(
             self,
             protocol,
             sslcontext,
             waiter,
             server_side,
             server_hostname,
-            ssl_handshake_timeout,
-            ssl_shutdown_timeout,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
         )
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
@@ -776,15 +755,15 @@ class NetworkMixin:
             raise TypeError(f"transport {transport!r} is not supported by start_tls()")
 
         waiter = self.create_future()
-        ssl_protocol = _make_ssl_protocol(
+        ssl_protocol = _SSLProtocol(
             self,
             protocol,
             sslcontext,
             waiter,
             server_side,
             server_hostname,
-            ssl_handshake_timeout,
-            ssl_shutdown_timeout,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
             call_connection_made=False,
         )
         # Pause first, so that ssl_protocol.data_received() cannot run before

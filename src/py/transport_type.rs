@@ -58,32 +58,38 @@ impl MethodName {
     }
 }
 
+/// Declares `unsafe extern "C" fn $func(slf, args, nargsf, kwnames)`, a
+/// METH_FASTCALL|METH_KEYWORDS method of the wrapper types, whose body runs in an
+/// `unsafe` block with the four arguments under the names given.
+macro_rules! wrapper_method {
+    ($(#[$doc:meta])* $func:ident, |$slf:ident, $args:ident, $nargsf:ident, $kwnames:ident| { $($body:tt)* }) => {
+        $(#[$doc])*
+        unsafe extern "C" fn $func(
+            $slf: *mut pyo3::ffi::PyObject,
+            $args: *const *mut pyo3::ffi::PyObject,
+            $nargsf: pyo3::ffi::Py_ssize_t,
+            $kwnames: *mut pyo3::ffi::PyObject,
+        ) -> *mut pyo3::ffi::PyObject {
+            // SAFETY: installed as a METH_FASTCALL|METH_KEYWORDS method of the wrapper
+            // types the body is written for, so CPython passes one of them and a valid
+            // vectorcall frame.
+            unsafe { $($body)* }
+        }
+    };
+}
+pub(crate) use wrapper_method;
+
 /// Declares C entry points that forward a wrapper method to its core, and the table
 /// listing them.
 macro_rules! forward_methods {
     ($table:ident: $($name:ident),* $(,)?) => {
         pub static $table: &[$crate::py::transport_type::Forward] = &[
             $({
-                unsafe extern "C" fn $name(
-                    slf: *mut pyo3::ffi::PyObject,
-                    args: *const *mut pyo3::ffi::PyObject,
-                    nargsf: pyo3::ffi::Py_ssize_t,
-                    kwnames: *mut pyo3::ffi::PyObject,
-                ) -> *mut pyo3::ffi::PyObject {
-                    // SAFETY: installed as a METH_FASTCALL|METH_KEYWORDS method of a
-                    // wrapper type, so CPython passes a valid vectorcall frame.
-                    unsafe {
-                        static NAME: $crate::py::transport_type::MethodName =
-                            $crate::py::transport_type::MethodName::new(stringify!($name));
-                        $crate::py::transport_type::forward(
-                            slf,
-                            &NAME,
-                            args,
-                            nargsf,
-                            kwnames,
-                        )
-                    }
-                }
+                $crate::py::transport_type::wrapper_method!($name, |slf, args, nargsf, kwnames| {
+                    static NAME: $crate::py::transport_type::MethodName =
+                        $crate::py::transport_type::MethodName::new(stringify!($name));
+                    $crate::py::transport_type::forward(slf, &NAME, args, nargsf, kwnames)
+                });
                 $crate::py::transport_type::Forward {
                     name: match std::ffi::CStr::from_bytes_with_nul(
                         concat!(stringify!($name), "\0").as_bytes(),

@@ -129,65 +129,57 @@ unsafe fn direct(
     }
 }
 
-/// `transport.write(data)` without the forwarder's method call: the hottest transport
-/// method (a Protocol's `data_received` usually ends in it).
-unsafe extern "C" fn stream_write(
-    slf: *mut pyo3::ffi::PyObject,
-    args: *const *mut pyo3::ffi::PyObject,
-    nargsf: pyo3::ffi::Py_ssize_t,
-    kwnames: *mut pyo3::ffi::PyObject,
-) -> *mut pyo3::ffi::PyObject {
-    // SAFETY: installed as a METH_FASTCALL|METH_KEYWORDS method of the stream wrapper
-    // types, so CPython passes a wrapper instance and a valid vectorcall frame.
-    unsafe {
-        static NAME: MethodName = MethodName::new("write");
-        direct(slf, &NAME, args, nargsf, kwnames, 1..=1, |core, argv| {
-            let data = argv.get(0).expect("one argument");
-            stream::StreamCore::write(core.cast::<stream::StreamCore>()?, &data)?;
-            Ok(core.py().None().into_bound(core.py()))
-        })
-    }
+/// Declares a hand-written wrapper method: a C entry point running `body(core, args)`
+/// through `direct`, for the wrapper types whose core the body casts to.
+macro_rules! direct_method {
+    ($(#[$doc:meta])* $func:ident, $name:literal, $accepted:expr, $body:expr) => {
+        transport_type::wrapper_method!($(#[$doc])* $func, |slf, args, nargsf, kwnames| {
+            static NAME: MethodName = MethodName::new($name);
+            direct(slf, &NAME, args, nargsf, kwnames, $accepted, $body)
+        });
+    };
 }
 
-/// `transport.sendto(data[, addr])` without the forwarder's method call (a
-/// DatagramProtocol's `datagram_received` usually ends in it).
-unsafe extern "C" fn datagram_sendto(
-    slf: *mut pyo3::ffi::PyObject,
-    args: *const *mut pyo3::ffi::PyObject,
-    nargsf: pyo3::ffi::Py_ssize_t,
-    kwnames: *mut pyo3::ffi::PyObject,
-) -> *mut pyo3::ffi::PyObject {
-    // SAFETY: as `stream_write`, for the datagram wrapper type.
-    unsafe {
-        static NAME: MethodName = MethodName::new("sendto");
-        direct(slf, &NAME, args, nargsf, kwnames, 1..=2, |core, argv| {
-            let py = core.py();
-            let core = core.cast::<datagram::DatagramCore>()?;
-            let data = argv.get(0).expect("at least one argument");
-            datagram::DatagramCore::sendto(core, &data, argv.get(1))?;
-            Ok(py.None().into_bound(py))
-        })
+direct_method!(
+    /// `transport.write(data)` without the forwarder's method call: the hottest transport
+    /// method (a Protocol's `data_received` usually ends in it).
+    stream_write,
+    "write",
+    1..=1,
+    |core, argv| {
+        let data = argv.get(0).expect("one argument");
+        stream::StreamCore::write(core.cast::<stream::StreamCore>()?, &data)?;
+        Ok(core.py().None().into_bound(core.py()))
     }
-}
+);
 
-/// `transport.is_closing()` of a stream transport without the forwarder's method call
-/// (`StreamWriter.drain()` asks it every time).
-unsafe extern "C" fn stream_is_closing(
-    slf: *mut pyo3::ffi::PyObject,
-    args: *const *mut pyo3::ffi::PyObject,
-    nargsf: pyo3::ffi::Py_ssize_t,
-    kwnames: *mut pyo3::ffi::PyObject,
-) -> *mut pyo3::ffi::PyObject {
-    // SAFETY: as `stream_write`, for every stream wrapper type (TCP, Unix, pipes).
-    unsafe {
-        static NAME: MethodName = MethodName::new("is_closing");
-        direct(slf, &NAME, args, nargsf, kwnames, 0..=0, |core, _| {
-            let py = core.py();
-            let closing = core.cast::<stream::StreamCore>()?.get().is_closing(py);
-            Ok(pyo3::types::PyBool::new(py, closing).to_owned().into_any())
-        })
+direct_method!(
+    /// `transport.sendto(data[, addr])` without the forwarder's method call (a
+    /// DatagramProtocol's `datagram_received` usually ends in it).
+    datagram_sendto,
+    "sendto",
+    1..=2,
+    |core, argv| {
+        let py = core.py();
+        let core = core.cast::<datagram::DatagramCore>()?;
+        let data = argv.get(0).expect("at least one argument");
+        datagram::DatagramCore::sendto(core, &data, argv.get(1))?;
+        Ok(py.None().into_bound(py))
     }
-}
+);
+
+direct_method!(
+    /// `transport.is_closing()` of a stream transport (TCP, Unix, pipes) without the
+    /// forwarder's method call (`StreamWriter.drain()` asks it every time).
+    stream_is_closing,
+    "is_closing",
+    0..=0,
+    |core, _| {
+        let py = core.py();
+        let closing = core.cast::<stream::StreamCore>()?.get().is_closing(py);
+        Ok(pyo3::types::PyBool::new(py, closing).to_owned().into_any())
+    }
+);
 
 static DATAGRAM_DIRECT: &[transport_type::Forward] = &[transport_type::Forward {
     name: c"sendto",
