@@ -337,6 +337,7 @@ def test_custom_handler_runs_while_the_exception_is_handled(loop):
         w.write(b"x")
         await r.read()  # the failing transport is closed
         w.close()
+        await w.wait_closed()
         server.close()
         await server.wait_closed()
         # Nothing is left handled afterwards.
