@@ -431,6 +431,35 @@ def test_legacy_two_argument_task_factory_with_name(loop):
     assert loop.run_until_complete(task) == 2
 
 
+def test_task_factory_result_without_set_name(loop):
+    """Before Python 3.13 asyncio names the factory's task through
+    tasks._set_task_name(), which lets one without set_name() pass (with a
+    DeprecationWarning from 3.11); 3.13 calls set_name(). ferroloop raised
+    AttributeError on every Python."""
+
+    class Wrapper(asyncio.Future):
+        def __init__(self, coro, loop):
+            super().__init__(loop=loop)
+            self.task = asyncio.Task(coro, loop=loop)
+            self.task.add_done_callback(lambda t: self.set_result(t.result()))
+
+    loop.set_task_factory(lambda lp, coro: Wrapper(coro, lp))
+    coro = double(21)
+    if sys.version_info >= (3, 13):
+        with pytest.raises(AttributeError, match="set_name"):
+            loop.create_task(coro, name="worker")
+        # (The factory has started the task: let it finish.)
+        loop.run_until_complete(asyncio.sleep(0))
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapper = loop.create_task(coro, name="worker")
+    assert [w.category for w in caught] == (
+        [DeprecationWarning] if sys.version_info >= (3, 11) else []
+    )
+    assert loop.run_until_complete(wrapper) == 42
+
+
 def test_task_factory_used_by_asyncio_create_task(loop):
     created = []
 

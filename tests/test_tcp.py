@@ -1083,6 +1083,31 @@ def test_create_server_address_in_use(loop):
     assert exc.strerror == f"error while attempting to bind on address ('{HOST}', {port}): {reason}"
 
 
+def test_create_server_address_not_available(loop):
+    """An address the host does not have (TEST-NET-1): from Python 3.13 asyncio skips it
+    (assuming its family is disabled) and binds the others; before, it fails the server.
+    ferroloop skipped it on every Python."""
+    missing = "192.0.2.55"
+
+    async def main():
+        try:
+            server = await loop.create_server(asyncio.Protocol, [HOST, missing], 0)
+        except OSError as exc:
+            return exc
+        async with server:
+            return [s.getsockname()[0] for s in server.sockets]
+
+    got = run(loop, main())
+    if sys.version_info >= (3, 13):
+        assert got == [HOST]
+    else:
+        assert type(got) is OSError and got.errno == errno.EADDRNOTAVAIL
+        assert got.strerror == (
+            f"error while attempting to bind on address ('{missing}', 0): "
+            "cannot assign requested address"
+        )
+
+
 def test_create_server_keep_alive(loop, loop_name):
     """keep_alive=True (asyncio 3.13+) sets SO_KEEPALIVE on the listening socket."""
     stdlib_only_from(loop_name, (3, 13), "create_server(keep_alive=)")

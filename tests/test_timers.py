@@ -281,3 +281,80 @@ def test_nan_delay(loop):
     finally:
         stopper.join()
     assert fired == ["nan"]
+
+
+# ---- the application's clock and methods ---------------------------------------------------
+
+
+def _loop_class(loop_factory):
+    loop = loop_factory()
+    loop.close()
+    return type(loop)
+
+
+def test_subclass_clock_is_the_one_call_at_deadlines_are_on(loop_factory):
+    """asyncio's call_at() compares `when` with `self.time()`, so a subclass with a clock
+    of its own (a virtual clock in a test tool) gets its deadlines: asyncio.timeout()
+    fires. ferroloop compared with its own clock, and the timeout never fired."""
+
+    class Shifted(_loop_class(loop_factory)):
+        def time(self):
+            return time.monotonic() + 1000.0
+
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(5)
+        return time.monotonic() - t0
+
+    loop = Shifted()
+    try:
+        assert loop.run_until_complete(main()) < 2
+        fired = []
+        handle = loop.call_at(loop.time() + 0.01, fired.append, "at")
+        assert handle.when() == pytest.approx(loop.time() + 0.01, abs=0.5)
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert fired == ["at"]
+    finally:
+        loop.close()
+
+
+def test_replaced_monotonic_is_the_loop_clock(loop_factory):
+    """asyncio's time() calls time.monotonic(), so mocking it moves the loop clock (as
+    time-travel test tools do), and call_at() deadlines follow."""
+    from unittest import mock
+
+    loop = loop_factory()
+    try:
+        with mock.patch("time.monotonic", lambda: 5000.0 + time.perf_counter()):
+            assert loop.time() - time.perf_counter() == pytest.approx(5000.0, abs=1)
+            fired = []
+            loop.call_at(loop.time() + 0.01, fired.append, "at")
+            loop.run_until_complete(asyncio.sleep(0.05))
+            assert fired == ["at"]
+        assert abs(loop.time() - time.monotonic()) < 1
+    finally:
+        loop.close()
+
+
+def test_call_later_goes_through_a_subclass_call_at(loop_factory):
+    """asyncio's call_later() is self.call_at(self.time() + delay, ...), so a subclass
+    that instruments call_at sees every timer, asyncio.sleep's included."""
+    seen = []
+
+    class Spy(_loop_class(loop_factory)):
+        def call_at(self, when, callback, *args, context=None):
+            seen.append((round(when - self.time(), 1), callback))
+            return super().call_at(when, callback, *args, context=context)
+
+    loop = Spy()
+    try:
+        fired = []
+        loop.call_later(0.01, fired.append, "later")
+        loop.run_until_complete(asyncio.sleep(0.2))
+        assert fired == ["later"]
+        assert [delay for delay, _ in seen] == [0.0, 0.2]
+        assert seen[0][1] == fired.append
+    finally:
+        loop.close()

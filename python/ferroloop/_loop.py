@@ -259,12 +259,22 @@ class Loop(LoopCore, NetworkMixin, ProcessMixin, asyncio.AbstractEventLoop):
 
     def set_default_executor(self, executor) -> None:
         if not isinstance(executor, concurrent.futures.ThreadPoolExecutor):
-            raise TypeError("executor must be ThreadPoolExecutor instance")
+            if sys.version_info >= (3, 11):
+                raise TypeError("executor must be ThreadPoolExecutor instance")
+            # Python 3.10's asyncio still takes it, with this (outdated) warning.
+            warnings.warn(
+                "Using the default executor that is not an instance of "
+                "ThreadPoolExecutor is deprecated and will be prohibited "
+                "in Python 3.9",
+                DeprecationWarning,
+                2,
+            )
         self._default_executor = executor
 
     async def shutdown_default_executor(self, timeout=None) -> None:
         """Schedule the shutdown of the default executor; wait at most ``timeout``
-        seconds for its threads to join (Python 3.12 semantics)."""
+        seconds for its threads to join (Python 3.13's semantics; 3.12.1's asyncio waits
+        for the shutdown whatever the timeout)."""
         self._executor_shutdown_called = True
         if self._default_executor is None:
             return

@@ -62,6 +62,10 @@ _ExceptionGroup = getattr(builtins, "ExceptionGroup", None)
 # Python 3.10's SSLProtocol has no ssl_shutdown_timeout (TLS shutdown is not timed there).
 _SSL_HAS_SHUTDOWN_TIMEOUT = sys.version_info >= (3, 11)
 
+# Follows the running Python: from 3.13, create_server() skips an address it cannot
+# bind for EADDRNOTAVAIL (assuming its family is not enabled); before, that fails it.
+_BIND_SKIPS_UNAVAILABLE = sys.version_info >= (3, 13)
+
 # Follows the running Python: from 3.13, create_server() and create_connection() report
 # a failed bind with str(err) ("[errno 98] address already in use"), before with
 # err.strerror.
@@ -893,7 +897,7 @@ class NetworkMixin:
                     sock.bind(sa)
                 except OSError as err:
                     error = _bind_error(sa, err)
-                    if err.errno == errno.EADDRNOTAVAIL:
+                    if _BIND_SKIPS_UNAVAILABLE and err.errno == errno.EADDRNOTAVAIL:
                         # Assume the address family is not enabled (bpo-30945).
                         sockets.pop()
                         sock.close()

@@ -452,7 +452,12 @@ fn call_task_factory<'py>(
     let kwargs = (!kwargs.is_empty()).then_some(kwargs);
     let task = factory.call((slf, coro), kwargs.as_ref())?;
     if let Some(name) = name.filter(|n| !n.is_none()) {
-        task.call_method1("set_name", (name,))?;
+        // Before 3.13 asyncio tolerates a task without set_name() (a DeprecationWarning
+        // on 3.11/3.12), through this helper; 3.13 calls the method.
+        match import_attr!(py, "asyncio.tasks", "_set_task_name") {
+            Ok(set_task_name) => set_task_name.call1((&task, name))?,
+            Err(_) => task.call_method1("set_name", (name,))?,
+        };
     }
     Ok(task)
 }
@@ -501,9 +506,15 @@ impl LoopCore {
         })
     }
 
-    /// The loop clock: `time.monotonic()`.
-    fn time(&self) -> f64 {
-        crate::sys::monotonic()
+    /// The loop clock: `time.monotonic()` (the function itself when it was replaced, as
+    /// mocking tools do: asyncio's `time()` calls it).
+    fn time(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match clock::replaced_monotonic(py)? {
+            Some(f) => Ok(f.call0()?.unbind()),
+            None => Ok(PyFloat::new(py, crate::sys::monotonic())
+                .into_any()
+                .unbind()),
+        }
     }
 
     #[getter]
@@ -1244,6 +1255,22 @@ impl LoopCore {
             return Err(PyTypeError::new_err("delay must not be None"));
         }
         let py = slf.py();
+        if clock::overrides(slf, pyo3::intern!(py, "call_at"))? {
+            // A subclass's call_at sees every timer, as asyncio's call_later goes
+            // through `self.call_at(self.time() + delay, ...)`.
+            let when = slf.call_method0(pyo3::intern!(py, "time"))?.add(delay)?;
+            let mut all = vec![when, callback.into_any()];
+            all.extend(args.iter());
+            let kwargs = PyDict::new(py);
+            if let Some(c) = context {
+                kwargs.set_item("context", c)?;
+            }
+            return slf.call_method(
+                pyo3::intern!(py, "call_at"),
+                PyTuple::new(py, all)?,
+                Some(&kwargs),
+            );
+        }
         let now = crate::sys::monotonic();
         // NOTE: asyncio computes `self.time() + delay`; floats and ints take the fast path,
         //       anything else goes through Python's `+` for identical results and errors.
@@ -1268,7 +1295,12 @@ impl LoopCore {
         if when.is_none() {
             return Err(PyTypeError::new_err("when cannot be None"));
         }
-        let w: f64 = when.extract()?;
+        let mut w: f64 = when.extract()?;
+        if let Some(now) = clock::foreign_now(slf)? {
+            // `when` is on a clock of the application's (an overridden `time`, a
+            // replaced `time.monotonic`): due as far from now as it is there.
+            w = crate::sys::monotonic() + (w - now);
+        }
         Self::schedule_timer(slf, w, when.clone(), &callback, args, context, CALL_AT)
     }
 
@@ -1699,4 +1731,94 @@ fn create_task_inner<'py>(
         run::run_eager_step(slf, step.bind(py))?;
     }
     Ok(task)
+}
+
+/// Clocks and methods of the application's: a loop subclass (or instance) with its own
+/// `time` or `call_at`, or a replaced `time.monotonic`. asyncio's loop goes through them
+/// (`call_at` compares with `self.time()`, `call_later` calls `self.call_at`); ferroloop's
+/// own methods are used directly unless they were overridden.
+mod clock {
+    use std::sync::OnceLock;
+
+    use pyo3::ffi;
+    use pyo3::prelude::*;
+    use pyo3::types::PyString;
+
+    use super::LoopCore;
+
+    unsafe extern "C" {
+        /// CPython's type attribute lookup along the MRO (borrowed result or NULL, no
+        /// exception set); private but exported by every CPython this supports.
+        fn _PyType_Lookup(
+            tp: *mut ffi::PyTypeObject,
+            name: *mut ffi::PyObject,
+        ) -> *mut ffi::PyObject;
+    }
+
+    /// Whether `name` on `slf`'s class is not LoopCore's own (a subclass overrides it).
+    pub(super) fn overrides(
+        slf: &Bound<'_, LoopCore>,
+        name: &Bound<'_, PyString>,
+    ) -> PyResult<bool> {
+        let py = slf.py();
+        let base = py.get_type::<LoopCore>();
+        // SAFETY: GIL held; both types and the name are live; the results are borrowed
+        // and only compared.
+        unsafe {
+            let tp = ffi::Py_TYPE(slf.as_ptr());
+            if tp == base.as_type_ptr() {
+                return Ok(false);
+            }
+            Ok(_PyType_Lookup(tp, name.as_ptr())
+                != _PyType_Lookup(base.as_type_ptr(), name.as_ptr()))
+        }
+    }
+
+    /// The method definition behind LoopCore's `time`.
+    fn native_time(py: Python<'_>) -> PyResult<usize> {
+        static DEF: OnceLock<usize> = OnceLock::new();
+        if let Some(d) = DEF.get() {
+            return Ok(*d);
+        }
+        let descr = py.get_type::<LoopCore>().getattr("time")?;
+        // SAFETY: LoopCore's `time` is a method descriptor (a pymethod), GIL held.
+        let def = unsafe {
+            if ffi::Py_TYPE(descr.as_ptr()) != std::ptr::addr_of_mut!(ffi::PyMethodDescr_Type) {
+                return Ok(0);
+            }
+            (*descr.as_ptr().cast::<ffi::PyMethodDescrObject>()).d_method as usize
+        };
+        Ok(*DEF.get_or_init(|| def))
+    }
+
+    /// `time.monotonic` when it is no longer the function it was at import.
+    pub(super) fn replaced_monotonic(py: Python<'_>) -> PyResult<Option<Bound<'_, PyAny>>> {
+        static TIME: pyo3::sync::PyOnceLock<(Py<PyModule>, Py<PyAny>)> =
+            pyo3::sync::PyOnceLock::new();
+        let (module, original) = TIME.get_or_try_init(py, || -> PyResult<_> {
+            let m = py.import("time")?;
+            let f = m.getattr("monotonic")?.unbind();
+            Ok((m.unbind(), f))
+        })?;
+        let current = module.bind(py).getattr(pyo3::intern!(py, "monotonic"))?;
+        Ok((!current.is(original.bind(py))).then_some(current))
+    }
+
+    /// `self.time()` when that is not ferroloop's clock (see the module note).
+    pub(super) fn foreign_now(slf: &Bound<'_, LoopCore>) -> PyResult<Option<f64>> {
+        let py = slf.py();
+        let t = slf.getattr(pyo3::intern!(py, "time"))?;
+        // SAFETY: `t` is live; a PyCFunction's fields are read only after its type check.
+        let ours = unsafe {
+            let p = t.as_ptr();
+            ffi::PyCFunction_Check(p) != 0 && {
+                let f = p.cast::<ffi::PyCFunctionObject>();
+                (*f).m_self == slf.as_ptr() && (*f).m_ml as usize == native_time(py)?
+            }
+        };
+        if ours && replaced_monotonic(py)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(t.call0()?.extract()?))
+    }
 }
