@@ -310,7 +310,8 @@ def test_subclass_clock_is_the_one_call_at_deadlines_are_on(loop_factory):
 
     loop = Shifted()
     try:
-        assert loop.run_until_complete(main()) < 2
+        if hasattr(asyncio, "timeout"):  # Python 3.11+
+            assert loop.run_until_complete(main()) < 2
         fired = []
         handle = loop.call_at(loop.time() + 0.01, fired.append, "at")
         assert handle.when() == pytest.approx(loop.time() + 0.01, abs=0.5)

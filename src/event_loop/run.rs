@@ -466,11 +466,15 @@ pub(crate) mod at_exit {
     }
 
     pub fn register(thread: u64, waker: Arc<mio::Waker>) -> Arc<Entry> {
+        // A loop that starts running once the exit handler has run is not paused: that
+        // handler no longer waits for it, and a cross-thread call made before this
+        // registration (an atexit handler's) could not have resumed it.
+        let late = EXITING.load(Ordering::SeqCst);
         let entry = Arc::new(Entry {
             thread,
             waker,
             paused: AtomicBool::new(false),
-            resumed: AtomicBool::new(false),
+            resumed: AtomicBool::new(late),
             lock: Mutex::new(()),
             cond: Condvar::new(),
         });
