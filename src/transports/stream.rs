@@ -1555,8 +1555,8 @@ impl StreamCore {
         // even if the warning's record resurrects it.
         self.forget_in_loop(py, wrapper.as_ptr());
         let (sock, own, server) = self.with(py, |s| {
-            let own = s.own.take();
-            let server = if s.sock.is_some() || own.is_some() {
+            let own = s.own.is_some();
+            let server = if s.sock.is_some() || own {
                 s.server.take()
             } else {
                 None
@@ -1572,15 +1572,15 @@ impl StreamCore {
             });
             super::detach_fd(py, fd, lp);
         };
+        // The descriptor it owns (a natively accepted connection) is closed after the
+        // warning, whose repr still shows it open, as asyncio's does.
         let warned = match (&sock, own) {
             (Some(sock), _) => super::warn_unclosed(wrapper, Some(sock.bind(py)), detach),
-            (None, Some(own)) => {
-                let r = super::warn_unclosed(wrapper, None, detach);
-                drop(own);
-                r
-            }
-            (None, None) => Ok(()),
+            (None, true) => super::warn_unclosed(wrapper, None, detach),
+            (None, false) => Ok(()),
         };
+        let own = self.with(py, |s| s.own.take());
+        drop(own);
         // Its server counts it as a client until told otherwise.
         if let Some(server) = server {
             server.call_method1(py, pyo3::intern!(py, "_detach"), (wrapper,))?;
