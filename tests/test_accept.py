@@ -321,6 +321,33 @@ def test_protocol_factory_error(loop, loop_name, loop_errors, debug):
         gc.collect()
 
 
+def test_protocol_factory_returns_none(loop, loop_errors):
+    """A factory that returns None: the transport cannot be made. Debug mode reports the
+    AttributeError without a 'protocol' key (asyncio adds it only when not None)."""
+
+    async def main():
+        loop.set_debug(True)
+        server = await loop.create_server(lambda: None, HOST, 0)
+        client = socket.create_connection(server.sockets[0].getsockname())
+        try:
+            await until(lambda: loop_errors, "the error report")
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # asyncio <3.12: socket to the GC
+        run(loop, main())
+        assert len(loop_errors) == 1
+        ctx = loop_errors.pop()
+        assert ctx["message"] == "Error on transport creation for incoming connection"
+        assert isinstance(ctx["exception"], AttributeError)
+        assert sorted(ctx) == ["exception", "message"]
+        del ctx
+        gc.collect()
+
+
 def test_debug_logs_new_connection(loop, caplog):
     async def main():
         loop.set_debug(True)

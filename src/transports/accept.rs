@@ -222,7 +222,7 @@ impl Acceptor {
                         "Error on transport creation for incoming connection",
                     )?;
                     context.set_item("exception", e.value(py))?;
-                    if let Some(p) = protocol {
+                    if let Some(p) = protocol.filter(|p| !p.is_none()) {
                         context.set_item("protocol", p)?;
                     }
                     crate::py::call_exception_handler_for(lp.as_any(), &context, e.value(py))?;
