@@ -210,6 +210,41 @@ def test_object_handle_cycle_collected_after_run(loop):
     assert [r for r in refs if r() is not None] == []
 
 
+def test_collection_while_running_keeps_what_queues_hold(loop):
+    """A full collection inside a running loop: objects in cycles that only queued
+    handles and timers reach stay alive and run; once the loop stops they are garbage."""
+    ran = []
+    refs = []
+
+    class Cyclic:
+        def __init__(self):
+            self.me = self
+
+        def __call__(self):
+            ran.append(1)
+
+    def schedule():
+        for i in range(50):
+            obj = Cyclic()
+            refs.append(weakref.ref(obj))
+            if i % 2:
+                loop.call_soon(obj)
+            else:
+                loop.call_later(0.01, obj)
+
+    def collect_then_stop():
+        for _ in range(3):
+            gc.collect()
+        loop.call_later(0.05, loop.stop)
+
+    loop.call_soon(schedule)
+    loop.call_soon(collect_then_stop)
+    loop.run_forever()
+    assert len(ran) == 50
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+
+
 def test_object_handle_cycle_collected_after_close(loop_factory):
     loop = loop_factory()
     refs = [weakref.ref(Owner(loop, later)) for later in (False, True) for _ in range(10)]
