@@ -102,13 +102,24 @@ impl Inbox {
     }
 
     fn deliver(&self, id: u64, answer: Answer) {
-        if let Ok(mut a) = self.answers.lock() {
+        // NOTE: the waker is used and released under the lock, so that `quiesce` can
+        //       wait for a delivery in flight: a loop's `close()` then returns with its
+        //       waker's descriptor closed, not closed later by this thread.
+        let mut answers = self.answers.lock();
+        if let Ok(a) = answers.as_mut() {
             a.push((id, answer));
         }
         self.pending.store(true, Ordering::Release);
         if let Some(waker) = self.waker.upgrade() {
             let _ = waker.wake();
         }
+        drop(answers);
+    }
+
+    /// Waits for a delivery in flight (see `deliver`); once the loop has dropped its own
+    /// references to the waker, no resolver thread holds one after this returns.
+    pub fn quiesce(&self) {
+        drop(self.answers.lock());
     }
 
     /// The answers delivered since the last call.

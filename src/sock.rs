@@ -37,8 +37,13 @@ pub(crate) enum Op {
     Recv(usize),
     /// `sock.<method>(*args)`, waiting on the given side.
     Call(&'static str, Vec<Py<PyAny>>, Dir),
-    /// Data and how much of it was sent already.
-    SendAll(Py<PyAny>, usize),
+    /// Data and how much of it was sent already; `native`: `send(2)` on the descriptor
+    /// (a plain `socket.socket`), else the socket's own `send` method, as asyncio calls it.
+    SendAll {
+        data: Py<PyAny>,
+        pos: usize,
+        native: bool,
+    },
     Accept,
     Connect(Py<PyAny>),
 }
@@ -46,7 +51,7 @@ pub(crate) enum Op {
 impl Op {
     pub fn dir(&self) -> Dir {
         match self {
-            Op::SendAll(..) | Op::Connect(_) => Dir::Write,
+            Op::SendAll { .. } | Op::Connect(_) => Dir::Write,
             Op::Call(_, _, dir) => *dir,
             Op::Recv(_) | Op::Accept => Dir::Read,
         }
@@ -55,7 +60,7 @@ impl Op {
     fn refs(&self) -> Vec<&Py<PyAny>> {
         match self {
             Op::Call(_, args, _) => args.iter().collect(),
-            Op::SendAll(x, _) | Op::Connect(x) => vec![x],
+            Op::SendAll { data: x, .. } | Op::Connect(x) => vec![x],
             Op::Recv(_) | Op::Accept => Vec::new(),
         }
     }
@@ -78,6 +83,11 @@ thread_local! {
 /// `recv(n)` into a new bytes object. A buffer that cannot be allocated is a
 /// MemoryError, as `socket.recv` makes it.
 fn recv_bytes(py: Python<'_>, fd: RawFd, n: usize) -> io::Result<Bound<'_, PyAny>> {
+    if n == 0 {
+        // As `socket.recv(0)`: no system call (which would wait for data), even on a
+        // closed socket.
+        return Ok(PyBytes::new(py, b"").into_any());
+    }
     let read = |buf: &mut Vec<u8>| -> io::Result<Bound<'_, PyAny>> {
         if buf.len() < n {
             buf.try_reserve(n - buf.len())
@@ -137,6 +147,7 @@ fn attempt<'py>(
         Recv(usize),
         Method(&'static str, Vec<Py<PyAny>>),
         SendAll(Py<PyAny>, usize),
+        SendCall(Py<PyAny>, usize),
         Accept,
         ConnectFirst(Py<PyAny>),
         ConnectCheck(Py<PyAny>),
@@ -146,7 +157,12 @@ fn attempt<'py>(
         Op::Call(name, args, _) => {
             Plan::Method(name, args.iter().map(|a| a.clone_ref(py)).collect())
         }
-        Op::SendAll(d, pos) => Plan::SendAll(d.clone_ref(py), *pos),
+        Op::SendAll {
+            data,
+            pos,
+            native: true,
+        } => Plan::SendAll(data.clone_ref(py), *pos),
+        Op::SendAll { data, pos, .. } => Plan::SendCall(data.clone_ref(py), *pos),
         Op::Accept => Plan::Accept,
         Op::Connect(a) if first => Plan::ConnectFirst(a.clone_ref(py)),
         Op::Connect(a) => Plan::ConnectCheck(a.clone_ref(py)),
@@ -184,16 +200,39 @@ fn attempt<'py>(
                     Err(e) => return Err(errors::from_io(e)),
                 }
             }
-            op.with(py, |o| {
-                if let Op::SendAll(_, p) = o {
-                    *p = sent;
+            let total = view.len();
+            drop(view);
+            sent_so_far(py, &data, op, sent, total)
+        }
+        Plan::SendCall(data, pos) => {
+            // asyncio's sock_sendall: `sock.send()` of what is left, again while it
+            // takes something (asyncio's level-triggered writer calls it again at once;
+            // this operation waits for an edge, which only a full socket gives).
+            let d = data.bind(py);
+            let total = ByteView::new(d)?.len();
+            let mut sent = pos;
+            loop {
+                let arg = if sent == 0 {
+                    d.clone()
+                } else {
+                    // Bytes from `sent` on, whatever the buffer's item format.
+                    pyo3::types::PyMemoryView::from(d)?
+                        .call_method1(pyo3::intern!(py, "cast"), ("B",))?
+                        .get_item(pyo3::types::PySlice::new(py, sent as isize, isize::MAX, 1))?
+                };
+                match sock.call_method1(pyo3::intern!(py, "send"), (arg,)) {
+                    Ok(n) => {
+                        let n = n.extract::<usize>()?;
+                        sent += n;
+                        if n == 0 || sent >= total {
+                            break;
+                        }
+                    }
+                    Err(e) if would_block(py, &e) => break,
+                    Err(e) => return Err(e),
                 }
-            });
-            Ok(if sent >= view.len() {
-                Attempt::Done(py.None().into_bound(py))
-            } else {
-                Attempt::WouldBlock
-            })
+            }
+            sent_so_far(py, &data, op, sent, total)
         }
         Plan::Accept => match sock.call_method0("accept") {
             Ok(pair) => {
@@ -217,6 +256,45 @@ fn attempt<'py>(
             Err(e) => io_attempt(Err(e)),
         },
     }
+}
+
+/// Records `sent` bytes of a `sendall` of `total` as sent. An unfinished one then holds
+/// its data through a memoryview, as asyncio does: a bytearray cannot be resized under
+/// it (BufferError) while it waits.
+fn sent_so_far<'py>(
+    py: Python<'py>,
+    data: &Py<PyAny>,
+    op: &GilCell<Op>,
+    sent: usize,
+    total: usize,
+) -> PyResult<Attempt<'py>> {
+    let done = sent >= total;
+    let pinned = if done
+        || data
+            .bind(py)
+            .is_exact_instance_of::<pyo3::types::PyMemoryView>()
+    {
+        None
+    } else {
+        Some(
+            pyo3::types::PyMemoryView::from(data.bind(py))?
+                .into_any()
+                .unbind(),
+        )
+    };
+    op.with(py, |o| {
+        if let Op::SendAll { data, pos, .. } = o {
+            *pos = sent;
+            if let Some(view) = pinned {
+                *data = view;
+            }
+        }
+    });
+    Ok(if done {
+        Attempt::Done(py.None().into_bound(py))
+    } else {
+        Attempt::WouldBlock
+    })
 }
 
 /// The reader/writer callback of a pending operation (asyncio's `_sock_recv` & co.).
@@ -483,11 +561,14 @@ impl SockOperation {
                 }
             },
             CoroState::Waiting(fut) => {
-                let fut = fut.bind(py);
-                if !fut.call_method0(pyo3::intern!(py, "done"))?.is_truthy()? {
+                let f = fut.bind(py);
+                if !f.call_method0(pyo3::intern!(py, "done"))?.is_truthy()? {
+                    // Still waiting: whoever resumed it too early does not end it.
+                    self.state
+                        .with(py, |s| *s = CoroState::Waiting(fut.clone_ref(py)));
                     return Err(PyRuntimeError::new_err("await wasn't used with future"));
                 }
-                fut.call_method0(pyo3::intern!(py, "result"))?
+                f.call_method0(pyo3::intern!(py, "result"))?
             }
             CoroState::Done => {
                 return Err(PyRuntimeError::new_err(
@@ -564,16 +645,32 @@ pub fn install(ty: &Bound<'_, pyo3::types::PyType>) {
 
 #[pymethods]
 impl SockOperation {
-    fn __await__(slf: Py<Self>) -> Py<Self> {
-        slf
+    /// As a coroutine's: a second `await` while the first waits is refused (which
+    /// leaves the first one waiting).
+    fn __await__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        let waiting = slf
+            .get()
+            .state
+            .with(slf.py(), |s| matches!(s, CoroState::Waiting(_)));
+        if waiting {
+            return Err(PyRuntimeError::new_err(
+                "coroutine is being awaited already",
+            ));
+        }
+        Ok(slf)
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         self.step_py(py)
     }
 
-    #[pyo3(signature = (_value))]
-    fn send(&self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    #[pyo3(signature = (value))]
+    fn send(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        if !value.is_none() && self.state.with(py, |s| matches!(s, CoroState::Start(_))) {
+            return Err(PyTypeError::new_err(
+                "can't send non-None value to a just-started coroutine",
+            ));
+        }
         self.step_py(py)
     }
 
@@ -648,6 +745,12 @@ impl SockOperation {
         }
         Ok(())
     }
+}
+
+/// Whether `sock` is a plain `socket.socket`, whose `recv` / `send` the native paths
+/// replace; a subclass's (or another object's) own methods are called instead.
+pub(crate) fn is_plain_socket(sock: &Bound<'_, PyAny>) -> bool {
+    import_attr!(sock.py(), "socket", "socket").is_ok_and(|t| sock.get_type().is(t))
 }
 
 /// `sock.recv(n)`'s argument checks, for the native path.

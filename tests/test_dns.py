@@ -288,6 +288,26 @@ def test_replaced_socket_functions_are_used(loop, monkeypatch):
     assert calls == [UNRESOLVABLE, UNRESOLVABLE, ("127.0.0.1", 22)]
 
 
+def test_close_after_a_lookup_releases_every_descriptor(loop_factory):
+    """The resolver thread that answered may still be waking the loop when the loop
+    closes: close() still returns with the loop's descriptors closed."""
+    import os
+    import time
+
+    leftovers = 0
+    for _ in range(60):
+        before = set(os.listdir("/proc/self/fd"))
+        loop = loop_factory()
+        try:
+            loop.run_until_complete(loop.getaddrinfo("localhost", 80))
+        finally:
+            loop.close()
+        del loop
+        leftovers += bool(set(os.listdir("/proc/self/fd")) - before)
+        time.sleep(0.002)  # the resolver thread goes idle: the next answer wakes it
+    assert leftovers == 0
+
+
 NO_THREADS_SCRIPT = r"""
 import asyncio, os, resource, sys
 import concurrent.futures.thread, encodings.idna  # unreadable once unprivileged

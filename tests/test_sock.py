@@ -1063,3 +1063,164 @@ def test_sock_recvfrom_into_negative_nbytes(loop):
             a.close()
 
     run(loop, main())
+
+
+def test_sock_recv_of_zero_bytes_returns_at_once(loop, sockpair):
+    """``socket.recv(0)`` makes no system call and returns b'' (even with nothing to
+    read, or on a closed socket); waiting for data would hang."""
+    a, _ = sockpair
+
+    async def main():
+        closed = socket.socket()
+        closed.close()
+        return [
+            await asyncio.wait_for(loop.sock_recv(a, 0), 2),
+            await asyncio.wait_for(loop.sock_recv(closed, 0), 2),
+        ]
+
+    assert run(loop, main()) == [b"", b""]
+
+
+class ShoutingSocket(socket.socket):
+    """A subclass whose recv() / send() change the data: asyncio calls them."""
+
+    def recv(self, n, *flags):
+        return super().recv(n, *flags).upper()
+
+    def send(self, data, *flags):
+        return super().send(bytes(data).upper(), *flags)
+
+
+class DuckSocket:
+    """Not a socket: fileno() and recv() only, as asyncio needs for sock_recv."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def gettimeout(self):
+        return 0.0
+
+    def recv(self, n):
+        return b"duck:" + self.sock.recv(n)
+
+
+def test_sock_recv_and_sendall_call_the_sockets_own_methods(loop, sockpair, closing):
+    a, b = sockpair
+    shouting = closing(ShoutingSocket(fileno=os.dup(a.fileno())))
+    shouting.setblocking(False)
+
+    async def main():
+        b.send(b"incoming")
+        got = await loop.sock_recv(shouting, 100)
+        await loop.sock_sendall(shouting, b"outgoing")
+        await asyncio.sleep(0.01)
+        sent = b.recv(100)
+        b.send(b"x")
+        duck = await loop.sock_recv(DuckSocket(a), 10)
+        return got, sent, duck
+
+    assert run(loop, main()) == (b"INCOMING", b"OUTGOING", b"duck:x")
+
+
+def test_sock_sendall_through_a_subclass_in_pieces(loop, closing):
+    """A send() that takes part of the data at a time: the rest follows from where it
+    stopped."""
+
+    class Trickle(socket.socket):
+        def send(self, data, *flags):
+            return super().send(memoryview(data)[:7], *flags)
+
+    a, b = socket.socketpair()
+    closing(b)
+    t = closing(Trickle(fileno=a.detach()))
+    t.setblocking(False)
+    data = bytes(range(256)) * 4
+
+    async def main():
+        # Many small sends fill a Unix socket's buffer (it counts each one's overhead):
+        # the peer reads meanwhile.
+        b.setblocking(False)
+        send = asyncio.ensure_future(loop.sock_sendall(t, data))
+        got = b""
+        while len(got) < len(data):
+            got += await asyncio.wait_for(loop.sock_recv(b, 4096), 5)
+        await asyncio.wait_for(send, 5)
+        return got
+
+    assert run(loop, main()) == data
+
+
+def test_sock_sendall_holds_its_buffer_while_pending(loop, sockpair):
+    """As asyncio (which keeps a memoryview): a pending sendall's bytearray cannot be
+    resized, and exactly its bytes reach the peer."""
+    a, b = sockpair
+    size = 3_000_000
+
+    async def main():
+        data = bytearray(b"a" * size)
+        task = asyncio.ensure_future(loop.sock_sendall(a, data))
+        await asyncio.sleep(0)
+        assert not task.done()
+        with pytest.raises(BufferError):
+            del data[1_000_000:]
+        got = 0
+        while not (task.done() and got >= size):
+            try:
+                got += len(b.recv(1 << 20))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        await task
+        return got
+
+    assert run(loop, main()) == size
+
+
+def test_sock_operation_awaited_twice(loop, sockpair):
+    """A second await of a waiting operation is refused as a coroutine's; the first
+    awaiter still gets the data."""
+    a, b = sockpair
+
+    async def main():
+        op = loop.sock_recv(a, 100)
+
+        async def wait_on():
+            return await op
+
+        first = asyncio.ensure_future(wait_on())
+        await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="being awaited already"):
+            await op
+        b.send(b"payload")
+        return await asyncio.wait_for(first, 2)
+
+    assert run(loop, main()) == b"payload"
+
+
+def test_sock_operation_send_before_start(loop, sockpair):
+    a, _ = sockpair
+    op = loop.sock_recv(a, 1)
+    with pytest.raises(TypeError, match="just-started coroutine"):
+        op.send(1)
+    op.close()
+
+
+@pytest.mark.parametrize("nbytes", [None, 0.0, 0])
+def test_sock_recvfrom_into_falsy_nbytes_means_the_whole_buffer(loop, nbytes):
+    async def main():
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            a.bind((HOST, 0))
+            a.setblocking(False)
+            b.sendto(b"abc", a.getsockname())
+            buf = bytearray(10)
+            n, _ = await asyncio.wait_for(loop.sock_recvfrom_into(a, buf, nbytes), 2)
+            return bytes(buf[:n])
+        finally:
+            a.close()
+            b.close()
+
+    assert run(loop, main()) == b"abc"

@@ -1040,3 +1040,95 @@ def test_error_received_resending_the_failing_datagram_recurses(loop, loop_error
     assert not closing
     assert [type(c["exception"]) for c in loop_errors] == [RecursionError]
     loop_errors.clear()
+
+
+def test_queued_datagrams_count_their_header(loop, tmp_path):
+    """From Python 3.13 asyncio counts 8 bytes per queued datagram on top of its data,
+    so that queued empty datagrams (sent from 3.13) reach the high-water mark too."""
+    path = str(tmp_path / "peer.sock")
+    events = []
+
+    class Proto(asyncio.DatagramProtocol):
+        def pause_writing(self):
+            events.append("pause")
+
+    async def main():
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        peer.bind(path)  # never reads: the queue fills
+        transport, _ = await loop.create_datagram_endpoint(
+            Proto, family=socket.AF_UNIX, remote_addr=path
+        )
+        try:
+            transport.set_write_buffer_limits(high=64)
+            for _ in range(10_000):
+                if transport.get_write_buffer_size():
+                    break
+                transport.sendto(b"x")
+            sizes = [transport.get_write_buffer_size()]
+            for _ in range(10):
+                transport.sendto(b"")
+                sizes.append(transport.get_write_buffer_size())
+            return sizes
+        finally:
+            transport.abort()
+            peer.close()
+
+    sizes = run(loop, main())
+    if PY313:
+        assert sizes == [9 + 8 * i for i in range(11)]
+        assert events == ["pause"]
+    else:
+        assert sizes == [1] * 11
+        assert events == []
+
+
+def test_empty_datagrams_after_close_count_as_asyncio_counts_them(loop, caplog):
+    """Before 3.13 asyncio drops an empty datagram before anything else, so sending one
+    on a closed transport does not count towards the 'socket.send() raised exception.'
+    warning; from 3.13 it does."""
+
+    async def main():
+        server, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, local_addr=(HOST, 0)
+        )
+        transport, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=server.get_extra_info("sockname")
+        )
+        transport.close()
+        await asyncio.sleep(0.01)
+        for data in [b"", b"x", b"", b"x", b"", b"x", b"x", b"x", b"x"]:
+            transport.sendto(data)
+        server.close()
+
+    with caplog.at_level("WARNING", logger="asyncio"):
+        run(loop, main())
+    warned = [r for r in caplog.records if r.getMessage() == "socket.send() raised exception."]
+    assert len(warned) == (5 if PY313 else 2)
+
+
+def test_reuse_address_is_python_3_10s(loop):
+    """asyncio 3.10 still takes ``reuse_address`` (False with a DeprecationWarning, True
+    refused); later versions have no such argument."""
+    import sys
+    import warnings
+
+    async def attempt(**kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    asyncio.DatagramProtocol, local_addr=(HOST, 0), **kwargs
+                )
+            except Exception as exc:
+                return type(exc).__name__, [w.category.__name__ for w in caught]
+            transport.close()
+            return "ok", [w.category.__name__ for w in caught]
+
+    async def main():
+        return [await attempt(reuse_address=False), await attempt(reuse_address=True)]
+
+    results = run(loop, main())
+    if sys.version_info < (3, 11):
+        assert results == [("ok", ["DeprecationWarning"]), ("ValueError", [])]
+    else:
+        assert results == [("TypeError", []), ("TypeError", [])]

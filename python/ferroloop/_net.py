@@ -24,6 +24,7 @@ import os
 import socket
 import stat
 import sys
+import warnings
 import weakref
 from asyncio import (
     base_events,
@@ -54,6 +55,9 @@ def _logger():
 
 
 _HAS_IPv6 = hasattr(socket, "AF_INET6")
+
+# An argument not given (Python 3.10's datagram ``reuse_address``).
+_UNSET = object()
 
 # Python 3.10 has no ExceptionGroup: there ``all_errors=True`` raises what
 # ``all_errors=False`` raises (the single OSError or the "Multiple exceptions" one).
@@ -1245,6 +1249,64 @@ class NetworkMixin:
     ):
         """Create a datagram endpoint bound to ``local_addr`` and/or connected to
         ``remote_addr`` (or over ``sock``)."""
+        return await self._create_datagram_endpoint(
+            protocol_factory,
+            local_addr,
+            remote_addr,
+            family=family,
+            proto=proto,
+            flags=flags,
+            reuse_port=reuse_port,
+            allow_broadcast=allow_broadcast,
+            sock=sock,
+        )
+
+    if sys.version_info < (3, 11):
+
+        async def create_datagram_endpoint(  # noqa: F811 (3.10's signature)
+            self,
+            protocol_factory,
+            local_addr=None,
+            remote_addr=None,
+            *,
+            family=0,
+            proto=0,
+            flags=0,
+            reuse_address=_UNSET,
+            reuse_port=None,
+            allow_broadcast=None,
+            sock=None,
+        ):
+            """Create a datagram endpoint bound to ``local_addr`` and/or connected to
+            ``remote_addr`` (or over ``sock``). ``reuse_address`` (3.10 only) must be
+            false: SO_REUSEADDR on UDP lets other processes take the port's traffic."""
+            return await self._create_datagram_endpoint(
+                protocol_factory,
+                local_addr,
+                remote_addr,
+                family=family,
+                proto=proto,
+                flags=flags,
+                reuse_address=reuse_address,
+                reuse_port=reuse_port,
+                allow_broadcast=allow_broadcast,
+                sock=sock,
+            )
+
+    async def _create_datagram_endpoint(
+        self,
+        protocol_factory,
+        local_addr,
+        remote_addr,
+        *,
+        family,
+        proto,
+        flags,
+        reuse_address=_UNSET,
+        reuse_port,
+        allow_broadcast,
+        sock,
+    ):
         owned = False
         if sock is not None:
             if sock.type == socket.SOCK_STREAM:
@@ -1279,6 +1341,18 @@ class NetworkMixin:
             addr_pairs_info = await self._datagram_addr_pairs(
                 local_addr, remote_addr, family, proto, flags
             )
+            if reuse_address is not _UNSET:  # Python 3.10's argument (bpo-37228)
+                if reuse_address:
+                    raise ValueError(
+                        "Passing `reuse_address=True` is no longer supported, as the "
+                        "usage of SO_REUSEPORT in UDP poses a significant security concern."
+                    )
+                warnings.warn(
+                    "The *reuse_address* parameter has been deprecated as of 3.5.10 and "
+                    "is scheduled for removal in 3.11.",
+                    DeprecationWarning,
+                    stacklevel=3,
+                )
             errors = []
             for (fam, pro), (local_address, remote_address) in addr_pairs_info:
                 sock = None
@@ -1366,6 +1440,8 @@ class NetworkMixin:
             if addr is None:
                 continue
             if not (isinstance(addr, tuple) and len(addr) == 2):
+                if sys.version_info < (3, 11):
+                    raise AssertionError("2-tuple is expected")  # 3.10's assert
                 raise TypeError("2-tuple is expected")
             infos = await self._ensure_resolved(
                 addr, family=family, type=socket.SOCK_DGRAM, proto=proto, flags=flags, loop=self

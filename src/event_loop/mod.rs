@@ -579,7 +579,7 @@ impl LoopCore {
         if closed {
             return Ok(());
         }
-        let (ready, timers, io, factory, registrar, dns_pending, transports) =
+        let (ready, timers, io, factory, registrar, dns_pending, transports, inbox) =
             core.state.with(py, |s| {
                 s.closed = true;
                 (
@@ -594,6 +594,7 @@ impl LoopCore {
                         std::mem::take(&mut s.armed),
                         s.loop_kwargs.take(),
                     ),
+                    s.dns_inbox.clone(),
                 )
             });
         // NOTE: as asyncio's close: queued callbacks and timers are dropped (timers keep
@@ -618,6 +619,9 @@ impl LoopCore {
             dns_pending,
             transports,
         ));
+        // A resolver thread delivering an answer right now holds the waker: wait for it
+        // to let go, so that the waker's descriptor is closed when this returns.
+        inbox.quiesce();
         // As asyncio's unix loop: handlers are removed once the loop itself is closed, so
         // a failure here (e.g. closing from another thread) leaves a closed loop.
         crate::signals::remove_all(slf)
@@ -834,7 +838,7 @@ impl LoopCore {
         n: &Bound<'_, PyAny>,
     ) -> PyResult<sock::SockOperation> {
         let op = match sock::recv_size(n) {
-            Ok(Some(n)) => sock::Op::Recv(n),
+            Ok(Some(n)) if sock::is_plain_socket(sock) => sock::Op::Recv(n),
             // Unusual sizes: `sock.recv(n)` itself raises or handles them.
             _ => sock::call_op("recv", &[n], sock::Dir::Read),
         };
@@ -859,20 +863,19 @@ impl LoopCore {
         sock::SockOperation::new(slf, sock, "sock_recvfrom", op)
     }
 
-    #[pyo3(signature = (sock, buf, nbytes=0))]
+    #[pyo3(signature = (sock, buf, nbytes=None), text_signature = "($self, sock, buf, nbytes=0)")]
     fn sock_recvfrom_into(
         slf: &Bound<'_, Self>,
         sock: &Bound<'_, PyAny>,
         buf: &Bound<'_, PyAny>,
-        nbytes: i64,
+        nbytes: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<sock::SockOperation> {
         // asyncio: `if not nbytes: nbytes = len(buf)`; the socket checks the rest.
-        let nbytes = if nbytes == 0 {
-            buf.len()? as i64
+        let nbytes = if let Some(n) = nbytes.filter(|n| n.is_truthy().unwrap_or(true)) {
+            n.clone()
         } else {
-            nbytes
+            buf.len()?.into_pyobject(slf.py())?.into_any()
         };
-        let nbytes = nbytes.into_pyobject(slf.py())?.into_any();
         let op = sock::call_op("recvfrom_into", &[buf, &nbytes], sock::Dir::Read);
         Ok(sock::SockOperation::new(
             slf,
@@ -887,7 +890,11 @@ impl LoopCore {
         sock: &Bound<'_, PyAny>,
         data: &Bound<'_, PyAny>,
     ) -> sock::SockOperation {
-        let op = sock::Op::SendAll(data.clone().unbind(), 0);
+        let op = sock::Op::SendAll {
+            data: data.clone().unbind(),
+            pos: 0,
+            native: sock::is_plain_socket(sock),
+        };
         sock::SockOperation::new(slf, sock, "sock_sendall", op)
     }
 

@@ -228,6 +228,18 @@ fn passthrough(e: &PyErr, py: Python<'_>) -> bool {
     e.is_instance_of::<PyKeyboardInterrupt>(py) || e.is_instance_of::<PySystemExit>(py)
 }
 
+/// What a queued datagram of `len` bytes counts for in the write buffer: from Python
+/// 3.13 asyncio adds 8 bytes of header per datagram (so that empty datagrams, sent from
+/// 3.13, count too), and takes them off again when it is sent (gh-135444).
+#[inline]
+fn queued_size(py: Python<'_>, len: usize) -> usize {
+    if py::version(py) >= (3, 13) {
+        len + 8
+    } else {
+        len
+    }
+}
+
 fn would_block(e: &PyErr, py: Python<'_>) -> bool {
     e.is_instance_of::<PyBlockingIOError>(py) || e.is_instance_of::<PyInterruptedError>(py)
 }
@@ -586,7 +598,10 @@ impl DatagramCore {
             core.recycle(py, d.data.into_bound(py).into_any());
         }
         let queued = if fd >= 0 && !out.is_empty() {
-            let n: usize = out.iter().map(|d| d.data.bind(py).as_bytes().len()).sum();
+            let n: usize = out
+                .iter()
+                .map(|d| queued_size(py, d.data.bind(py).as_bytes().len()))
+                .sum();
             core.with(py, |s| {
                 s.buf.extend(out.drain(..).map(|d| (d.data, d.addr)));
                 s.buf_size += n;
@@ -942,6 +957,11 @@ impl DatagramCore {
                 data.get_type().name()?.repr()?
             )));
         }
+        // NOTE: Python 3.13 sends empty datagrams (gh-113812); 3.12 and earlier drop
+        //       them first thing. ferroloop follows the running Python's asyncio.
+        if py::version(py) < (3, 13) && data.len()? == 0 {
+            return Ok(());
+        }
         let mut addr = addr.unwrap_or_else(|| py.None().into_bound(py));
         let address = core.get(py, |s| &s.address);
         if address.is_truthy()? {
@@ -961,11 +981,6 @@ impl DatagramCore {
                     .call_method1("warning", ("socket.send() raised exception.",))?;
             }
             core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
-            return Ok(());
-        }
-        // NOTE: Python 3.13 sends empty datagrams (gh-113812); 3.12 and earlier drop
-        //       them. ferroloop follows the running Python's asyncio.
-        if data.len()? == 0 && py::version(py) < (3, 13) {
             return Ok(());
         }
         if empty && Self::defer(slf, data, &addr)? {
@@ -996,7 +1011,7 @@ impl DatagramCore {
                 .call1((data,))?
                 .cast_into::<PyBytes>()?
         };
-        let n = bytes.as_bytes().len();
+        let n = queued_size(py, bytes.as_bytes().len());
         core.with(py, |s| {
             s.buf.push_back((bytes.unbind(), addr.unbind()));
             s.buf_size += n;
@@ -1011,7 +1026,7 @@ impl DatagramCore {
             loop {
                 let Some((data, addr)) = core.with(py, |s| {
                     let item = s.buf.pop_front()?;
-                    s.buf_size -= item.0.bind(py).as_bytes().len();
+                    s.buf_size -= queued_size(py, item.0.bind(py).as_bytes().len());
                     Some(item)
                 }) else {
                     break;
@@ -1020,7 +1035,7 @@ impl DatagramCore {
                     Ok(()) => {}
                     Err(e) if would_block(&e, py) => {
                         core.with(py, |s| {
-                            s.buf_size += data.bind(py).as_bytes().len();
+                            s.buf_size += queued_size(py, data.bind(py).as_bytes().len());
                             s.buf.push_front((data, addr));
                         });
                         break;
