@@ -419,12 +419,14 @@ pub(crate) fn leave_run(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     if keep {
         return Ok(());
     }
-    let restore = if Some(prev) == ours.map(|f| f as i64) {
-        -1
-    } else {
-        prev
-    };
-    set_wakeup_fd(py, restore)?;
+    let ours = ours.map(|f| f as i64);
+    let restore = if Some(prev) == ours { -1 } else { prev };
+    let current = set_wakeup_fd(py, restore)?;
+    if current != restore && Some(current) != ours {
+        // Installed while this loop ran (another loop's signal handlers, the
+        // application's): it stays.
+        set_wakeup_fd(py, current)?;
+    }
     Ok(())
 }
 

@@ -705,12 +705,16 @@ impl SockOperation {
         Err(PyErr::from_value(exc))
     }
 
-    /// Ends the operation; a pending one is cancelled, which unregisters it.
+    /// Ends the operation; a pending one is cancelled, which unregisters it. On a closed
+    /// loop (which unregistered everything) it just ends, as a coroutine's `close()`
+    /// does: cancelling would schedule callbacks there and raise.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let state = self
             .state
             .with(py, |s| std::mem::replace(s, CoroState::Done));
-        if let CoroState::Waiting(fut) = state {
+        if let CoroState::Waiting(fut) = state
+            && !self.loop_.get().is_closed(py)
+        {
             fut.bind(py).call_method0("cancel")?;
         }
         Ok(())

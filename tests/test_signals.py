@@ -492,3 +492,49 @@ def test_wakeup_fd_not_left_stale_after_remove_while_running(loop):
         signal.set_wakeup_fd(previous)
         other_r.close()
         other_w.close()
+
+
+def test_wakeup_fd_installed_while_running_stays(loop):
+    """A wake-up fd that a library installs while the loop runs is still installed after
+    the run, as asyncio never touches it outside add/remove_signal_handler."""
+    import socket
+
+    r, w = socket.socketpair()
+    w.setblocking(False)
+
+    async def main():
+        signal.set_wakeup_fd(w.fileno())
+
+    try:
+        loop.run_until_complete(main())
+        assert signal.set_wakeup_fd(-1) == w.fileno()
+    finally:
+        signal.set_wakeup_fd(-1)
+        r.close()
+        w.close()
+
+
+@pytest.mark.parametrize("other_name", ["asyncio", "ferroloop"])
+@pytest.mark.parametrize("early", [False, True], ids=["while_running", "before_running"])
+def test_other_loops_handler_added_during_a_run(loop, other_name, early):
+    """Loop B gets a signal handler from code that runs in loop A: after A's run B's
+    handler still gets the signal, whether it arrives before B runs or while it runs."""
+    from _util import LOOP_FACTORIES
+
+    other = LOOP_FACTORIES[other_name]()
+    got = []
+
+    async def setup():
+        other.add_signal_handler(signal.SIGUSR1, got.append, "ran")
+
+    try:
+        loop.run_until_complete(setup())
+        if early:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        else:
+            other.call_later(0.05, os.kill, os.getpid(), signal.SIGUSR1)
+        other.run_until_complete(asyncio.sleep(0.3))
+        assert got == ["ran"]
+    finally:
+        other.remove_signal_handler(signal.SIGUSR1)
+        other.close()

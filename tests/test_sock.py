@@ -1224,3 +1224,27 @@ def test_sock_recvfrom_into_falsy_nbytes_means_the_whole_buffer(loop, nbytes):
             b.close()
 
     assert run(loop, main()) == b"abc"
+
+
+def test_closing_a_waiting_operation_after_the_loop_closed(loop_factory, sockpair):
+    """What collecting a pending task's coroutine after ``loop.close()`` does: the
+    coroutine sees GeneratorExit (cancelling the operation's future on the closed loop
+    raised RuntimeError into it, which a retry loop could catch forever)."""
+    a, _ = sockpair
+    loop = loop_factory()
+    seen = []
+
+    async def receive():
+        try:
+            await loop.sock_recv(a, 100)
+        except BaseException as exc:
+            seen.append(type(exc).__name__)
+            raise
+
+    coro = receive()
+    task = loop.create_task(coro)
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    coro.close()
+    task._log_destroy_pending = False
+    assert seen == ["GeneratorExit"]
