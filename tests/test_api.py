@@ -313,6 +313,51 @@ def test_main_script_exception_exit_code(tmp_path):
     assert rc == 3, err
 
 
+MAIN_MODULE_SCRIPT = """\
+import atexit, os, pickle, sys
+
+
+class Thing:
+    pass
+
+
+@atexit.register
+def at_exit():
+    # The program's __main__ module is still there once its top level returned.
+    print("pickled", len(pickle.dumps(Thing())) > 0)
+
+
+print("file", __file__ if "__file__" in globals() else None)
+print("argv", sys.argv, "path0", sys.path[0])
+"""
+
+
+def test_main_runs_the_program_as_python_does(tmp_path):
+    """``python -m ferroloop X`` runs X with the ``__main__`` module, ``__file__``,
+    ``sys.argv`` and ``sys.path[0]`` that ``python X`` gives it."""
+    script = tmp_path / "prog.py"
+    script.write_text(MAIN_MODULE_SCRIPT)
+    cases = [
+        (["prog.py", "a"], None),
+        (["-m", "prog", "a"], None),
+        (["-c", MAIN_MODULE_SCRIPT, "a"], None),
+        (["-", "a"], MAIN_MODULE_SCRIPT),
+    ]
+    for args, stdin in cases:
+        plain = python_subprocess(args, cwd=tmp_path, stdin=subprocess.PIPE)
+        expected = plain.communicate(stdin, timeout=30)
+        rc, out, err = run_ferroloop_main(args, cwd=tmp_path, stdin=stdin)
+        assert (plain.returncode, expected[0]) == (rc, out), (args, err)
+        assert "pickled True" in out, args
+
+
+def test_main_missing_script(tmp_path):
+    rc, _out, err = run_ferroloop_main(["nope.py"], cwd=tmp_path)
+    assert rc == 2
+    assert f"can't open file {str(tmp_path / 'nope.py')!r}" in err
+    assert "Traceback" not in err
+
+
 def test_main_help(tmp_path):
     rc, out, _err = run_ferroloop_main(["--help"], cwd=tmp_path)
     assert rc == 0

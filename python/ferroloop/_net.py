@@ -1263,7 +1263,7 @@ class NetworkMixin:
 
     if sys.version_info < (3, 11):
 
-        async def create_datagram_endpoint(  # noqa: F811 (3.10's signature)
+        async def create_datagram_endpoint(
             self,
             protocol_factory,
             local_addr=None,
