@@ -1072,6 +1072,7 @@ def test_sock_recv_of_zero_bytes_returns_at_once(loop, sockpair):
 
     async def main():
         closed = socket.socket()
+        closed.setblocking(False)
         closed.close()
         return [
             await asyncio.wait_for(loop.sock_recv(a, 0), 2),

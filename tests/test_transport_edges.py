@@ -269,3 +269,150 @@ def test_negative_backlog_is_taken_as_listen_takes_it(loop, loop_name):
             server.close()
 
     assert run(loop, main())
+
+
+class _ClosingServer:
+    """A server whose accepted transports close with it."""
+
+    def __init__(self, server, accepted):
+        self.server = server
+        self.accepted = accepted
+
+    def close(self):
+        for transport in self.accepted:
+            transport.close()
+        self.server.close()
+
+
+async def _stream_and_datagram(loop):
+    accepted = []
+
+    class Accepted(asyncio.Protocol):
+        def connection_made(self, transport):
+            accepted.append(transport)
+
+    server = await loop.create_server(Accepted, HOST, 0)
+    stream, _ = await loop.create_connection(asyncio.Protocol, *server.sockets[0].getsockname())
+    datagram, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=(HOST, 0)
+    )
+    while not accepted:
+        await asyncio.sleep(0.001)
+    return _ClosingServer(server, accepted), stream, datagram
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((1e6,), (250000.0, 1e6)),
+        ((10.0, 2.0), (2.0, 10.0)),
+        ((2**70,), (2**68, 2**70)),
+        ((None, 2**62), (2**62, 2**64)),
+        ((None, 3), (3, 12)),
+    ],
+)
+def test_write_buffer_limits_take_any_numbers(loop, args, expected):
+    """asyncio computes and checks the marks with Python numbers: floats and big ints
+    are kept as given."""
+
+    async def main():
+        server, stream, datagram = await _stream_and_datagram(loop)
+        try:
+            results = []
+            for transport in (stream, datagram):
+                transport.set_write_buffer_limits(*args)
+                results.append(transport.get_write_buffer_limits())
+            return results
+        finally:
+            stream.close()
+            datagram.close()
+            server.close()
+
+    for got in run(loop, main()):
+        assert got == expected
+        assert [type(v) for v in got] == [type(v) for v in expected]
+
+
+def test_write_buffer_limits_errors_show_the_values(loop):
+    async def main():
+        server, stream, datagram = await _stream_and_datagram(loop)
+        try:
+            for transport in (stream, datagram):
+                with pytest.raises(ValueError, match=r"high \(4\) must be >= low \(5\)"):
+                    transport.set_write_buffer_limits(4, 5)
+                with pytest.raises(ValueError, match=r"low \(-1\.5\) must be >= 0"):
+                    transport.set_write_buffer_limits(None, -1.5)
+                with pytest.raises(TypeError):
+                    transport.set_write_buffer_limits("10")
+        finally:
+            stream.close()
+            datagram.close()
+            server.close()
+
+    run(loop, main())
+
+
+def test_float_high_water_mark_pauses_writing(loop):
+    """A float mark works as asyncio's: pause once the buffer is above it."""
+    paused = []
+
+    class Proto(asyncio.Protocol):
+        def pause_writing(self):
+            paused.append(True)
+
+    accepted = []
+
+    class Deaf(asyncio.Protocol):
+        def connection_made(self, transport):
+            accepted.append(transport)
+            transport.pause_reading()
+
+    async def main():
+        server = await loop.create_server(Deaf, HOST, 0)
+        transport, _ = await loop.create_connection(Proto, *server.sockets[0].getsockname())
+        try:
+            transport.set_write_buffer_limits(high=1024.5)
+            chunk = b"x" * 65536
+            for _ in range(200):
+                if paused:
+                    break
+                transport.write(chunk)
+                await asyncio.sleep(0)
+            return transport.get_write_buffer_size()
+        finally:
+            transport.abort()
+            for t in accepted:
+                t.abort()
+            server.close()
+
+    size = run(loop, main())
+    assert paused == [True]
+    assert size > 1024.5
+
+
+def test_transport_methods_have_asyncios_signatures(loop):
+    import inspect
+
+    async def main():
+        server, stream, datagram = await _stream_and_datagram(loop)
+        try:
+            return {
+                name: str(inspect.signature(getattr(t, name)))
+                for t, names in [
+                    (stream, ["write", "writelines", "set_write_buffer_limits", "get_extra_info"]),
+                    (datagram, ["sendto"]),
+                ]
+                for name in names
+            }
+        finally:
+            stream.close()
+            datagram.close()
+            server.close()
+
+    assert run(loop, main()) == {
+        "write": "(data)",
+        "writelines": "(list_of_data)",
+        "set_write_buffer_limits": "(high=None, low=None)",
+        "get_extra_info": "(name, default=None)",
+        "sendto": "(data, addr=None)",
+    }

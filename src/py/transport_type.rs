@@ -105,6 +105,30 @@ macro_rules! forward_methods {
 }
 pub(crate) use forward_methods;
 
+/// The signature (asyncio's parameter names, for `inspect.signature`) and summary of a
+/// public transport method.
+fn method_doc(name: &CStr) -> Option<&'static CStr> {
+    const DOCS: &[(&CStr, &CStr)] = &[
+        (c"write", c"write($self, data)\n--\n\nWrite some data bytes to the transport."),
+        (c"writelines", c"writelines($self, list_of_data)\n--\n\nWrite a list (or any iterable) of data bytes to the transport."),
+        (c"write_eof", c"write_eof($self)\n--\n\nClose the write end after flushing buffered data."),
+        (c"can_write_eof", c"can_write_eof($self)\n--\n\nReturn True if this transport supports write_eof()."),
+        (c"get_write_buffer_size", c"get_write_buffer_size($self)\n--\n\nReturn the current size of the write buffer."),
+        (c"get_write_buffer_limits", c"get_write_buffer_limits($self)\n--\n\nReturn (low, high): the write flow control marks."),
+        (c"set_write_buffer_limits", c"set_write_buffer_limits($self, high=None, low=None)\n--\n\nSet the high- and low-water limits for write flow control."),
+        (c"pause_reading", c"pause_reading($self)\n--\n\nPause the receiving end."),
+        (c"resume_reading", c"resume_reading($self)\n--\n\nResume the receiving end."),
+        (c"is_reading", c"is_reading($self)\n--\n\nReturn True if the transport is receiving."),
+        (c"close", c"close($self)\n--\n\nClose the transport (buffered data is flushed first)."),
+        (c"abort", c"abort($self)\n--\n\nClose the transport immediately (buffered data is lost)."),
+        (c"is_closing", c"is_closing($self)\n--\n\nReturn True if the transport is closing or closed."),
+        (c"get_protocol", c"get_protocol($self)\n--\n\nReturn the current protocol."),
+        (c"set_protocol", c"set_protocol($self, protocol)\n--\n\nSet a new protocol."),
+        (c"sendto", c"sendto($self, data, addr=None)\n--\n\nSend data to addr (the connected peer if None)."),
+    ];
+    DOCS.iter().find(|(n, _)| *n == name).map(|(_, d)| *d)
+}
+
 /// Byte offset of the tail: right after the base's own storage, pointer-aligned.
 fn tail_offset(base: &Bound<'_, PyType>) -> isize {
     // SAFETY: reading a live type object's basic size.
@@ -144,7 +168,7 @@ pub fn make_type(
                 PyCFunctionFastWithKeywords: pick(m),
             },
             ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
-            ml_doc: ptr::null(),
+            ml_doc: method_doc(m.name).map_or(ptr::null(), CStr::as_ptr),
         })
         .collect();
     if lazy_extra {
@@ -154,7 +178,7 @@ pub fn make_type(
                 PyCFunctionFastWithKeywords: lazy_get_extra_info,
             },
             ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
-            ml_doc: c"Get optional transport information.".as_ptr(),
+            ml_doc: c"get_extra_info($self, name, default=None)\n--\n\nGet optional transport information.".as_ptr(),
         });
     }
     defs.push(ffi::PyMethodDef::zeroed());

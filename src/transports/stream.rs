@@ -1226,8 +1226,8 @@ impl StreamCore {
         self.with(py, |s| s.buf.size)
     }
 
-    fn get_write_buffer_limits(&self, py: Python<'_>) -> (i64, i64) {
-        self.with(py, |s| (s.flow.low, s.flow.high))
+    fn get_write_buffer_limits(&self, py: Python<'_>) -> PyResult<(Py<PyAny>, Py<PyAny>)> {
+        self.with(py, |s| s.flow.get(py))
     }
 
     #[pyo3(signature = (high=None, low=None))]
@@ -1237,11 +1237,12 @@ impl StreamCore {
         high: Option<&Bound<'_, PyAny>>,
         low: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let (h, l) = super::flow::limits(high, low)?;
-        self.with(py, |s| {
-            s.flow.high = h;
-            s.flow.low = l;
+        let limits = super::flow::limits(high, low, py)?;
+        let old = self.with(py, |s| {
+            let paused = s.flow.paused;
+            std::mem::replace(&mut s.flow, super::flow::FlowControl { paused, ..limits })
         });
+        drop(old);
         self.maybe_pause_protocol(py)
     }
 
