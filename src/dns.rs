@@ -90,6 +90,9 @@ pub(crate) struct Inbox {
     /// Weak, so closing the loop closes the waker's eventfd even while a resolution
     /// is still running.
     waker: Weak<mio::Waker>,
+    /// The fork generation it was made in: a child made by `fork()` may have inherited
+    /// `answers` locked by a resolver thread that only exists in the parent.
+    generation: u64,
 }
 
 impl Inbox {
@@ -98,6 +101,7 @@ impl Inbox {
             answers: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
             waker: Arc::downgrade(waker),
+            generation: sys::fork_generation(),
         })
     }
 
@@ -119,7 +123,11 @@ impl Inbox {
     /// Waits for a delivery in flight (see `deliver`); once the loop has dropped its own
     /// references to the waker, no resolver thread holds one after this returns.
     pub fn quiesce(&self) {
-        drop(self.answers.lock());
+        // A parent's inbox in a forked child: its resolver threads are not here (and the
+        // lock may be held by one of them forever).
+        if self.generation == sys::fork_generation() {
+            drop(self.answers.lock());
+        }
     }
 
     /// The answers delivered since the last call.

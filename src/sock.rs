@@ -464,6 +464,9 @@ pub(crate) fn run<'py>(
     )?;
     // The operation's callback always makes the system call (or finds its future done
     // and is then unregistered), so it needs no re-arm after an event: edge-triggered.
+    // Not for another kind of socket object, whose own methods may say "would block"
+    // while the kernel's buffer is not empty (or not full): no new edge would come, so
+    // it is watched level-triggered, as asyncio watches every socket.
     let handle = if fd >= 0 {
         LoopCore::add_io_fd_owned(
             slf,
@@ -471,7 +474,7 @@ pub(crate) fn run<'py>(
             callback.as_any(),
             PyTuple::empty(py),
             dir == Dir::Read,
-            true,
+            is_plain_socket(sock),
             Some(sock),
         )?
     } else {

@@ -337,8 +337,11 @@ def test_main_runs_the_program_as_python_does(tmp_path):
     ``sys.argv`` and ``sys.path[0]`` that ``python X`` gives it."""
     script = tmp_path / "prog.py"
     script.write_text(MAIN_MODULE_SCRIPT)
+    (tmp_path / "progdir").mkdir()
+    (tmp_path / "progdir" / "__main__.py").write_text(MAIN_MODULE_SCRIPT)
     cases = [
         (["prog.py", "a"], None),
+        (["progdir", "a"], None),
         (["-m", "prog", "a"], None),
         (["-c", MAIN_MODULE_SCRIPT, "a"], None),
         (["-", "a"], MAIN_MODULE_SCRIPT),

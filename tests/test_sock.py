@@ -1249,3 +1249,39 @@ def test_closing_a_waiting_operation_after_the_loop_closed(loop_factory, sockpai
     coro.close()
     task._log_destroy_pending = False
     assert seen == ["GeneratorExit"]
+
+
+class Hesitant(socket.socket):
+    """Its own recv() / send() say "would block" twice while the kernel is ready:
+    asyncio's level-triggered watch simply asks again."""
+
+    misses = 2
+
+    def recv(self, n, *flags):
+        if self.misses:
+            self.misses -= 1
+            raise BlockingIOError
+        return super().recv(n, *flags)
+
+    def send(self, data, *flags):
+        if self.misses:
+            self.misses -= 1
+            return 0
+        return super().send(data, *flags)
+
+
+@pytest.mark.parametrize("op", ["recv", "sendall"])
+def test_socket_object_that_says_would_block_while_ready(loop, closing, op):
+    a, b = socket.socketpair()
+    closing(b)
+    sock = closing(Hesitant(fileno=a.detach()))
+    sock.setblocking(False)
+
+    async def main():
+        if op == "recv":
+            b.send(b"hello")
+            return await asyncio.wait_for(loop.sock_recv(sock, 100), 5)
+        await asyncio.wait_for(loop.sock_sendall(sock, b"hello"), 5)
+        return b.recv(100)
+
+    assert run(loop, main()) == b"hello"

@@ -44,11 +44,14 @@ def _run_source(source, filename: str, namespace: dict) -> None:
 
 def _run_script(script: str) -> None:
     path = os.path.abspath(script)
-    sys.path[0] = os.path.dirname(path)
     if os.path.isdir(path) or (not path.endswith(".py") and _is_zip(path)):
-        # A directory or zip file with a __main__.py: as python, through runpy.
-        runpy.run_path(path, run_name="__main__")
+        # A directory or zip file with a __main__.py: as python runs it, its __main__
+        # module found first on sys.path.
+        sys.path[0] = path
+        _fresh_main()
+        runpy._run_module_as_main("__main__", alter_argv=False)
         return
+    sys.path[0] = os.path.dirname(path)
     try:
         with open(path, "rb") as f:
             source = f.read()
