@@ -441,6 +441,33 @@ def test_close_clients_of_many_connections(loop, loop_name):
     run(loop, main())
 
 
+def test_close_clients_after_loop_close_raises(loop_factory, loop_name):
+    """Once the loop is closed, the first close_clients() / abort_clients() of a server
+    with open connections raises the closed loop's RuntimeError, as closing a transport
+    then does; that leaves the transport closing on asyncio, so later calls do nothing.
+
+    DEVIATION: ferroloop's closed loop no longer lists its transports, so the transport
+    itself is not marked closing (its own close() still raises once, as asyncio's)."""
+    stdlib_only_from(loop_name, (3, 13), "Server.close_clients()")
+    loop = loop_factory()
+    server, client, proto = loop.run_until_complete(accept_one(loop))
+    loop.close()
+    try:
+        with pytest.raises(RuntimeError, match="Event loop is closed"):
+            server.abort_clients()
+        server.close_clients()
+        server.abort_clients()
+    finally:
+        client.close()
+        server.close()  # works on a closed loop: closes the listening sockets
+        with warnings.catch_warnings():
+            # The accepted transport cannot be closed any more: collecting it closes its
+            # socket, with asyncio's ResourceWarning.
+            warnings.simplefilter("ignore", ResourceWarning)
+            del proto.transport
+            gc.collect()
+
+
 def test_unclosed_accepted_transport_is_collected(loop, loop_name):
     """A transport nobody holds (not reading, so not even the loop) is collected with a
     ResourceWarning; its server stops counting it, so wait_closed() returns."""

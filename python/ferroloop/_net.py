@@ -212,6 +212,8 @@ class Server(events.AbstractServer):
         # Transports that attach without passing themselves (asyncio < 3.12 selector
         # transports call ``server._attach()`` with no argument): only counted.
         self._anonymous_clients = 0
+        # close_clients() / abort_clients() raised for the closed loop (once, as asyncio).
+        self._closed_loop_reported = False
         self._waiters = []
         self._protocol_factory = protocol_factory
         self._backlog = backlog
@@ -310,6 +312,14 @@ class Server(events.AbstractServer):
     def _all_clients(self) -> list:
         clients = list(self._clients)
         if self._native_clients:
+            if self._loop.is_closed():
+                # The closed loop no longer lists its transports. Closing the first of
+                # them raises this (its close() calls the closed loop's call_soon) and
+                # leaves it closing, so asyncio raises once, then finds nothing to do.
+                if self._closed_loop_reported:
+                    return clients
+                self._closed_loop_reported = True
+                raise RuntimeError("Event loop is closed")
             clients += self._loop._server_clients(self)
         return clients
 
