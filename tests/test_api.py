@@ -130,6 +130,31 @@ def test_run_returns_result_on_ferroloop():
     assert ferroloop.run(main(), debug=True) == (ferroloop.Loop, True)
 
 
+def test_run_takes_loop_factory_and_asyncio_run_keywords_as_uvloop_run():
+    """ferroloop.run(main, *, loop_factory=..., debug=None, **run_kwargs), as uvloop.run:
+    the factory makes the loop; other keywords go to asyncio.run (3.12+) or are refused."""
+    made = []
+
+    class Sub(ferroloop.Loop):
+        pass
+
+    def factory():
+        made.append(Sub())
+        return made[-1]
+
+    async def main():
+        return asyncio.get_running_loop()
+
+    loop = ferroloop.run(main(), loop_factory=factory)
+    assert made == [loop] and type(loop) is Sub and loop.is_closed()
+    coro = main()
+    try:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+            ferroloop.run(coro, bogus=1)
+    finally:
+        coro.close()
+
+
 def test_run_closes_loop_and_cleans_up():
     seen = {}
     finalized = []

@@ -182,6 +182,23 @@ def test_handle_repr(loop):
     assert repr(h) == "<Handle cancelled>"
 
 
+def test_handle_methods_have_signatures(loop):
+    """inspect.signature() works on handle methods (METH_NOARGS methods need a text
+    signature for it before Python 3.13)."""
+    import inspect
+
+    handle = loop.call_soon(print)
+    timer = loop.call_later(10, print)
+    methods = [handle.cancel, handle.cancelled, timer.cancel, timer.when]
+    if hasattr(handle, "get_context"):  # asyncio's from 3.12
+        methods.append(handle.get_context)
+    try:
+        assert [str(inspect.signature(m)) for m in methods] == ["()"] * len(methods)
+    finally:
+        handle.cancel()
+        timer.cancel()
+
+
 def noop_line(fn) -> int:
     return fn.__code__.co_firstlineno
 

@@ -416,3 +416,41 @@ def test_transport_methods_have_asyncios_signatures(loop):
         "get_extra_info": "(name, default=None)",
         "sendto": "(data, addr=None)",
     }
+
+
+def test_closed_transport_repr_keeps_its_descriptor_number(loop):
+    """asyncio's repr shows the descriptor a transport had (``closed fd=7``), also once
+    the connection is lost; the accepted, client and datagram transports alike."""
+    import re
+
+    async def main():
+        server, stream, datagram = await _stream_and_datagram(loop)
+        transports = [stream, datagram, server.accepted[0]]
+        fds = [t.get_extra_info("socket").fileno() for t in transports]
+        server.close()
+        for t in transports:
+            t.close()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return fds, [repr(t) for t in transports]
+
+    fds, reprs = run(loop, main())
+    for fd, text in zip(fds, reprs):
+        assert re.search(rf" closed fd={fd}(>| )", text), text
+
+
+def test_get_extra_info_of_unhashable_name_is_a_type_error(loop):
+    """``self._extra.get(name)``: an unhashable name raises, on every kind of transport."""
+
+    async def main():
+        server, stream, datagram = await _stream_and_datagram(loop)
+        try:
+            for t in (server.accepted[0], stream, datagram):
+                with pytest.raises(TypeError, match="unhashable type: 'list'"):
+                    t.get_extra_info([])
+        finally:
+            stream.close()
+            datagram.close()
+            server.close()
+
+    run(loop, main())

@@ -53,19 +53,26 @@ __all__ = [
 ]
 
 
-def run(main, *, debug=None):
-    """Run a coroutine on a new ferroloop loop, as :func:`asyncio.run` does."""
+def run(main, *, loop_factory=None, debug=None, **run_kwargs):
+    """Run a coroutine on a new ferroloop loop, as :func:`asyncio.run` does.
+
+    As ``uvloop.run``: ``loop_factory`` makes the loop (default :func:`new_event_loop`)
+    and, on Python 3.12+, any other keyword goes to :func:`asyncio.run`."""
+    if loop_factory is None:
+        loop_factory = new_event_loop
     if _asyncio.events._get_running_loop() is not None:
         # Checked before the runner exists, with asyncio.run's message.
         raise RuntimeError("asyncio.run() cannot be called from a running event loop")
     if _sys.version_info >= (3, 12):
-        return _asyncio.run(main, debug=debug, loop_factory=new_event_loop)
+        return _asyncio.run(main, debug=debug, loop_factory=loop_factory, **run_kwargs)
+    if run_kwargs:
+        raise TypeError(f"run() got an unexpected keyword argument {next(iter(run_kwargs))!r}")
     if _sys.version_info >= (3, 11):
-        with _asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
+        with _asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
             return runner.run(main)
     from ._compat import run as _run_310
 
-    return _run_310(main, debug=debug)
+    return _run_310(main, debug=debug, loop_factory=loop_factory)
 
 
 def _base_policy():

@@ -25,15 +25,17 @@ def _cancel_all_tasks(loop) -> None:
             )
 
 
-def run(main, *, debug=None):
-    """``asyncio.run`` with a ferroloop loop, for Python 3.10 (no ``asyncio.Runner``)."""
-    from ._loop import new_event_loop
+def run(main, *, debug=None, loop_factory=None):
+    """``asyncio.run`` with a ferroloop loop (or ``loop_factory()``'s), for Python 3.10
+    (no ``asyncio.Runner``)."""
+    if loop_factory is None:
+        from ._loop import new_event_loop as loop_factory
 
     if events._get_running_loop() is not None:
         raise RuntimeError("asyncio.run() cannot be called from a running event loop")
     if not coroutines.iscoroutine(main):
         raise ValueError(f"a coroutine was expected, got {main!r}")
-    loop = new_event_loop()
+    loop = loop_factory()
     try:
         events.set_event_loop(loop)
         if debug is not None:

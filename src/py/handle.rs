@@ -235,6 +235,8 @@ pub(crate) fn slot_offset(cls: &Bound<'_, PyType>, name: &str) -> PyResult<isize
 
 type NoArgs = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
 
+/// A METH_NOARGS method; `doc` starts with its text signature (`name($self, /)`), which
+/// `inspect.signature()` needs before Python 3.13.
 fn method(name: &'static CStr, f: NoArgs, doc: &'static CStr) -> ffi::PyMethodDef {
     ffi::PyMethodDef {
         ml_name: name.as_ptr(),
@@ -253,23 +255,27 @@ fn make_type(
 ) -> PyResult<Py<PyType>> {
     let py = base.py();
     let mut methods = vec![
-        method(c"cancel", handle_cancel, c"Cancel the callback."),
+        method(
+            c"cancel",
+            handle_cancel,
+            c"cancel($self, /)\n--\n\nCancel the callback.",
+        ),
         method(
             c"cancelled",
             handle_cancelled,
-            c"Whether the callback was cancelled.",
+            c"cancelled($self, /)\n--\n\nWhether the callback was cancelled.",
         ),
         method(
             c"get_context",
             handle_get_context,
-            c"The contextvars.Context the callback runs in.",
+            c"get_context($self, /)\n--\n\nThe contextvars.Context the callback runs in.",
         ),
     ];
     if timer {
         methods.push(method(
             c"when",
             handle_when,
-            c"The absolute time (loop clock) the callback is scheduled for.",
+            c"when($self, /)\n--\n\nThe absolute time (loop clock) the callback is scheduled for.",
         ));
     }
     methods.push(ffi::PyMethodDef::zeroed());

@@ -560,6 +560,9 @@ unsafe fn lazy_lookup<'py>(
     slf: *mut ffi::PyObject,
     name: &Bound<'py, PyAny>,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
+    // As asyncio's `self._extra.get(name, default)`: an unhashable name is a TypeError,
+    // also while `_extra` does not exist yet.
+    name.hash()?;
     // SAFETY: guaranteed by the caller; the dict lookup returns a borrowed reference.
     unsafe {
         let d = *extra_slot(slf);

@@ -182,6 +182,9 @@ fn parse_inet(family: i32, addr: &Bound<'_, PyAny>) -> Option<crate::sys::RawAdd
 
 struct St {
     fd: RawFd,
+    /// The descriptor `repr()` shows: `fd`'s first value, kept once the transport is
+    /// closed (asyncio's `_sock_fd` / `_fileno`).
+    repr_fd: RawFd,
     loop_: Option<Py<LoopCore>>,
     wrapper: Option<Py<PyAny>>,
     sock: Option<Py<PyAny>>,
@@ -1213,15 +1216,16 @@ impl DatagramCore {
     }
 
     fn _repr(&self, py: Python<'_>, name: String) -> PyResult<String> {
-        let (fd, has_sock, closing, size) =
-            self.with(py, |s| (s.fd, s.sock.is_some(), s.closing, s.buf_size));
+        let (fd, shown, has_sock, closing, size) = self.with(py, |s| {
+            (s.fd, s.repr_fd, s.sock.is_some(), s.closing, s.buf_size)
+        });
         let mut info = vec![name];
         if !has_sock {
             info.push("closed".into());
         } else if closing {
             info.push("closing".into());
         }
-        info.push(format!("fd={fd}"));
+        info.push(format!("fd={shown}"));
         if let Some(lp) = self.loop_(py)
             && !lp.get().is_closed(py)
         {
@@ -1328,6 +1332,7 @@ pub fn make<'py>(
         DatagramCore {
             st: GilCell::new(St {
                 fd,
+                repr_fd: fd,
                 loop_: Some(lp.clone().unbind()),
                 wrapper: None,
                 sock: Some(sock.clone().unbind()),

@@ -188,6 +188,9 @@ impl Chunk {
 struct St {
     kind: Kind,
     fd: RawFd,
+    /// The descriptor `repr()` shows: `fd`'s first value, kept once the transport is
+    /// closed (asyncio's `_sock_fd` / `_fileno`).
+    repr_fd: RawFd,
     /// Edge-triggered registrations: everything except a read pipe that is a character
     /// device (a tty's read() returns one line at a time however much is buffered, so it
     /// stays level-triggered, as asyncio's).
@@ -1518,15 +1521,16 @@ impl StreamCore {
 
     /// `repr()` of the wrapper, named `name`.
     fn _repr(&self, py: Python<'_>, name: String) -> PyResult<String> {
-        let (kind, fd, has_sock, closing, size) =
-            self.with(py, |s| (s.kind, s.fd, s.has_file(), s.closing, s.buf.size));
+        let (kind, fd, shown, has_sock, closing, size) = self.with(py, |s| {
+            (s.kind, s.fd, s.repr_fd, s.has_file(), s.closing, s.buf.size)
+        });
         let mut info = vec![name];
         if !has_sock {
             info.push("closed".into());
         } else if closing {
             info.push("closing".into());
         }
-        info.push(format!("fd={fd}"));
+        info.push(format!("fd={shown}"));
         let open = self.loop_(py).filter(|lp| !lp.get().is_closed(py));
         if kind != Kind::Socket && open.is_none() {
             // asyncio's pipe transports without a selector to ask.
@@ -1705,6 +1709,7 @@ pub fn make<'py>(
             st: GilCell::new(St {
                 kind,
                 fd,
+                repr_fd: fd,
                 edge,
                 loop_: Some(lp.clone().unbind()),
                 wrapper: None,
