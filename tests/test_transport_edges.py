@@ -435,7 +435,7 @@ def test_closed_transport_repr_keeps_its_descriptor_number(loop):
         return fds, [repr(t) for t in transports]
 
     fds, reprs = run(loop, main())
-    for fd, text in zip(fds, reprs):
+    for fd, text in zip(fds, reprs, strict=True):
         assert re.search(rf" closed fd={fd}(>| )", text), text
 
 
