@@ -20,8 +20,14 @@ use pyo3::types::{PyBytes, PyInt, PyList, PyString, PyTuple};
 use crate::py::import_attr;
 use crate::sys::{self, AddrInfo, GaiError, SockAddr};
 
-/// Resolver threads at most (as libuv's default thread pool).
-const MAX_THREADS: usize = 4;
+/// Resolver threads at most, for the whole process. A lookup of a name whose servers do
+/// not answer holds a thread for the resolver's whole timeout (seconds), and the pool is
+/// shared by every loop: with libuv's 4 threads, four such lookups on one loop held up
+/// every other loop's. asyncio's default executor has up to 32 threads per loop.
+const MAX_THREADS: usize = 32;
+/// A resolver thread with nothing to do for this long ends (the pool starts threads
+/// again as lookups come).
+const IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A resolution to run off the loop thread.
 pub(crate) enum Request {
@@ -47,6 +53,9 @@ pub(crate) enum Request {
 pub(crate) enum Answer {
     AddrInfo(Result<Vec<AddrInfo>, GaiError>),
     NameInfo(Result<(String, String), GaiError>),
+    /// Not run: its future was cancelled while it waited for a resolver thread (as
+    /// asyncio's executor drops a cancelled work item that has not started).
+    Withdrawn,
 }
 
 impl Request {
@@ -146,6 +155,8 @@ struct Job {
     request: Request,
     inbox: Arc<Inbox>,
     id: u64,
+    /// Set by the loop thread when the lookup's future is cancelled.
+    withdrawn: Arc<AtomicBool>,
 }
 
 /// The resolver threads, shared by every loop of the process.
@@ -203,23 +214,46 @@ fn worker(pool: &'static Pool) {
                     break job;
                 }
                 pool.idle.fetch_add(1, Ordering::AcqRel);
-                jobs = match pool.cond.wait(jobs) {
-                    Ok(j) => j,
+                let (guard, wait) = match pool.cond.wait_timeout(jobs, IDLE_EXIT) {
+                    Ok(r) => r,
                     Err(_) => return,
                 };
+                jobs = guard;
                 pool.idle.fetch_sub(1, Ordering::AcqRel);
+                if wait.timed_out() && jobs.is_empty() {
+                    // Counted out under the lock: `submit` (which queues under it too)
+                    // then starts a new thread if none is left.
+                    pool.threads.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
             }
         };
-        let answer = job.request.resolve();
+        // A withdrawn job is still answered, so that the loop forgets its future.
+        let answer = if job.withdrawn.load(Ordering::Acquire) {
+            Answer::Withdrawn
+        } else {
+            job.request.resolve()
+        };
         job.inbox.deliver(job.id, answer);
     }
 }
 
-/// Queues a resolution; its answer reaches `inbox` under `id`.
-pub(crate) fn submit(request: Request, inbox: Arc<Inbox>, id: u64) -> std::io::Result<()> {
+/// Queues a resolution; its answer reaches `inbox` under `id`. Once `withdrawn` is set,
+/// a resolver thread that has not started it answers `Answer::Withdrawn` instead.
+pub(crate) fn submit(
+    request: Request,
+    inbox: Arc<Inbox>,
+    id: u64,
+    withdrawn: Arc<AtomicBool>,
+) -> std::io::Result<()> {
     let pool = pool();
     if let Ok(mut jobs) = pool.jobs.lock() {
-        jobs.push_back(Job { request, inbox, id });
+        jobs.push_back(Job {
+            request,
+            inbox,
+            id,
+            withdrawn,
+        });
     }
     let threads = pool.threads.load(Ordering::Acquire);
     if pool.idle.load(Ordering::Acquire) == 0 && threads < MAX_THREADS {
@@ -432,5 +466,9 @@ pub(crate) fn to_python(py: Python<'_>, answer: Answer) -> PyResult<Bound<'_, Py
             let (h, p) = res.map_err(|e| error(py, e))?;
             Ok((h, p).into_pyobject(py)?.into_any())
         }
+        // Only answers a cancelled future, which is not completed again.
+        Answer::Withdrawn => Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "the resolution was withdrawn",
+        )),
     }
 }

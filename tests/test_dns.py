@@ -337,3 +337,89 @@ def test_no_thread_can_start(loop_name):
     proc = python_subprocess(["-c", NO_THREADS_SCRIPT, loop_name])
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out) == (0, "RuntimeError can't start new thread\n"), err
+
+
+SLOW_GETADDRINFO_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* getaddrinfo("slow.test") records the call in $SLOW_LOG, sleeps $SLOW_MS ms and fails. */
+int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                struct addrinfo **res) {
+    static int (*real)(const char *, const char *, const struct addrinfo *,
+                       struct addrinfo **);
+    if (!real)
+        real = dlsym(RTLD_NEXT, "getaddrinfo");
+    if (node && strcmp(node, "slow.test") == 0) {
+        int fd = open(getenv("SLOW_LOG"), O_WRONLY | O_APPEND | O_CREAT, 0600);
+        if (fd >= 0) {
+            (void)write(fd, "x", 1);
+            close(fd);
+        }
+        usleep(atoi(getenv("SLOW_MS")) * 1000);
+        return EAI_NONAME;
+    }
+    return real(node, service, hints, res);
+}
+"""
+
+CANCELLED_LOOKUPS_SCRIPT = r"""
+import asyncio, sys, time
+import ferroloop
+
+N = 48
+
+async def main():
+    loop = asyncio.get_running_loop()
+    for _ in range(N):
+        try:
+            await asyncio.wait_for(loop.getaddrinfo("slow.test", 80), 0.01)
+        except (asyncio.TimeoutError, OSError):
+            pass
+    t = time.monotonic()
+    await loop.getaddrinfo("localhost", 80)
+    print(f"{time.monotonic() - t:.2f}")
+    await asyncio.sleep(1.5)  # lookups that were still going to run have started
+
+loop = ferroloop.new_event_loop() if sys.argv[1] == "ferroloop" else asyncio.new_event_loop()
+loop.run_until_complete(main())
+loop.close()
+"""
+
+
+def test_cancelled_lookups_that_have_not_started_are_not_run(loop_name, tmp_path):
+    """A lookup whose future is cancelled before a resolver thread takes it is dropped,
+    as asyncio's executor drops a cancelled work item: 48 lookups of a name that takes
+    1 s, each abandoned after 10 ms, do not all run (ferroloop runs those its up to 32
+    threads had started, asyncio those its min(32, CPUs + 4) workers had)."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the slow getaddrinfo() shim")
+    shim = tmp_path / "slowgai.so"
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-o", str(shim), "-x", "c", "-", "-ldl"],
+        input=SLOW_GETADDRINFO_C,
+        text=True,
+        check=True,
+    )
+    log = tmp_path / "calls"
+    from _util import python_subprocess
+
+    proc = python_subprocess(
+        ["-c", CANCELLED_LOOKUPS_SCRIPT, loop_name],
+        env_extra={"LD_PRELOAD": str(shim), "SLOW_LOG": str(log), "SLOW_MS": "1000"},
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    calls = len(log.read_bytes()) if log.exists() else 0
+    assert 1 <= calls <= 32, (calls, out)
+    # The next lookup waited at most for a thread to finish its 1 s lookup.
+    assert float(out) < 2.0, out

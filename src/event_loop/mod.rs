@@ -11,6 +11,7 @@ pub(crate) mod run;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{
@@ -1103,6 +1104,26 @@ impl LoopCore {
             return dns::to_python(py, request.resolve());
         }
         let fut = Self::create_future(slf)?;
+        // A lookup whose future is cancelled before a resolver thread starts it is not
+        // run: a burst of timed-out lookups of a slow name must not hold up later ones.
+        let withdrawn = Arc::new(AtomicBool::new(false));
+        let flag = withdrawn.clone();
+        let on_done = pyo3::types::PyCFunction::new_closure(
+            py,
+            None,
+            None,
+            move |args: &Bound<'_, PyTuple>, _kwargs| -> PyResult<()> {
+                let fut = args.get_item(0)?;
+                if fut
+                    .call_method0(pyo3::intern!(args.py(), "cancelled"))?
+                    .is_truthy()?
+                {
+                    flag.store(true, Ordering::Release);
+                }
+                Ok(())
+            },
+        )?;
+        fut.call_method1(pyo3::intern!(py, "add_done_callback"), (on_done,))?;
         let item = fut.clone().unbind();
         let (id, inbox, previous) = slf.get().state.with(py, |s| {
             s.dns_next += 1;
@@ -1110,7 +1131,7 @@ impl LoopCore {
             (s.dns_next, s.dns_inbox.clone(), previous)
         });
         drop(previous); // ids are unique: always None
-        if dns::submit(request, inbox, id).is_err() {
+        if dns::submit(request, inbox, id, withdrawn).is_err() {
             let item = slf.get().state.with(py, |s| s.dns_pending.remove(&id));
             drop(item);
             // No resolver thread could start: asyncio's executor raises this then.
