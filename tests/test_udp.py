@@ -1136,3 +1136,44 @@ def test_reuse_address_is_python_3_10s(loop):
         assert results == [("ok", ["DeprecationWarning"]), ("ValueError", [])]
     else:
         assert results == [("TypeError", []), ("TypeError", [])]
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_interrupt_from_error_received_ends_the_run_after_a_protocol_error(
+    loop, loop_errors, exc_type
+):
+    """datagram_received() sends a reply that fails at once (EACCES), then raises;
+    error_received() raises KeyboardInterrupt / SystemExit. On asyncio that escapes from
+    sendto() inside datagram_received(); ferroloop sends the reply at the end of the read
+    batch, and the interrupt still ends the run instead of being printed and lost."""
+
+    class P(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(b"reply", ("255.255.255.255", addr[1]))
+            raise ValueError("from datagram_received")
+
+        def error_received(self, exc):
+            raise exc_type()
+
+    async def main():
+        transport, _ = await loop.create_datagram_endpoint(P, local_addr=("127.0.0.1", 0))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"ping", transport.get_extra_info("sockname"))
+            try:
+                await asyncio.sleep(2)
+            finally:
+                transport.close()
+
+    task = loop.create_task(main())
+    with pytest.raises(exc_type):
+        loop.run_until_complete(task)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        loop.run_until_complete(task)
+    # Nothing reaches the handler: asyncio never gets to the ValueError, ferroloop makes
+    # it the interrupt's context.
+    assert not loop_errors

@@ -931,12 +931,18 @@ impl DatagramCore {
             }
             core.with(py, |s| s.batching = false);
             let flushed = Self::flush_out(slf);
-            match res {
-                Ok(()) => flushed,
-                Err(e) => {
-                    if let Err(lost) = flushed {
-                        lost.write_unraisable(py, Some(slf.as_any()));
-                    }
+            match (res, flushed) {
+                (Ok(()), flushed) => flushed,
+                (Err(e), Ok(())) => Err(e),
+                // A KeyboardInterrupt / SystemExit from the replies (error_received) ends
+                // the run, as it would have from sendto() inside datagram_received on
+                // asyncio; the protocol's own error is its context.
+                (Err(e), Err(lost)) if passthrough(&lost, py) => {
+                    lost.set_context(py, Some(e));
+                    Err(lost)
+                }
+                (Err(e), Err(lost)) => {
+                    lost.write_unraisable(py, Some(slf.as_any()));
                     Err(e)
                 }
             }
