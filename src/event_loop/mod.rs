@@ -534,7 +534,13 @@ impl LoopCore {
     }
 
     fn stop(&self, py: Python<'_>) {
-        self.state.with(py, |s| s.stopping = true);
+        self.state.with(py, |s| {
+            s.stopping = true;
+            // A loop paused at interpreter exit (see `run::at_exit`) runs on to stop.
+            if let Some(entry) = &s.exit_entry {
+                entry.resume_to_stop();
+            }
+        });
     }
 
     pub(crate) fn is_running(&self, py: Python<'_>) -> bool {

@@ -435,14 +435,19 @@ pub(super) fn run_eager_step(slf: &Bound<'_, LoopCore>, step: &Bound<'_, PyAny>)
 /// own). A loop waiting in its poll is safe: pyo3 blocks a thread that would re-take the
 /// GIL during finalization. So ferroloop's `atexit` handler, which runs before
 /// finalization, asks every such loop to pause at its next callback, without the GIL, and
-/// waits a little for it. A cross-thread call (`call_soon_threadsafe`, which
-/// `run_coroutine_threadsafe` uses) resumes a paused loop for good, so `atexit` handlers
-/// that run after ferroloop's can still use it.
+/// waits a little for it. `atexit` handlers that run after ferroloop's (registered before
+/// it was imported) may still use such a loop: a cross-thread call (`call_soon_threadsafe`,
+/// which `run_coroutine_threadsafe` uses) from the exiting thread, or from a thread started
+/// since, resumes a paused loop for good, and so does `stop()`. Threads that were already
+/// running when the handler ran (daemon threads, which finalization is about to end) do
+/// not resume a loop by calling into it, and a loop they start from then on pauses too: a
+/// daemon thread feeding a loop, or one running `asyncio.run()` again and again, would
+/// otherwise be in Python code called from Rust when finalization ends it.
 // DEVIATION(asyncio): asyncio's loop in a daemon thread runs on until finalization ends
-//   the thread; ferroloop's pauses when its atexit handler runs until something calls
-//   into it from another thread.
+//   the thread; ferroloop's pauses when its atexit handler runs until the exiting thread
+//   (or a thread started since) calls into it, or `stop()` is called.
 pub(crate) mod at_exit {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
     use std::sync::{Arc, Condvar, Mutex};
     use std::time::{Duration, Instant};
 
@@ -455,6 +460,34 @@ pub(crate) mod at_exit {
     static EXITING: AtomicBool = AtomicBool::new(false);
     /// Changed with the GIL held (a fork never copies it locked).
     static RUNNING: Mutex<Vec<Arc<Entry>>> = Mutex::new(Vec::new());
+    /// The kernel thread ids (`gettid`) of the threads other than the exiting one that
+    /// were alive when the exit handler ran, and the exiting thread's: set before
+    /// `EXITING`, with the GIL held.
+    static BEFORE_EXIT: Mutex<Vec<libc::pid_t>> = Mutex::new(Vec::new());
+    static EXIT_TID: AtomicI32 = AtomicI32::new(0);
+
+    fn gettid() -> libc::pid_t {
+        // SAFETY: no preconditions.
+        unsafe { libc::gettid() }
+    }
+
+    /// Whether the calling thread was running already when the exit handler ran (and is
+    /// not the thread that runs the exit handlers).
+    fn from_before_exit() -> bool {
+        let me = gettid();
+        me != EXIT_TID.load(Ordering::SeqCst)
+            && BEFORE_EXIT.lock().map(|t| t.contains(&me)).unwrap_or(false)
+    }
+
+    /// The process's threads, from /proc/self/task.
+    fn threads() -> Vec<libc::pid_t> {
+        std::fs::read_dir("/proc/self/task")
+            .map(|dir| {
+                dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 
     pub struct Entry {
         thread: u64,
@@ -466,10 +499,11 @@ pub(crate) mod at_exit {
     }
 
     pub fn register(thread: u64, waker: Arc<mio::Waker>) -> Arc<Entry> {
-        // A loop that starts running once the exit handler has run is not paused: that
-        // handler no longer waits for it, and a cross-thread call made before this
-        // registration (an atexit handler's) could not have resumed it.
-        let late = EXITING.load(Ordering::SeqCst);
+        // A loop that starts running once the exit handler has run is not paused if its
+        // thread is new (an atexit handler's): a cross-thread call made before this
+        // registration could not have resumed it. A thread that ran before the handler
+        // (a daemon thread starting loop after loop) pauses as any.
+        let late = EXITING.load(Ordering::SeqCst) && !from_before_exit();
         let entry = Arc::new(Entry {
             thread,
             waker,
@@ -519,11 +553,30 @@ pub(crate) mod at_exit {
             // thread for good instead of taking it).
         }
 
-        /// A cross-thread call arrived: run on as usual from now on.
+        /// A cross-thread call arrived: run on as usual from now on, unless it came from
+        /// a thread that was running before the exit handler (see the module's notes).
         pub fn resume(&self) {
             if !EXITING.load(Ordering::Relaxed) || self.resumed.load(Ordering::Relaxed) {
                 return;
             }
+            if from_before_exit() {
+                return;
+            }
+            self.resume_now();
+        }
+
+        /// `stop()` was called from another thread: the loop runs on to stop, whoever
+        /// asked (from its own thread it is not paused, and stops anyway).
+        pub fn resume_to_stop(&self) {
+            if EXITING.load(Ordering::Relaxed)
+                && !self.resumed.load(Ordering::Relaxed)
+                && crate::py::thread_ident() != self.thread
+            {
+                self.resume_now();
+            }
+        }
+
+        fn resume_now(&self) {
             let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.resumed.store(true, Ordering::Release);
             self.cond.notify_all();
@@ -533,6 +586,11 @@ pub(crate) mod at_exit {
     /// The `atexit` handler (registered by the package on import).
     #[pyfunction]
     pub fn _stop_loop_threads(py: Python<'_>) {
+        let tid = gettid();
+        if let Ok(mut before) = BEFORE_EXIT.lock() {
+            *before = threads().into_iter().filter(|&t| t != tid).collect();
+        }
+        EXIT_TID.store(tid, Ordering::SeqCst);
         EXITING.store(true, Ordering::SeqCst);
         let me = crate::py::thread_ident();
         let others: Vec<Arc<Entry>> = match RUNNING.lock() {
