@@ -35,6 +35,8 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TimerHandle", timer)?;
     m.add_function(wrap_pyfunction!(signals::_sighandler_noop, m)?)?;
     m.add_function(wrap_pyfunction!(signals::_after_fork_child, m)?)?;
+    // Learns the main thread's identity now, while importing.
+    signals::on_main_thread(m.py())?;
     m.add_function(wrap_pyfunction!(
         event_loop::run::at_exit::_stop_loop_threads,
         m

@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -138,6 +139,7 @@ impl Drop for SignalState {
 #[pyfunction]
 pub fn _after_fork_child(py: Python<'_>) {
     crate::event_loop::run::at_exit::forget_all();
+    MAIN_IDENT.store(py::thread_ident(), Ordering::Relaxed);
     let ours = |fd: i64| {
         WAKE_FDS
             .try_lock()
@@ -343,10 +345,20 @@ pub(crate) fn remove_all(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
 }
 
 pub(crate) fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
-    let main = import_attr!(py, "threading", "main_thread")?.call0()?;
-    let ident: Option<u64> = main.getattr("ident")?.extract()?;
-    Ok(ident == Some(py::thread_ident()))
+    let mut main = MAIN_IDENT.load(Ordering::Relaxed);
+    if main == 0 {
+        let thread = import_attr!(py, "threading", "main_thread")?.call0()?;
+        let ident: Option<u64> = thread.getattr("ident")?.extract()?;
+        main = ident.unwrap_or(0);
+        MAIN_IDENT.store(main, Ordering::Relaxed);
+    }
+    Ok(main == py::thread_ident())
 }
+
+/// `threading.main_thread().ident`, once known (0 before): kept here so that
+/// `run_forever` on another thread calls no Python code before it can pause at exit
+/// (see `run::at_exit`). A forked child's main thread is the one that forked.
+static MAIN_IDENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// `run_forever` entry: on the main thread, route signal wake-ups to this loop.
 // DEVIATION(asyncio): asyncio sets the wake-up fd only in add_signal_handler. ferroloop also

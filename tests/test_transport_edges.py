@@ -454,3 +454,44 @@ def test_get_extra_info_of_unhashable_name_is_a_type_error(loop):
             server.close()
 
     run(loop, main())
+
+
+def test_handler_names_the_transport_for_its_callbacks(loop, loop_errors):
+    """An exception from connection_lost() or datagram_received() reaches the handler
+    as asyncio's does: "Exception in callback <Transport class>._call_connection_lost(None)"
+    / "._read_ready()", naming the transport's class, not an internal object."""
+    import re
+
+    class LostRaises(asyncio.Protocol):
+        def connection_lost(self, exc):
+            raise ValueError("from connection_lost")
+
+    class DatagramRaises(asyncio.DatagramProtocol):
+        def datagram_received(self, data, addr):
+            raise ValueError("from datagram_received")
+
+    async def main():
+        server, stream, datagram = await _stream_and_datagram(loop)
+        stream.set_protocol(LostRaises())
+        stream.close()
+        datagram.set_protocol(DatagramRaises())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"x", datagram.get_extra_info("sockname"))
+            for _ in range(200):
+                if len(loop_errors) == 2:
+                    break
+                await asyncio.sleep(0.005)
+        datagram.close()
+        server.close()
+        await asyncio.sleep(0)
+
+    run(loop, main())
+    messages = sorted(c["message"] for c in loop_errors)
+    loop_errors.clear()
+    lost = [m for m in messages if "_call_connection_lost" in m]
+    read = [m for m in messages if "_read_ready" in m]
+    assert len(lost) == len(read) == 1, messages
+    assert re.fullmatch(
+        r"Exception in callback \w*Transport\._call_connection_lost\(None\)", lost[0]
+    )
+    assert re.fullmatch(r"Exception in callback \w*Transport\._read_ready\(\)", read[0])

@@ -468,6 +468,7 @@ impl LoopCore {
     #[new]
     #[pyo3(signature = (*_args, **_kwargs))]
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        run::at_exit::park_if_stale_thread(_args.py());
         let (poller, registrar) = Poller::new().map_err(errors::from_io)?;
         let signals = SignalState::new(&registrar).map_err(errors::from_io)?;
         let dns_inbox = dns::Inbox::new(&registrar.waker());
@@ -578,6 +579,7 @@ impl LoopCore {
     /// adds the executor shutdown.
     fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
+        run::at_exit::park_if_stale_thread(py);
         let core = slf.get();
         let (running, closed) = core.state.with(py, |s| (s.thread_id.is_some(), s.closed));
         if running {
@@ -686,6 +688,7 @@ impl LoopCore {
         kwargs: Option<Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         // Runs Python code (the task's registration, an eager first step, a factory).
+        run::at_exit::park_if_stale_thread(slf.py());
         py::hang_on_thread_exit(|| create_task_inner(slf, coro, kwargs))
     }
 

@@ -33,25 +33,42 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     }
     LoopCore::rehome_if_forked(slf)?;
     let tid = py::thread_ident();
-    core.state.with(py, |s| {
-        s.thread_id = Some(tid);
-        s.last_poll_ns = i64::MIN;
-    });
-    let mut result = signals::enter_run(slf);
-    let exit_entry = match signals::on_main_thread(py) {
-        Ok(true) => None,
-        Ok(false) => core
-            .state
+    let register = || {
+        core.state
             .with(py, |s| s.registrar.as_ref().map(|r| r.waker()))
             .map(|waker| {
                 let entry = at_exit::register(tid, waker);
                 core.state.with(py, |s| s.exit_entry = Some(entry.clone()));
                 entry
-            }),
-        Err(e) => {
-            result = result.and(Err(e));
-            None
+            })
+    };
+    // A daemon thread starting a loop once the exit handler has run pauses before
+    // anything below calls Python code (a call from the exiting thread resumes it).
+    let early_entry = if at_exit::stale_thread() {
+        core.state.with(py, |s| s.thread_id = Some(tid));
+        let entry = register();
+        if let Some(e) = &entry {
+            e.pause_if_exiting(py);
         }
+        entry
+    } else {
+        None
+    };
+    core.state.with(py, |s| {
+        s.thread_id = Some(tid);
+        s.last_poll_ns = i64::MIN;
+    });
+    let mut result = signals::enter_run(slf);
+    let exit_entry = match early_entry {
+        Some(entry) => Some(entry),
+        None => match signals::on_main_thread(py) {
+            Ok(true) => None,
+            Ok(false) => register(),
+            Err(e) => {
+                result = result.and(Err(e));
+                None
+            }
+        },
     };
     let park = exit_entry.as_deref();
     if result.is_ok() {
@@ -465,6 +482,9 @@ pub(crate) mod at_exit {
     /// `EXITING`, with the GIL held.
     static BEFORE_EXIT: Mutex<Vec<libc::pid_t>> = Mutex::new(Vec::new());
     static EXIT_TID: AtomicI32 = AtomicI32::new(0);
+    /// Threads whose loop was resumed (see `Entry::resume`): they may go on calling into
+    /// ferroloop after their loop stops.
+    static RESUMED_TIDS: Mutex<Vec<libc::pid_t>> = Mutex::new(Vec::new());
 
     fn gettid() -> libc::pid_t {
         // SAFETY: no preconditions.
@@ -491,6 +511,8 @@ pub(crate) mod at_exit {
 
     pub struct Entry {
         thread: u64,
+        /// The loop thread's kernel id.
+        tid: libc::pid_t,
         waker: Arc<mio::Waker>,
         paused: AtomicBool,
         resumed: AtomicBool,
@@ -506,6 +528,7 @@ pub(crate) mod at_exit {
         let late = EXITING.load(Ordering::SeqCst) && !from_before_exit();
         let entry = Arc::new(Entry {
             thread,
+            tid: gettid(),
             waker,
             paused: AtomicBool::new(false),
             resumed: AtomicBool::new(late),
@@ -577,10 +600,49 @@ pub(crate) mod at_exit {
         }
 
         fn resume_now(&self) {
+            if let Ok(mut tids) = RESUMED_TIDS.lock() {
+                tids.push(self.tid);
+            }
             let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.resumed.store(true, Ordering::Release);
             self.cond.notify_all();
         }
+    }
+
+    /// Called where a thread enters ferroloop to make or run a loop, or a task (the
+    /// steps of `asyncio.run()` outside a running loop, which call Python code): once the
+    /// exit handler has run, a thread that was already running then (a daemon thread,
+    /// see the module's notes) and whose loop was not resumed stops here for good,
+    /// without the GIL, instead of being in Python code called from Rust when
+    /// finalization ends it.
+    #[inline]
+    pub fn park_if_stale_thread(py: Python<'_>) {
+        if EXITING.load(Ordering::Relaxed) {
+            park_if_stale_slow(py);
+        }
+    }
+
+    /// Whether the calling thread was running when the exit handler ran (the handler
+    /// has run) and no loop of its was resumed since.
+    pub fn stale_thread() -> bool {
+        EXITING.load(Ordering::SeqCst)
+            && from_before_exit()
+            && !RESUMED_TIDS
+                .lock()
+                .map(|t| t.contains(&gettid()))
+                .unwrap_or(true)
+    }
+
+    #[cold]
+    fn park_if_stale_slow(py: Python<'_>) {
+        if !stale_thread() {
+            return;
+        }
+        py.detach(|| {
+            loop {
+                std::thread::park();
+            }
+        });
     }
 
     /// The `atexit` handler (registered by the package on import).

@@ -292,7 +292,12 @@ impl DatagramCore {
         let Some(lp) = slf.get().loop_(py) else {
             return Ok(());
         };
-        let cb = slf.getattr(method)?;
+        // The reader is the core itself (callable, named as the transport's method).
+        let cb = if method == "_read_ready" {
+            slf.clone().into_any()
+        } else {
+            slf.getattr(method)?
+        };
         let fd = slf.get().with(py, |s| s.fd);
         if fd < 0 {
             return Ok(());
@@ -313,7 +318,12 @@ impl DatagramCore {
     fn schedule_lost(slf: &Bound<'_, Self>, exc: Py<PyAny>) -> PyResult<()> {
         let py = slf.py();
         if let Some(lp) = slf.get().loop_(py) {
-            lp.call_method1("call_soon", (slf.getattr("_call_connection_lost")?, exc))?;
+            let callback = super::connection_lost_callback(
+                slf.as_any(),
+                &slf.get().wrapper(py),
+                "_DatagramCore",
+            )?;
+            lp.call_method1("call_soon", (callback, exc))?;
         }
         Ok(())
     }
@@ -910,6 +920,25 @@ impl DatagramCore {
             Self::add_io(slf, "_read_ready", true)?;
         }
         Ok(())
+    }
+
+    /// The reader callback: `_read_ready()`.
+    fn __call__(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::_read_ready(slf)
+    }
+
+    /// What a handle's repr and the exception handler's message show for the reader
+    /// callback (the core itself), as asyncio's show its bound method:
+    /// `UDPTransport._read_ready`.
+    #[getter]
+    fn __qualname__(&self, py: Python<'_>) -> PyResult<String> {
+        let w = self.wrapper(py);
+        let name = if w.is_none() {
+            "_DatagramCore".to_string()
+        } else {
+            w.get_type().name()?.to_string()
+        };
+        Ok(format!("{name}._read_ready"))
     }
 
     fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {

@@ -569,3 +569,50 @@ pub fn make_datagram_transport<'py>(
     let fd = fileno(sock)?;
     datagram::make(lp, &t.udp, sock, fd, protocol, address, waiter, &extra)
 }
+
+/// The callback that delivers a transport's `connection_lost`: asyncio schedules the
+/// transport's bound `_call_connection_lost`, which handle reprs and the exception
+/// handler's "Exception in callback ..." show as `_SelectorSocketTransport._call_...`.
+/// This shows the transport's class (`TCPTransport._call_connection_lost`), not the
+/// internal core whose method it calls.
+#[pyclass(frozen, name = "_CallConnectionLost", module = "ferroloop._ferroloop")]
+pub(crate) struct CallConnectionLost {
+    method: Py<PyAny>,
+    qualname: String,
+}
+
+#[pymethods]
+impl CallConnectionLost {
+    fn __call__(&self, py: Python<'_>, exc: Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        self.method.bind(py).call1((exc,)).map(Bound::unbind)
+    }
+
+    #[getter]
+    fn __qualname__(&self) -> &str {
+        &self.qualname
+    }
+
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.method)
+    }
+}
+
+/// `core._call_connection_lost`, named after `wrapper`'s class (`fallback` without one).
+pub(crate) fn connection_lost_callback<'py>(
+    core: &Bound<'py, PyAny>,
+    wrapper: &Bound<'py, PyAny>,
+    fallback: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let owner = if wrapper.is_none() {
+        fallback.to_string()
+    } else {
+        wrapper.get_type().name()?.to_string()
+    };
+    let callback = CallConnectionLost {
+        method: core
+            .getattr(pyo3::intern!(core.py(), "_call_connection_lost"))?
+            .unbind(),
+        qualname: format!("{owner}._call_connection_lost"),
+    };
+    Ok(Bound::new(core.py(), callback)?.into_any())
+}

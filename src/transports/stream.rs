@@ -463,7 +463,14 @@ impl StreamCore {
         let exc = exc.unwrap_or_else(|| py.None());
         core.call_soon(
             py,
-            vec![slf.getattr("_call_connection_lost")?, exc.into_bound(py)],
+            vec![
+                super::connection_lost_callback(
+                    slf.as_any(),
+                    &slf.get().wrapper(py),
+                    "_StreamCore",
+                )?,
+                exc.into_bound(py),
+            ],
         )
     }
 
@@ -484,7 +491,14 @@ impl StreamCore {
         let exc = exc.unwrap_or_else(|| py.None());
         core.call_soon(
             py,
-            vec![slf.getattr("_call_connection_lost")?, exc.into_bound(py)],
+            vec![
+                super::connection_lost_callback(
+                    slf.as_any(),
+                    &slf.get().wrapper(py),
+                    "_StreamCore",
+                )?,
+                exc.into_bound(py),
+            ],
         )
     }
 
@@ -819,7 +833,11 @@ impl StreamCore {
             return core.call_soon(
                 py,
                 vec![
-                    slf.getattr("_call_connection_lost")?,
+                    super::connection_lost_callback(
+                        slf.as_any(),
+                        &slf.get().wrapper(py),
+                        "_StreamCore",
+                    )?,
                     py.None().into_bound(py),
                 ],
             );
@@ -1204,7 +1222,11 @@ impl StreamCore {
                 core.call_soon(
                     py,
                     vec![
-                        slf.getattr("_call_connection_lost")?,
+                        super::connection_lost_callback(
+                            slf.as_any(),
+                            &slf.get().wrapper(py),
+                            "_StreamCore",
+                        )?,
                         py.None().into_bound(py),
                     ],
                 )?;
@@ -1311,7 +1333,11 @@ impl StreamCore {
                     core.call_soon(
                         py,
                         vec![
-                            slf.getattr("_call_connection_lost")?,
+                            super::connection_lost_callback(
+                                slf.as_any(),
+                                &slf.get().wrapper(py),
+                                "_StreamCore",
+                            )?,
                             py.None().into_bound(py),
                         ],
                     )?;
