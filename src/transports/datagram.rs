@@ -932,13 +932,7 @@ impl DatagramCore {
     /// `UDPTransport._read_ready`.
     #[getter]
     fn __qualname__(&self, py: Python<'_>) -> PyResult<String> {
-        let w = self.wrapper(py);
-        let name = if w.is_none() {
-            "_DatagramCore".to_string()
-        } else {
-            w.get_type().name()?.to_string()
-        };
-        Ok(format!("{name}._read_ready"))
+        super::method_qualname(&self.wrapper(py), "_DatagramCore", "_read_ready")
     }
 
     fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {

@@ -597,22 +597,31 @@ impl CallConnectionLost {
     }
 }
 
+/// `Class.method` for a transport core's `method`: the class of its `wrapper` (the
+/// transport the user sees), or `fallback` once there is none.
+pub(crate) fn method_qualname(
+    wrapper: &Bound<'_, PyAny>,
+    fallback: &str,
+    method: &str,
+) -> PyResult<String> {
+    if wrapper.is_none() {
+        Ok(format!("{fallback}.{method}"))
+    } else {
+        Ok(format!("{}.{method}", wrapper.get_type().name()?))
+    }
+}
+
 /// `core._call_connection_lost`, named after `wrapper`'s class (`fallback` without one).
 pub(crate) fn connection_lost_callback<'py>(
     core: &Bound<'py, PyAny>,
     wrapper: &Bound<'py, PyAny>,
     fallback: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let owner = if wrapper.is_none() {
-        fallback.to_string()
-    } else {
-        wrapper.get_type().name()?.to_string()
-    };
     let callback = CallConnectionLost {
         method: core
             .getattr(pyo3::intern!(core.py(), "_call_connection_lost"))?
             .unbind(),
-        qualname: format!("{owner}._call_connection_lost"),
+        qualname: method_qualname(wrapper, fallback, "_call_connection_lost")?,
     };
     Ok(Bound::new(core.py(), callback)?.into_any())
 }

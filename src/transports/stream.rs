@@ -461,17 +461,15 @@ impl StreamCore {
         }
         core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
         let exc = exc.unwrap_or_else(|| py.None());
-        core.call_soon(
-            py,
-            vec![
-                super::connection_lost_callback(
-                    slf.as_any(),
-                    &slf.get().wrapper(py),
-                    "_StreamCore",
-                )?,
-                exc.into_bound(py),
-            ],
-        )
+        Self::schedule_connection_lost(slf, exc.into_bound(py))
+    }
+
+    /// Schedules `_call_connection_lost(exc)` (named after the transport's class).
+    fn schedule_connection_lost(slf: &Bound<'_, Self>, exc: Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let callback =
+            super::connection_lost_callback(slf.as_any(), &slf.get().wrapper(py), "_StreamCore")?;
+        slf.get().call_soon(py, vec![callback, exc])
     }
 
     /// Pipe `_close(exc)`.
@@ -489,17 +487,7 @@ impl StreamCore {
         }
         core.remove_io(py, true)?;
         let exc = exc.unwrap_or_else(|| py.None());
-        core.call_soon(
-            py,
-            vec![
-                super::connection_lost_callback(
-                    slf.as_any(),
-                    &slf.get().wrapper(py),
-                    "_StreamCore",
-                )?,
-                exc.into_bound(py),
-            ],
-        )
+        Self::schedule_connection_lost(slf, exc.into_bound(py))
     }
 
     fn maybe_pause_protocol(&self, py: Python<'_>) -> PyResult<()> {
@@ -830,17 +818,7 @@ impl StreamCore {
             core.remove_io(py, true)?;
             let proto = core.protocol(py);
             core.call_soon(py, vec![proto.getattr("eof_received")?])?;
-            return core.call_soon(
-                py,
-                vec![
-                    super::connection_lost_callback(
-                        slf.as_any(),
-                        &slf.get().wrapper(py),
-                        "_StreamCore",
-                    )?,
-                    py.None().into_bound(py),
-                ],
-            );
+            return Self::schedule_connection_lost(slf, py.None().into_bound(py));
         }
         if core.debug(py) {
             py::asyncio_logger(py)?.call_method1("debug", ("%r received EOF", &wrapper))?;
@@ -939,13 +917,7 @@ impl StreamCore {
     /// asyncio's shows its bound method: `TCPTransport._read_ready`.
     #[getter]
     fn __qualname__(&self, py: Python<'_>) -> PyResult<String> {
-        let w = self.wrapper(py);
-        let name = if w.is_none() {
-            "_StreamCore".to_string()
-        } else {
-            w.get_type().name()?.to_string()
-        };
-        Ok(format!("{name}._read_ready"))
+        super::method_qualname(&self.wrapper(py), "_StreamCore", "_read_ready")
     }
 
     fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -1219,17 +1191,7 @@ impl StreamCore {
             core.set_closing(py);
             if empty {
                 core.remove_io(py, true)?;
-                core.call_soon(
-                    py,
-                    vec![
-                        super::connection_lost_callback(
-                            slf.as_any(),
-                            &slf.get().wrapper(py),
-                            "_StreamCore",
-                        )?,
-                        py.None().into_bound(py),
-                    ],
-                )?;
+                Self::schedule_connection_lost(slf, py.None().into_bound(py))?;
             }
             return Ok(());
         }
@@ -1330,17 +1292,7 @@ impl StreamCore {
                 if core.with(py, |s| s.buf.is_empty()) {
                     core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
                     core.remove_io(py, false)?;
-                    core.call_soon(
-                        py,
-                        vec![
-                            super::connection_lost_callback(
-                                slf.as_any(),
-                                &slf.get().wrapper(py),
-                                "_StreamCore",
-                            )?,
-                            py.None().into_bound(py),
-                        ],
-                    )?;
+                    Self::schedule_connection_lost(slf, py.None().into_bound(py))?;
                 }
                 Ok(())
             }
