@@ -689,7 +689,7 @@ impl LoopCore {
     ) -> PyResult<Bound<'py, PyAny>> {
         // Runs Python code (the task's registration, an eager first step, a factory).
         run::at_exit::park_if_stale_thread(slf.py());
-        py::hang_on_thread_exit(|| create_task_inner(slf, coro, kwargs))
+        create_task_inner(slf, coro, kwargs)
     }
 
     fn set_task_factory(&self, py: Python<'_>, factory: Py<PyAny>) -> PyResult<()> {
@@ -1287,6 +1287,8 @@ impl LoopCore {
         slf: &Bound<'py, Self>,
         a: SchedArgs<'py>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        // Posting threads are often daemon threads still posting at exit.
+        py::thread_exit::register();
         let (handle, item) = Self::soon_handle(slf, a, CALL_SOON_THREADSAFE)?;
         slf.get().push_threadsafe(slf.py(), item)?;
         Ok(handle)

@@ -75,11 +75,10 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         result = loop {
             // NOTE: a Rust panic must not leave the loop marked running with the signal
             //       wake-up fd installed: it becomes a PanicException after the clean-up.
-            //       Python ending this thread at exit parks it instead (HangOnThreadExit).
-            let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                py::hang_on_thread_exit(|| run_once(slf, park))
-            }))
-            .unwrap_or_else(|payload| Err(py::panic_error(payload)));
+            //       Python ending this thread at exit stops it first (py::thread_exit).
+            let once =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_once(slf, park)))
+                    .unwrap_or_else(|payload| Err(py::panic_error(payload)));
             if let Err(e) = once {
                 break Err(e);
             }
@@ -306,9 +305,6 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
         if t.is_cancelled(hb) {
             continue;
         }
-        // Declared after `h`, so an unwind that ends the thread stops here before
-        // anything releases the handle without the GIL.
-        let hang = py::HangOnThreadExit;
         let res = if core.debug(py) {
             run_debug(slf, t, hb)
         } else {
@@ -317,7 +313,6 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
                 ok => ok,
             }
         };
-        std::mem::forget(hang);
         res?;
     }
     Ok(())
@@ -447,9 +442,8 @@ pub(super) fn run_eager_step(slf: &Bound<'_, LoopCore>, step: &Bound<'_, PyAny>)
 /// On Python 3.10-3.13, once the interpreter finalizes, a thread other than the main one
 /// that takes the GIL is ended with `pthread_exit`. A loop running in a daemon thread
 /// (`Thread(target=loop.run_forever, daemon=True)`) that is busy then is usually in the
-/// middle of Python code called from Rust under a `catch_unwind`, and that unwind aborts
-/// the process (`py::HangOnThreadExit` covers the frames ferroloop controls, not pyo3's
-/// own). A loop waiting in its poll is safe: pyo3 blocks a thread that would re-take the
+/// middle of Python code called from Rust, and unwinding Rust frames there aborts the
+/// process (`py::thread_exit` stops the thread before any unwinding instead). A loop waiting in its poll is safe: pyo3 blocks a thread that would re-take the
 /// GIL during finalization. So ferroloop's `atexit` handler, which runs before
 /// finalization, asks every such loop to pause at its next callback, without the GIL, and
 /// waits a little for it. `atexit` handlers that run after ferroloop's (registered before
@@ -521,6 +515,7 @@ pub(crate) mod at_exit {
     }
 
     pub fn register(thread: u64, waker: Arc<mio::Waker>) -> Arc<Entry> {
+        crate::py::thread_exit::register();
         // A loop that starts running once the exit handler has run is not paused if its
         // thread is new (an atexit handler's): a cross-thread call made before this
         // registration could not have resumed it. A thread that ran before the handler
@@ -539,6 +534,12 @@ pub(crate) mod at_exit {
             all.push(entry.clone());
         }
         entry
+    }
+
+    /// Whether ferroloop's exit handler has run (the interpreter is exiting).
+    #[inline]
+    pub fn exiting() -> bool {
+        EXITING.load(Ordering::Relaxed)
     }
 
     /// In a child made by fork(): the parent's loops do not run here.
@@ -617,6 +618,7 @@ pub(crate) mod at_exit {
     /// finalization ends it.
     #[inline]
     pub fn park_if_stale_thread(py: Python<'_>) {
+        crate::py::thread_exit::register();
         if EXITING.load(Ordering::Relaxed) {
             park_if_stale_slow(py);
         }

@@ -3,6 +3,7 @@
 pub mod context;
 pub mod fastcall;
 pub mod handle;
+pub mod thread_exit;
 pub mod transport_type;
 
 use std::cell::UnsafeCell;
@@ -305,45 +306,13 @@ pub fn guard(
     py: Python<'_>,
     f: impl FnOnce() -> PyResult<*mut pyo3::ffi::PyObject>,
 ) -> *mut pyo3::ffi::PyObject {
-    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hang_on_thread_exit(f)))
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
         .unwrap_or_else(|payload| Err(panic_error(payload)));
     match res {
         Ok(p) => p,
         Err(e) => {
             e.restore(py);
             std::ptr::null_mut()
-        }
-    }
-}
-
-/// Stops a thread that Python ends while it runs ferroloop's code.
-///
-/// On Python 3.10-3.13 a thread other than the main one that wants the GIL back once the
-/// interpreter is finalizing (a daemon thread running a loop, at exit) is ended with
-/// `pthread_exit`, which unwinds its stack. A `catch_unwind` that catches that unwind
-/// makes glibc abort the process ("FATAL: exception not rethrown"), and dropping Python
-/// references on the way would touch objects without the GIL. So code that calls into
-/// Python under a `catch_unwind` keeps one of these alive across the call and forgets it
-/// after: only an unwind that is not a Rust panic drops it, and then the thread blocks
-/// for good, without the GIL, as Python 3.14 itself does with such threads.
-pub struct HangOnThreadExit;
-
-/// Runs `f` with a [`HangOnThreadExit`] alive.
-#[inline(always)]
-pub fn hang_on_thread_exit<R>(f: impl FnOnce() -> R) -> R {
-    let hang = HangOnThreadExit;
-    let r = f();
-    std::mem::forget(hang);
-    r
-}
-
-impl Drop for HangOnThreadExit {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            return; // a Rust panic: caught and turned into PanicException as usual
-        }
-        loop {
-            std::thread::park();
         }
     }
 }
@@ -381,42 +350,4 @@ fn iscoroutinefunction(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
         })
     })
     .map(|o| o.bind(py))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::HangOnThreadExit;
-    use std::time::Duration;
-
-    #[test]
-    fn hang_guard_lets_a_rust_panic_be_caught() {
-        let caught = std::panic::catch_unwind(|| {
-            let hang = HangOnThreadExit;
-            if std::hint::black_box(true) {
-                panic!("a panic unwinds past the guard");
-            }
-            std::mem::forget(hang);
-        });
-        assert!(caught.is_err());
-    }
-
-    unsafe extern "C-unwind" {
-        fn pthread_exit(value: *mut libc::c_void) -> !;
-    }
-
-    #[test]
-    fn hang_guard_parks_a_thread_that_pthread_exit_unwinds() {
-        // What CPython 3.10-3.13 does to a thread taking the GIL during finalization.
-        // Without the guard the catch_unwind below catches the forced unwind and glibc
-        // aborts the whole test process.
-        let t = std::thread::spawn(|| {
-            let _ = std::panic::catch_unwind(|| {
-                let _hang = HangOnThreadExit;
-                // SAFETY: ends this thread by a forced unwind, which the guard stops.
-                unsafe { pthread_exit(std::ptr::null_mut()) };
-            });
-        });
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(!t.is_finished(), "the thread ended instead of parking");
-    }
 }

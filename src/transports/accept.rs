@@ -85,49 +85,47 @@ impl Acceptor {
 
     /// The listening socket is readable: accept up to `backlog` connections (bpo-27906).
     fn __call__(slf: &Bound<'_, Self>) -> PyResult<()> {
-        crate::py::hang_on_thread_exit(|| {
-            let py = slf.py();
-            let me = slf.get();
-            let Some((lp, sock, factory, server)) = me.st.with(py, |s| {
-                s.as_ref().map(|s| {
-                    (
-                        s.loop_.clone_ref(py),
-                        s.sock.clone_ref(py),
-                        s.protocol_factory.clone_ref(py),
-                        s.server.clone_ref(py),
-                    )
-                })
-            }) else {
-                return Ok(());
-            };
-            let lp = lp.into_bound(py);
-            for _ in 0..me.backlog {
-                match crate::sys::accept(me.fd) {
-                    Ok((conn, peer)) => {
-                        me.serve(&lp, factory.bind(py), server.bind(py), conn, peer)?;
-                        // The protocol factory may have closed the server (and so the
-                        // listening socket, whose number may already be reused).
-                        let fd: RawFd = sock
-                            .call_method0(py, pyo3::intern!(py, "fileno"))?
-                            .extract(py)?;
-                        if fd != me.fd {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) if queue_empty(&e) => return Ok(()),
-                    Err(e) if out_of_resources(&e) => {
-                        // Cold: asyncio's handling (exception handler, pause, retry later).
-                        lp.call_method1(
-                            pyo3::intern!(py, "_accept_exhausted"),
-                            (errors::from_io(e), factory, sock, server, me.backlog),
-                        )?;
+        let py = slf.py();
+        let me = slf.get();
+        let Some((lp, sock, factory, server)) = me.st.with(py, |s| {
+            s.as_ref().map(|s| {
+                (
+                    s.loop_.clone_ref(py),
+                    s.sock.clone_ref(py),
+                    s.protocol_factory.clone_ref(py),
+                    s.server.clone_ref(py),
+                )
+            })
+        }) else {
+            return Ok(());
+        };
+        let lp = lp.into_bound(py);
+        for _ in 0..me.backlog {
+            match crate::sys::accept(me.fd) {
+                Ok((conn, peer)) => {
+                    me.serve(&lp, factory.bind(py), server.bind(py), conn, peer)?;
+                    // The protocol factory may have closed the server (and so the
+                    // listening socket, whose number may already be reused).
+                    let fd: RawFd = sock
+                        .call_method0(py, pyo3::intern!(py, "fileno"))?
+                        .extract(py)?;
+                    if fd != me.fd {
                         return Ok(());
                     }
-                    Err(e) => return Err(errors::from_io(e)),
                 }
+                Err(e) if queue_empty(&e) => return Ok(()),
+                Err(e) if out_of_resources(&e) => {
+                    // Cold: asyncio's handling (exception handler, pause, retry later).
+                    lp.call_method1(
+                        pyo3::intern!(py, "_accept_exhausted"),
+                        (errors::from_io(e), factory, sock, server, me.backlog),
+                    )?;
+                    return Ok(());
+                }
+                Err(e) => return Err(errors::from_io(e)),
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     /// What a handle's repr shows for this callback (asyncio's shows its loop method).

@@ -936,40 +936,38 @@ impl DatagramCore {
     }
 
     fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
-        crate::py::hang_on_thread_exit(|| {
-            let py = slf.py();
-            let core = slf.get();
-            // DEVIATION(asyncio): the registration is edge-triggered, so one event delivers
-            //   the datagrams queued at that moment, up to READS_PER_EVENT (then the reader
-            //   runs again at the next iteration): asyncio delivers one per loop iteration.
-            if !core.with(py, |s| s.inet) {
-                return Self::read_ready_socket(slf);
+        let py = slf.py();
+        let core = slf.get();
+        // DEVIATION(asyncio): the registration is edge-triggered, so one event delivers
+        //   the datagrams queued at that moment, up to READS_PER_EVENT (then the reader
+        //   runs again at the next iteration): asyncio delivers one per loop iteration.
+        if !core.with(py, |s| s.inet) {
+            return Self::read_ready_socket(slf);
+        }
+        // Replies the protocol sends while the batch is delivered leave together at its
+        // end (`defer`).
+        let nested = core.with(py, |s| std::mem::replace(&mut s.batching, true));
+        let res = Self::read_inet(slf);
+        if nested {
+            return res;
+        }
+        core.with(py, |s| s.batching = false);
+        let flushed = Self::flush_out(slf);
+        match (res, flushed) {
+            (Ok(()), flushed) => flushed,
+            (Err(e), Ok(())) => Err(e),
+            // A KeyboardInterrupt / SystemExit from the replies (error_received) ends
+            // the run, as it would have from sendto() inside datagram_received on
+            // asyncio; the protocol's own error is its context.
+            (Err(e), Err(lost)) if passthrough(&lost, py) => {
+                lost.set_context(py, Some(e));
+                Err(lost)
             }
-            // Replies the protocol sends while the batch is delivered leave together at its
-            // end (`defer`).
-            let nested = core.with(py, |s| std::mem::replace(&mut s.batching, true));
-            let res = Self::read_inet(slf);
-            if nested {
-                return res;
+            (Err(e), Err(lost)) => {
+                lost.write_unraisable(py, Some(slf.as_any()));
+                Err(e)
             }
-            core.with(py, |s| s.batching = false);
-            let flushed = Self::flush_out(slf);
-            match (res, flushed) {
-                (Ok(()), flushed) => flushed,
-                (Err(e), Ok(())) => Err(e),
-                // A KeyboardInterrupt / SystemExit from the replies (error_received) ends
-                // the run, as it would have from sendto() inside datagram_received on
-                // asyncio; the protocol's own error is its context.
-                (Err(e), Err(lost)) if passthrough(&lost, py) => {
-                    lost.set_context(py, Some(e));
-                    Err(lost)
-                }
-                (Err(e), Err(lost)) => {
-                    lost.write_unraisable(py, Some(slf.as_any()));
-                    Err(e)
-                }
-            }
-        })
+        }
     }
 
     #[pyo3(signature = (data, addr=None))]
@@ -1052,53 +1050,45 @@ impl DatagramCore {
     }
 
     fn _sendto_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
-        crate::py::hang_on_thread_exit(|| {
-            let py = slf.py();
-            let core = slf.get();
-            loop {
-                let Some((data, addr)) = core.with(py, |s| {
-                    let item = s.buf.pop_front()?;
-                    s.buf_size -= queued_size(py, item.0.bind(py).as_bytes().len());
-                    Some(item)
-                }) else {
+        let py = slf.py();
+        let core = slf.get();
+        loop {
+            let Some((data, addr)) = core.with(py, |s| {
+                let item = s.buf.pop_front()?;
+                s.buf_size -= queued_size(py, item.0.bind(py).as_bytes().len());
+                Some(item)
+            }) else {
+                break;
+            };
+            match core.send_one(py, data.bind(py), addr.bind(py)) {
+                Ok(()) => {}
+                Err(e) if would_block(&e, py) => {
+                    core.with(py, |s| {
+                        s.buf_size += queued_size(py, data.bind(py).as_bytes().len());
+                        s.buf.push_front((data, addr));
+                    });
                     break;
-                };
-                match core.send_one(py, data.bind(py), addr.bind(py)) {
-                    Ok(()) => {}
-                    Err(e) if would_block(&e, py) => {
-                        core.with(py, |s| {
-                            s.buf_size += queued_size(py, data.bind(py).as_bytes().len());
-                            s.buf.push_front((data, addr));
-                        });
-                        break;
-                    }
-                    Err(e) if e.is_instance_of::<PyOSError>(py) => {
-                        // That datagram is dropped, as asyncio drops it; asyncio's
-                        // level-triggered writer then retries the rest, so carry on.
-                        core.protocol(py).call_method1(
-                            pyo3::intern!(py, "error_received"),
-                            (e.into_value(py),),
-                        )?;
-                    }
-                    Err(e) if passthrough(&e, py) => return Err(e),
-                    Err(e) => {
-                        return Self::fatal_error(
-                            slf,
-                            e,
-                            "Fatal write error on datagram transport",
-                        );
-                    }
+                }
+                Err(e) if e.is_instance_of::<PyOSError>(py) => {
+                    // That datagram is dropped, as asyncio drops it; asyncio's
+                    // level-triggered writer then retries the rest, so carry on.
+                    core.protocol(py)
+                        .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))?;
+                }
+                Err(e) if passthrough(&e, py) => return Err(e),
+                Err(e) => {
+                    return Self::fatal_error(slf, e, "Fatal write error on datagram transport");
                 }
             }
-            core.maybe_resume_protocol(py)?;
-            if core.with(py, |s| s.buf.is_empty()) {
-                core.remove_io(py, false)?;
-                if core.with(py, |s| s.closing) {
-                    Self::_call_connection_lost(slf, py.None().into_bound(py))?;
-                }
+        }
+        core.maybe_resume_protocol(py)?;
+        if core.with(py, |s| s.buf.is_empty()) {
+            core.remove_io(py, false)?;
+            if core.with(py, |s| s.closing) {
+                Self::_call_connection_lost(slf, py.None().into_bound(py))?;
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     fn get_write_buffer_size(&self, py: Python<'_>) -> usize {

@@ -117,8 +117,7 @@ pub fn call_protocol_hook(
     transport: &Bound<'_, PyAny>,
     hook: &str,
 ) -> PyResult<()> {
-    // Python code inside a pyo3 method (write() pausing the protocol): see HangOnThreadExit.
-    let Err(e) = crate::py::hang_on_thread_exit(|| protocol.call_method0(hook)) else {
+    let Err(e) = protocol.call_method0(hook) else {
         return Ok(());
     };
     report_hook_error(py, lp, protocol, transport, hook, e)

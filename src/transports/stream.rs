@@ -921,110 +921,103 @@ impl StreamCore {
     }
 
     fn _read_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
-        crate::py::hang_on_thread_exit(|| {
-            let py = slf.py();
-            let core = slf.get();
-            let (lost, kind, buffered, fd) =
-                core.with(py, |s| (s.conn_lost, s.kind, s.buffered, s.fd));
-            if fd < 0 {
-                return Ok(());
+        let py = slf.py();
+        let core = slf.get();
+        let (lost, kind, buffered, fd) = core.with(py, |s| (s.conn_lost, s.kind, s.buffered, s.fd));
+        if fd < 0 {
+            return Ok(());
+        }
+        if kind == Kind::WritePipe {
+            // Readable write pipe: the reader went away.
+            if core.debug(py) {
+                py::asyncio_logger(py)?
+                    .call_method1("info", ("%r was closed by peer", core.wrapper(py)))?;
             }
-            if kind == Kind::WritePipe {
-                // Readable write pipe: the reader went away.
-                if core.debug(py) {
-                    py::asyncio_logger(py)?
-                        .call_method1("info", ("%r was closed by peer", core.wrapper(py)))?;
-                }
-                let had_buf = core.with(py, |s| !s.buf.is_empty());
-                let exc = if had_buf {
-                    Some(
-                        pyo3::exceptions::PyBrokenPipeError::new_err(())
-                            .into_value(py)
-                            .into_any(),
-                    )
-                } else {
-                    None
-                };
-                return Self::close_pipe(slf, exc);
-            }
-            if lost > 0 {
-                return Ok(());
-            }
-            if buffered && kind == Kind::Socket {
-                Self::read_ready_buffered(slf)
+            let had_buf = core.with(py, |s| !s.buf.is_empty());
+            let exc = if had_buf {
+                Some(
+                    pyo3::exceptions::PyBrokenPipeError::new_err(())
+                        .into_value(py)
+                        .into_any(),
+                )
             } else {
-                Self::read_ready_data(slf)
-            }
-        })
+                None
+            };
+            return Self::close_pipe(slf, exc);
+        }
+        if lost > 0 {
+            return Ok(());
+        }
+        if buffered && kind == Kind::Socket {
+            Self::read_ready_buffered(slf)
+        } else {
+            Self::read_ready_data(slf)
+        }
     }
 
     fn _write_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
-        crate::py::hang_on_thread_exit(|| {
-            let py = slf.py();
-            let core = slf.get();
-            let (lost, kind, fd) = core.with(py, |s| (s.conn_lost, s.kind, s.fd));
-            if (lost > 0 && kind == Kind::Socket) || fd < 0 {
-                return Ok(());
-            }
-            match core.flush(py) {
-                // As asyncio's socket transport: the protocol may resume as soon as the
-                // buffer is below the low-water mark (pipes resume once it is empty).
-                Ok(false) if kind == Kind::Socket => core.maybe_resume_protocol(py),
-                Ok(false) => Ok(()),
-                Err(e) => {
-                    let old = core.with(py, |s| {
-                        if kind == Kind::WritePipe {
-                            s.conn_lost = s.conn_lost.saturating_add(1);
-                        }
-                        s.buf.clear()
-                    });
-                    drop(old);
-                    core.remove_io(py, false)?;
-                    let exc = errors::from_io(e);
-                    let waiter_exc = exc.clone_ref(py);
-                    let msg = if kind == Kind::Socket {
-                        "Fatal write error on socket transport"
-                    } else {
-                        "Fatal write error on pipe transport"
-                    };
-                    Self::fatal_error(slf, exc, msg)?;
-                    let waiter =
-                        core.with(py, |s| s.empty_waiter.as_ref().map(|w| w.clone_ref(py)));
-                    if let Some(w) = waiter {
-                        w.call_method1(py, "set_exception", (waiter_exc.into_value(py),))?;
-                    }
-                    Ok(())
-                }
-                Ok(true) => {
+        let py = slf.py();
+        let core = slf.get();
+        let (lost, kind, fd) = core.with(py, |s| (s.conn_lost, s.kind, s.fd));
+        if (lost > 0 && kind == Kind::Socket) || fd < 0 {
+            return Ok(());
+        }
+        match core.flush(py) {
+            // As asyncio's socket transport: the protocol may resume as soon as the
+            // buffer is below the low-water mark (pipes resume once it is empty).
+            Ok(false) if kind == Kind::Socket => core.maybe_resume_protocol(py),
+            Ok(false) => Ok(()),
+            Err(e) => {
+                let old = core.with(py, |s| {
                     if kind == Kind::WritePipe {
-                        core.remove_io(py, false)?;
-                        core.maybe_resume_protocol(py)?;
-                        if core.with(py, |s| s.closing) {
-                            core.remove_io(py, true)?;
-                            Self::_call_connection_lost(slf, py.None().into_bound(py))?;
-                        }
-                        return Ok(());
+                        s.conn_lost = s.conn_lost.saturating_add(1);
                     }
-                    core.maybe_resume_protocol(py)?;
-                    if !core.with(py, |s| s.buf.is_empty()) {
-                        return Ok(()); // resume_writing() wrote more
-                    }
-                    core.remove_io(py, false)?;
-                    let waiter =
-                        core.with(py, |s| s.empty_waiter.as_ref().map(|w| w.clone_ref(py)));
-                    if let Some(w) = waiter {
-                        w.call_method1(py, "set_result", (py.None(),))?;
-                    }
-                    let (closing, eof) = core.with(py, |s| (s.closing, s.eof));
-                    if closing {
-                        Self::_call_connection_lost(slf, py.None().into_bound(py))?;
-                    } else if eof {
-                        crate::sys::shutdown_write(core.fd(py)).map_err(errors::from_io)?;
-                    }
-                    Ok(())
+                    s.buf.clear()
+                });
+                drop(old);
+                core.remove_io(py, false)?;
+                let exc = errors::from_io(e);
+                let waiter_exc = exc.clone_ref(py);
+                let msg = if kind == Kind::Socket {
+                    "Fatal write error on socket transport"
+                } else {
+                    "Fatal write error on pipe transport"
+                };
+                Self::fatal_error(slf, exc, msg)?;
+                let waiter = core.with(py, |s| s.empty_waiter.as_ref().map(|w| w.clone_ref(py)));
+                if let Some(w) = waiter {
+                    w.call_method1(py, "set_exception", (waiter_exc.into_value(py),))?;
                 }
+                Ok(())
             }
-        })
+            Ok(true) => {
+                if kind == Kind::WritePipe {
+                    core.remove_io(py, false)?;
+                    core.maybe_resume_protocol(py)?;
+                    if core.with(py, |s| s.closing) {
+                        core.remove_io(py, true)?;
+                        Self::_call_connection_lost(slf, py.None().into_bound(py))?;
+                    }
+                    return Ok(());
+                }
+                core.maybe_resume_protocol(py)?;
+                if !core.with(py, |s| s.buf.is_empty()) {
+                    return Ok(()); // resume_writing() wrote more
+                }
+                core.remove_io(py, false)?;
+                let waiter = core.with(py, |s| s.empty_waiter.as_ref().map(|w| w.clone_ref(py)));
+                if let Some(w) = waiter {
+                    w.call_method1(py, "set_result", (py.None(),))?;
+                }
+                let (closing, eof) = core.with(py, |s| (s.closing, s.eof));
+                if closing {
+                    Self::_call_connection_lost(slf, py.None().into_bound(py))?;
+                } else if eof {
+                    crate::sys::shutdown_write(core.fd(py)).map_err(errors::from_io)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     pub(crate) fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
