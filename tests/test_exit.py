@@ -3,8 +3,9 @@
 
 On Python 3.10-3.13 CPython ends such a thread with ``pthread_exit`` once it finalizes;
 unwinding that through ferroloop's Rust frames aborted the process ("FATAL: exception
-not rethrown", or an abort in ``__pthread_unwind``: status -6). Each case runs in a subprocess, several times, because where
-the thread is when the interpreter exits varies.
+not rethrown", or an abort in ``__pthread_unwind``: status -6). Each case runs in a
+subprocess, several times, because where the thread is when the interpreter exits
+varies.
 """
 
 from __future__ import annotations
