@@ -301,6 +301,8 @@ impl LoopCore {
         if !debug {
             return Ok(None);
         }
+        // Debug mode runs Python code here, on whichever thread called.
+        py::thread_exit::register();
         if api.check_thread {
             self.check_thread(py)?;
         }
@@ -1287,8 +1289,6 @@ impl LoopCore {
         slf: &Bound<'py, Self>,
         a: SchedArgs<'py>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        // Posting threads are often daemon threads still posting at exit.
-        py::thread_exit::register();
         let (handle, item) = Self::soon_handle(slf, a, CALL_SOON_THREADSAFE)?;
         slf.get().push_threadsafe(slf.py(), item)?;
         Ok(handle)

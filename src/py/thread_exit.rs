@@ -29,6 +29,7 @@ mod imp {
     use std::cell::Cell;
     use std::ffi::{c_int, c_void};
     use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// glibc's `struct _pthread_cleanup_buffer`.
     #[repr(C)]
@@ -90,44 +91,74 @@ mod imp {
         false
     }
 
-    /// The calling thread's registration; removed when the thread ends normally.
-    struct Registration(Cell<*mut CleanupBuffer>);
+    thread_local! {
+        /// The calling thread's registered buffer: null before, `ENDED` once the thread's
+        /// destructors removed it (a plain value, so checking it costs one TLS lookup).
+        static BUFFER: Cell<*mut CleanupBuffer> = const { Cell::new(std::ptr::null_mut()) };
+        /// Removes the registration when the thread ends normally (touched once, when
+        /// registering, so that its destructor runs).
+        static OWNER: Owner = const { Owner };
+    }
 
-    impl Drop for Registration {
+    const ENDED: *mut CleanupBuffer = std::ptr::dangling_mut();
+
+    struct Owner;
+
+    impl Drop for Owner {
         fn drop(&mut self) {
-            let buf = self.0.replace(std::ptr::null_mut());
-            if buf.is_null() {
+            let _ = LAST.compare_exchange(me(), 0, Ordering::Relaxed, Ordering::Relaxed);
+            let Ok(buf) = BUFFER.try_with(|b| b.replace(ENDED)) else {
+                return;
+            };
+            if buf.is_null() || buf == ENDED {
                 return;
             }
             if let Some((_, pop)) = functions() {
-                // SAFETY: `buf` was pushed on this thread by `register` and is still
+                // SAFETY: `buf` was pushed on this thread by `register_slow` and is still
                 // registered (or was run and unlinked by a pthread_exit that went on, in
                 // which case popping sets the same list head again).
                 unsafe { pop(buf, 0) };
             }
-            // SAFETY: allocated by `register` with Box, unlinked above.
+            // SAFETY: allocated by `register_slow` with Box, unlinked above.
             drop(unsafe { Box::from_raw(buf) });
         }
     }
 
-    thread_local! {
-        static REGISTRATION: Registration = const { Registration(Cell::new(std::ptr::null_mut())) };
+    /// The `pthread_self()` of a thread that registered and has not ended (or 0): one
+    /// comparison answers for a thread that calls again and again (a posting thread).
+    /// A thread's destructor clears it before its `pthread_t` can be reused.
+    static LAST: AtomicUsize = AtomicUsize::new(0);
+
+    fn me() -> usize {
+        // SAFETY: no preconditions.
+        unsafe { libc::pthread_self() as usize }
     }
 
     #[inline]
     pub fn register() {
-        let _ = REGISTRATION.try_with(|r| {
-            if r.0.get().is_null() {
-                register_slow(r);
-            }
-        });
+        if LAST.load(Ordering::Relaxed) != me() {
+            register_thread();
+        }
+    }
+
+    #[inline(never)]
+    fn register_thread() {
+        let buf = BUFFER.with(Cell::get);
+        if buf.is_null() {
+            register_slow();
+        } else if buf != ENDED {
+            LAST.store(me(), Ordering::Relaxed);
+        }
     }
 
     #[cold]
-    fn register_slow(r: &Registration) {
+    fn register_slow() {
         let Some((push, _)) = functions() else {
             return;
         };
+        if OWNER.try_with(|_| ()).is_err() {
+            return; // the thread is ending
+        }
         let buf = Box::into_raw(Box::new(CleanupBuffer {
             routine: on_forced_exit,
             arg: std::ptr::null_mut(),
@@ -137,12 +168,14 @@ mod imp {
         // SAFETY: `buf` is a valid, heap-allocated buffer that outlives the
         // registration (freed only after it is popped, on this thread).
         unsafe { push(buf, on_forced_exit, std::ptr::null_mut()) };
-        r.0.set(buf);
+        BUFFER.with(|b| b.set(buf));
+        LAST.store(me(), Ordering::Relaxed);
     }
 
     #[cfg(test)]
     pub fn registered() -> bool {
-        REGISTRATION.with(|r| !r.0.get().is_null())
+        let buf = BUFFER.with(Cell::get);
+        !buf.is_null() && buf != ENDED
     }
 }
 
