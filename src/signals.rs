@@ -462,7 +462,7 @@ pub(crate) fn dispatch(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             drop(handle);
             remove_signal_handler(slf, &signum.into_pyobject(py)?.into_any())?;
         } else {
-            core.state.with(py, |s| s.ready.push(handle));
+            core.state.with(py, |s| s.ready.push(handle.into()));
         }
     }
     py::check_signals(py)

@@ -102,6 +102,27 @@ def test_timers_referencing_loop(loop_factory):
     assert collect_unclosed(loop_factory, make)
 
 
+def test_queued_task_steps_referencing_loop(loop_factory):
+    # Tasks created while the loop is not running, and tasks left with a step queued by
+    # stop(): each step reaches the loop through its task (ferroloop queues C task steps
+    # without a handle).
+    async def forever():
+        while True:
+            await asyncio.sleep(0)
+
+    def make(loop):
+        loop.tasks = [loop.create_task(forever()) for _ in range(3)]
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        loop.tasks += [loop.create_task(forever()) for _ in range(3)]
+        for task in loop.tasks:
+            task._log_destroy_pending = False
+        for task in loop.tasks[3:]:
+            task.get_coro().close()  # never started: no "never awaited" warning
+
+    assert collect_unclosed(loop_factory, make)
+
+
 def test_handle_stored_on_loop(loop_factory):
     def make(loop):
         loop.my_handle = loop.call_soon(print)

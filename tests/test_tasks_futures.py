@@ -157,6 +157,70 @@ def test_create_task_with_context(loop):
     assert var.get() == "default"
 
 
+@task_context
+def test_task_step_that_cannot_enter_its_context_goes_to_the_exception_handler(loop, loop_errors):
+    # The task's context is the one the loop runs in: entering it again for the step
+    # fails, and the step's handle reports it (ferroloop queues C task steps without a
+    # handle and makes one for the report).
+    ctx = contextvars.copy_context()
+
+    async def child():
+        return 1
+
+    async def main():
+        task = loop.create_task(child(), context=ctx)
+        await asyncio.sleep(0.01)
+        return task
+
+    task = ctx.run(loop.run_until_complete, main())
+    assert not task.done()
+    [context] = loop_errors
+    loop_errors.clear()
+    assert context["message"].startswith("Exception in callback <TaskStepMethWrapper object")
+    assert isinstance(context["exception"], RuntimeError)
+    assert "is already entered" in str(context["exception"])
+    assert isinstance(context["handle"], asyncio.Handle)
+    assert not isinstance(context["handle"], asyncio.TimerHandle)
+    assert repr(context["handle"]).startswith("<Handle <TaskStepMethWrapper object")
+    # Nothing schedules the task again (on either loop): it stays pending.
+    task._log_destroy_pending = False
+    task.get_coro().close()
+
+
+def test_task_steps_and_callbacks_run_in_scheduling_order(loop):
+    order = []
+
+    async def step(name):
+        order.append(name)
+        await asyncio.sleep(0)
+        order.append(name + "'")
+
+    async def main():
+        loop.call_soon(order.append, "a")
+        loop.create_task(step("t1"))
+        loop.call_soon(order.append, "b")
+        loop.create_task(step("t2"))
+        loop.call_soon(order.append, "c")
+        for _ in range(4):
+            await asyncio.sleep(0)
+
+    loop.run_until_complete(main())
+    assert order == ["a", "t1", "b", "t2", "c", "t1'", "t2'"]
+
+
+def test_debug_mode_switched_on_with_task_steps_queued(loop):
+    async def work(i):
+        await asyncio.sleep(0)
+        return i
+
+    tasks = [loop.create_task(work(i)) for i in range(3)]
+    loop.set_debug(True)
+    try:
+        assert loop.run_until_complete(asyncio.gather(*tasks)) == [0, 1, 2]
+    finally:
+        loop.set_debug(False)
+
+
 def test_create_task_copies_current_context(loop):
     token = var.set("outer")
     try:

@@ -26,7 +26,7 @@ use crate::dns;
 use crate::errors;
 use crate::py::context::RunContext;
 use crate::py::fastcall::SchedArgs;
-use crate::py::handle::{OwnedHandle, types};
+use crate::py::handle::{self, OwnedHandle, Ready, types};
 use crate::py::{self, GilCell, import_attr};
 use crate::reactor::{Poller, Registrar};
 use crate::ready::ReadyQueue;
@@ -130,7 +130,7 @@ pub(crate) struct Armed {
 
 /// Everything the loop mutates. Owned by whichever thread holds the GIL (see `GilCell`).
 pub(crate) struct State {
-    pub ready: ReadyQueue<OwnedHandle>,
+    pub ready: ReadyQueue<Ready>,
     pub timers: TimerQueue<OwnedHandle>,
     pub stopping: bool,
     pub closed: bool,
@@ -990,10 +990,12 @@ impl LoopCore {
             // SAFETY: as above.
             return unsafe { self.run_ctx.traverse(|p| visit.call(p)) };
         }
+        for item in s.ready.iter() {
+            t.traverse_ready(item, |p| visit.call(p))?;
+        }
         let handles = s
-            .ready
+            .timers
             .iter()
-            .chain(s.timers.iter())
             .chain(
                 s.io.values()
                     .flat_map(|io| io.reader.iter().chain(io.writer.iter())),
@@ -1224,6 +1226,20 @@ impl LoopCore {
         }
         // SAFETY: guaranteed by the caller; borrowed pointers become new references.
         unsafe {
+            if n == 0
+                && !threadsafe
+                && !context.is_null()
+                && ffi::PyContext_CheckExact(context) != 0
+                && handle::is_task_step(callback)
+            {
+                // A C task's step: queued without a handle (see `Ready`).
+                let item = Ready::Step {
+                    callback: Bound::from_borrowed_ptr(py, callback).unbind(),
+                    context: Bound::from_borrowed_ptr(py, context).unbind(),
+                };
+                core.state.with(py, |s| s.ready.push(item));
+                return Ok(Some(py.None().into_bound(py)));
+            }
             let args = py::tuple_from(py, args, n)?;
             let context = if context.is_null() || context == ffi::Py_None() {
                 py::context::capture(py)?
@@ -1244,7 +1260,7 @@ impl LoopCore {
             if threadsafe {
                 core.push_threadsafe(py, item)?;
             } else {
-                core.state.with(py, |s| s.ready.push(item));
+                core.state.with(py, |s| s.ready.push(item.into()));
             }
             Ok(Some(handle))
         }
@@ -1257,7 +1273,7 @@ impl LoopCore {
         //       so a push that sees `polling == false` is seen by the loop before it
         //       blocks. One wake-up is sent per poll at most.
         let wake = self.state.with(py, |s| {
-            s.ready.push(item);
+            s.ready.push(item.into());
             if let Some(entry) = &s.exit_entry {
                 entry.resume();
             }
@@ -1280,7 +1296,9 @@ impl LoopCore {
         a: SchedArgs<'py>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (handle, item) = Self::soon_handle(slf, a, CALL_SOON)?;
-        slf.get().state.with(slf.py(), |s| s.ready.push(item));
+        slf.get()
+            .state
+            .with(slf.py(), |s| s.ready.push(item.into()));
         Ok(handle)
     }
 
@@ -1779,7 +1797,7 @@ fn create_task_inner<'py>(
         }
     });
     if let Some(step) = step {
-        run::run_eager_step(slf, step.bind(py))?;
+        run::run_eager_step(slf, &step.into_handle(slf.as_any())?)?;
     }
     Ok(task)
 }

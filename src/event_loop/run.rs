@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 
 use super::{LoopCore, MAXIMUM_SELECT_TIMEOUT, State, closed_error, exception_handler};
 use crate::errors;
-use crate::py::handle::{self, HandleTypes, OwnedHandle, types};
+use crate::py::handle::{self, HandleTypes, OwnedHandle, Ready, types};
 use crate::py::{self, import_attr};
 use crate::reactor::{Readiness, SIGNAL_TOKEN, WAKER_TOKEN};
 use crate::signals;
@@ -101,9 +101,12 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let io =
             s.io.values()
                 .flat_map(|io| io.reader.iter().chain(io.writer.iter()));
-        for h in s
-            .ready
-            .iter()
+        // (A queued task step's wrapper and context are tracked objects.)
+        let ready = s.ready.iter().filter_map(|item| match item {
+            Ready::Handle(h) => Some(h),
+            Ready::Step { .. } => None,
+        });
+        for h in ready
             .chain(s.timers.iter())
             .chain(io)
             .chain(s.signals.handles())
@@ -284,12 +287,12 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
         h
     }) {
         t.set_scheduled(h.bind(py), false);
-        core.state.with(py, |s| s.ready.push(h));
+        core.state.with(py, |s| s.ready.push(h.into()));
     }
 
     let ntodo = core.state.with(py, |s| s.ready.len());
     for _ in 0..ntodo {
-        let Some(h) = core.state.with(py, |s| {
+        let Some(item) = core.state.with(py, |s| {
             let h = s.ready.pop();
             if let Some(next) = s.ready.front() {
                 next.prefetch();
@@ -301,6 +304,19 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
         if let Some(entry) = park {
             entry.pause_if_exiting(py);
         }
+        let h = match item {
+            Ready::Handle(h) => h,
+            Ready::Step { callback, context } if !core.debug(py) => {
+                // SAFETY: GIL held; a step is only queued with an exact Context.
+                if let Err(e) = unsafe { handle::run_step(py, &callback, &context) } {
+                    let h = Ready::Step { callback, context }.into_handle(slf.as_any())?;
+                    exception_handler::callback_error(slf, &h, e)?;
+                }
+                continue;
+            }
+            // Debug mode, switched on since it was queued: run as a handle.
+            step => OwnedHandle::new(&step.into_handle(slf.as_any())?),
+        };
         let hb = h.bind(py);
         if t.is_cancelled(hb) {
             continue;
@@ -361,7 +377,7 @@ fn process_io(
         if t.is_cancelled(h.bind(py)) {
             released.handles.extend(slot.take());
         } else {
-            s.ready.push(h.queue_ref(py));
+            s.ready.push(h.queue_ref(py).into());
         }
     }
     if entry.reader.is_none() && entry.writer.is_none() {

@@ -1070,6 +1070,116 @@ unsafe fn new_ref(p: *mut ffi::PyObject) -> *mut ffi::PyObject {
     p
 }
 
+/// What the ready queue holds: a handle, or a task step queued without one.
+///
+/// asyncio's C `Task` schedules each step as `loop.call_soon(TaskStepMethWrapper,
+/// context=task_context)` and drops the handle it gets back unseen (`call_soon` in
+/// `_asynciomodule.c`, 3.10-3.14); no Python code can hold such a wrapper. Outside debug
+/// mode ferroloop queues the wrapper and the context themselves and returns None to it:
+/// no handle is made, recycled or run (~200 instructions of a ~5,300-instruction
+/// `await asyncio.sleep(0)`). A handle is made after all where one is observable: for the
+/// exception handler when the step raises, and in debug mode.
+pub enum Ready {
+    Handle(OwnedHandle),
+    /// A task step: `callback()` in `context` (an exact `contextvars.Context`).
+    Step {
+        callback: Py<PyAny>,
+        context: Py<PyAny>,
+    },
+}
+
+impl From<OwnedHandle> for Ready {
+    #[inline(always)]
+    fn from(h: OwnedHandle) -> Self {
+        Ready::Handle(h)
+    }
+}
+
+impl Ready {
+    #[inline(always)]
+    pub fn prefetch(&self) {
+        if let Ready::Handle(h) = self {
+            h.prefetch();
+        }
+    }
+
+    /// The handle for this item, made now for a task step (see the type).
+    pub fn into_handle<'py>(self, lp: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let py = lp.py();
+        match self {
+            Ready::Handle(h) => Ok(h.bind(py).clone()),
+            Ready::Step { callback, context } => types()?.new_handle(
+                callback.bind(py),
+                PyTuple::empty(py),
+                lp,
+                context.into_bound(py),
+                None,
+                None,
+                true,
+            ),
+        }
+    }
+}
+
+/// The type of asyncio's C task-step callback (`TaskStepMethWrapper`), once seen; a
+/// strong reference is kept so the address never names another type.
+static STEP_TYPE: std::sync::atomic::AtomicPtr<ffi::PyTypeObject> =
+    std::sync::atomic::AtomicPtr::new(ptr::null_mut());
+
+/// Whether `cb` is asyncio's C task-step callback.
+///
+/// # Safety
+/// GIL held; `cb` is a live object.
+#[inline(always)]
+pub unsafe fn is_task_step(cb: *mut ffi::PyObject) -> bool {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let tp = ffi::Py_TYPE(cb);
+        tp == STEP_TYPE.load(std::sync::atomic::Ordering::Relaxed) || is_task_step_slow(tp)
+    }
+}
+
+/// A type not seen before: asyncio's wrapper has `tp_call`, no vectorcall and that name
+/// (each fresh import of `_asyncio` makes new types on 3.12+, so the cache follows).
+#[cold]
+#[inline(never)]
+unsafe fn is_task_step_slow(tp: *mut ffi::PyTypeObject) -> bool {
+    // SAFETY: GIL held (caller); `tp` is a live type.
+    unsafe {
+        if (*tp).tp_call.is_none()
+            || ffi::PyType_HasFeature(tp, ffi::Py_TPFLAGS_HAVE_VECTORCALL) != 0
+            || CStr::from_ptr((*tp).tp_name).to_bytes() != b"TaskStepMethWrapper"
+        {
+            return false;
+        }
+        ffi::Py_INCREF(tp.cast());
+        STEP_TYPE.store(tp, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+}
+
+/// Runs a queued task step: `callback()` in `context`, as a handle would run it.
+///
+/// # Safety
+/// GIL held; `context` is an exact `contextvars.Context`.
+#[inline]
+pub unsafe fn run_step(py: Python<'_>, callback: &Py<PyAny>, context: &Py<PyAny>) -> PyResult<()> {
+    // SAFETY: guaranteed by the caller; the item owns both references for the call.
+    unsafe {
+        let ctx = context.as_ptr();
+        if ffi::PyContext_Enter(ctx) < 0 {
+            return Err(PyErr::fetch(py));
+        }
+        let empty = PyTuple::empty(py);
+        let r = exit_context(ctx, call_no_args(callback.as_ptr(), empty.as_ptr()));
+        if r.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        ffi::Py_DECREF(r);
+    }
+    Ok(())
+}
+
 /// A reference to a handle held by one of the loop's queues (ready queue, timer heap,
 /// reader/writer and signal tables).
 ///
@@ -1156,6 +1266,23 @@ impl Drop for OwnedHandle {
     fn drop(&mut self) {
         if self.track_on_drop {
             self.track_if_shared();
+        }
+    }
+}
+
+impl HandleTypes {
+    /// [`HandleTypes::traverse_owned`] for a ready-queue item.
+    pub fn traverse_ready<E>(
+        &self,
+        item: &Ready,
+        mut visit: impl FnMut(&Py<PyAny>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match item {
+            Ready::Handle(h) => self.traverse_owned(h, visit),
+            Ready::Step { callback, context } => {
+                visit(callback)?;
+                visit(context)
+            }
         }
     }
 }
