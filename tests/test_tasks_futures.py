@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import sys
 import threading
 import warnings
@@ -158,10 +159,13 @@ def test_create_task_with_context(loop):
 
 
 @task_context
-def test_task_step_that_cannot_enter_its_context_goes_to_the_exception_handler(loop, loop_errors):
+def test_task_step_that_cannot_enter_its_context_goes_to_the_exception_handler(
+    loop, loop_errors, caplog
+):
     # The task's context is the one the loop runs in: entering it again for the step
     # fails, and the step's handle reports it (ferroloop queues C task steps without a
-    # handle and makes one for the report).
+    # handle and makes one for the report). From 3.12 the handler runs in the handle's
+    # context too, which fails the same way: the default handler logs both.
     ctx = contextvars.copy_context()
 
     async def child():
@@ -174,6 +178,20 @@ def test_task_step_that_cannot_enter_its_context_goes_to_the_exception_handler(l
 
     task = ctx.run(loop.run_until_complete, main())
     assert not task.done()
+    # Nothing schedules the task again (on either loop): it stays pending.
+    task._log_destroy_pending = False
+    task.get_coro().close()
+    if sys.version_info >= (3, 12):
+        assert not loop_errors
+        [message] = [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith("Unhandled error in exception handler")
+        ]
+        assert "'message': 'Exception in callback <_asyncio.TaskStepMethWrapper" in message
+        assert "'handle': <Handle <_asyncio.TaskStepMethWrapper object" in message
+        assert "is already entered" in message
+        return
     [context] = loop_errors
     loop_errors.clear()
     assert context["message"].startswith("Exception in callback <TaskStepMethWrapper object")
@@ -182,9 +200,31 @@ def test_task_step_that_cannot_enter_its_context_goes_to_the_exception_handler(l
     assert isinstance(context["handle"], asyncio.Handle)
     assert not isinstance(context["handle"], asyncio.TimerHandle)
     assert repr(context["handle"]).startswith("<Handle <TaskStepMethWrapper object")
-    # Nothing schedules the task again (on either loop): it stays pending.
-    task._log_destroy_pending = False
-    task.get_coro().close()
+
+
+def test_c_task_steps_are_queued_without_a_handle():
+    """ferroloop only: what the loop's queue holds for a C task's step, as the cycle
+    collector sees it (the wrapper and the task's context, no Handle)."""
+    loop = ferroloop.new_event_loop()
+    try:
+
+        async def one():
+            return 1
+
+        task = loop.create_task(one())
+        assert type(task) is asyncio.Task
+        held = gc.get_referents(loop)
+        assert [type(r).__name__ for r in held if "TaskStepMethWrapper" in repr(type(r))] == [
+            "TaskStepMethWrapper"
+        ]
+        assert not [r for r in held if isinstance(r, asyncio.Handle)]
+        assert loop.run_until_complete(task) == 1
+        loop.set_debug(True)
+        task = loop.create_task(one())
+        assert [r for r in gc.get_referents(loop) if isinstance(r, asyncio.Handle)]
+        assert loop.run_until_complete(task) == 1
+    finally:
+        loop.close()
 
 
 def test_task_steps_and_callbacks_run_in_scheduling_order(loop):

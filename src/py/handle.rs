@@ -1140,7 +1140,8 @@ pub unsafe fn is_task_step(cb: *mut ffi::PyObject) -> bool {
 }
 
 /// A type not seen before: asyncio's wrapper has `tp_call`, no vectorcall and that name
-/// (each fresh import of `_asyncio` makes new types on 3.12+, so the cache follows).
+/// (`_asyncio.TaskStepMethWrapper` from 3.12; each fresh import of `_asyncio` makes new
+/// types there, so the cache follows).
 #[cold]
 #[inline(never)]
 unsafe fn is_task_step_slow(tp: *mut ffi::PyTypeObject) -> bool {
@@ -1148,7 +1149,10 @@ unsafe fn is_task_step_slow(tp: *mut ffi::PyTypeObject) -> bool {
     unsafe {
         if (*tp).tp_call.is_none()
             || ffi::PyType_HasFeature(tp, ffi::Py_TPFLAGS_HAVE_VECTORCALL) != 0
-            || CStr::from_ptr((*tp).tp_name).to_bytes() != b"TaskStepMethWrapper"
+            || !matches!(
+                CStr::from_ptr((*tp).tp_name).to_bytes(),
+                b"TaskStepMethWrapper" | b"_asyncio.TaskStepMethWrapper"
+            )
         {
             return false;
         }
