@@ -399,7 +399,7 @@ fn error(py: Python<'_>, e: GaiError) -> PyErr {
             },
             Err(e) => e,
         },
-        GaiError::Os(errno) => crate::errors::os_error(errno),
+        GaiError::Os(errno) => crate::errors::os_error(py, errno),
         GaiError::Multiple => PyOSError::new_err("sockaddr resolved to multiple addresses"),
         GaiError::Ipv4TupleLen => PyOSError::new_err("IPv4 sockaddr must be 2 tuple"),
     }

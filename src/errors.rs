@@ -2,48 +2,33 @@
 
 use std::io;
 
-use pyo3::PyErr;
 use pyo3::exceptions::PyOSError;
+use pyo3::prelude::*;
 
 /// `OSError(errno, strerror)` as its errno's subclass (`ConnectionResetError`, ...), with
 /// `exc.errno` set.
 ///
-/// The subclass is chosen here, as `OSError.__new__` would: raised lazily as a plain
-/// `OSError`, Python 3.10/3.11 normalise it to the subclass's instance but keep
-/// `OSError` as the error's type, so checks of the type (`is_instance_of`) missed it.
-pub fn os_error(errno: i32) -> PyErr {
-    use pyo3::exceptions as e;
-    let args = (
-        errno,
-        io::Error::from_raw_os_error(errno).to_string_message(),
-    );
-    // CPython's errno -> subclass table (Objects/exceptions.c, _PyExc_InitState).
-    match errno {
-        libc::EAGAIN | libc::EALREADY | libc::EINPROGRESS => {
-            PyErr::new::<e::PyBlockingIOError, _>(args)
-        }
-        libc::ECHILD => PyErr::new::<e::PyChildProcessError, _>(args),
-        libc::EPIPE | libc::ESHUTDOWN => PyErr::new::<e::PyBrokenPipeError, _>(args),
-        libc::ECONNABORTED => PyErr::new::<e::PyConnectionAbortedError, _>(args),
-        libc::ECONNREFUSED => PyErr::new::<e::PyConnectionRefusedError, _>(args),
-        libc::ECONNRESET => PyErr::new::<e::PyConnectionResetError, _>(args),
-        libc::EEXIST => PyErr::new::<e::PyFileExistsError, _>(args),
-        libc::ENOENT => PyErr::new::<e::PyFileNotFoundError, _>(args),
-        libc::EISDIR => PyErr::new::<e::PyIsADirectoryError, _>(args),
-        libc::ENOTDIR => PyErr::new::<e::PyNotADirectoryError, _>(args),
-        libc::EINTR => PyErr::new::<e::PyInterruptedError, _>(args),
-        libc::EACCES | libc::EPERM => PyErr::new::<e::PyPermissionError, _>(args),
-        libc::ESRCH => PyErr::new::<e::PyProcessLookupError, _>(args),
-        libc::ETIMEDOUT => PyErr::new::<e::PyTimeoutError, _>(args),
-        _ => PyOSError::new_err(args),
-    }
+/// The exception object is made now, by calling `OSError` (whose `__new__` picks the
+/// subclass, so checks of the type see it), not left to pyo3 to make when first looked
+/// at: that releases and re-takes the GIL, and panics once the interpreter finalizes (a
+/// transport written to by a `__del__` during the last collection at exit).
+pub fn os_error(py: Python<'_>, errno: i32) -> PyErr {
+    let message = io::Error::from_raw_os_error(errno).to_string_message();
+    new_os_error(py, (errno, message))
 }
 
 /// Converts an `io::Error`, keeping its errno when it has one.
-pub fn from_io(err: io::Error) -> PyErr {
+pub fn from_io(py: Python<'_>, err: io::Error) -> PyErr {
     match err.raw_os_error() {
-        Some(errno) => os_error(errno),
-        None => PyOSError::new_err(err.to_string()),
+        Some(errno) => os_error(py, errno),
+        None => new_os_error(py, (err.to_string(),)),
+    }
+}
+
+fn new_os_error<'py>(py: Python<'py>, args: impl pyo3::call::PyCallArgs<'py>) -> PyErr {
+    match py.get_type::<PyOSError>().call1(args) {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
     }
 }
 

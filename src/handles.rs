@@ -13,6 +13,9 @@ pub fn cancel(h: &Bound<'_, PyAny>) -> PyResult<()> {
     if t.is_cancelled(h) {
         return Ok(());
     }
+    // Debug mode runs Python code below (the repr), and letting go of the callback can;
+    // handles are cancelled from any thread.
+    crate::py::thread_exit::register();
     let loop_ = t.loop_(h);
     let core = loop_.cast::<LoopCore>().ok();
     if t.is_timer(h) {

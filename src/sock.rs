@@ -94,7 +94,14 @@ fn recv_bytes(py: Python<'_>, fd: RawFd, n: usize) -> io::Result<Bound<'_, PyAny
                 .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
             buf.resize(n, 0);
         }
-        let len = crate::sys::recv(fd, &mut buf[..n])?;
+        // EINTR is retried here, as `socket.recv` does (PEP 475): the operation waits
+        // for edges, and no new one comes for data already queued.
+        let len = loop {
+            match crate::sys::recv(fd, &mut buf[..n]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
         Ok(PyBytes::new(py, &buf[..len]).into_any())
     };
     if n <= RECV_BUF_MAX {
@@ -108,7 +115,7 @@ fn would_block(py: Python<'_>, e: &PyErr) -> bool {
     e.is_instance_of::<PyBlockingIOError>(py) || e.is_instance_of::<PyInterruptedError>(py)
 }
 
-fn io_attempt<'py>(r: io::Result<Bound<'py, PyAny>>) -> PyResult<Attempt<'py>> {
+fn io_attempt<'py>(py: Python<'py>, r: io::Result<Bound<'py, PyAny>>) -> PyResult<Attempt<'py>> {
     match r {
         Ok(v) => Ok(Attempt::Done(v)),
         Err(e)
@@ -119,10 +126,12 @@ fn io_attempt<'py>(r: io::Result<Bound<'py, PyAny>>) -> PyResult<Attempt<'py>> {
         {
             Ok(Attempt::WouldBlock)
         }
-        Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+        // The buffer could not be allocated; a kernel ENOMEM (which std maps to the same
+        // kind) is an OSError, as `socket.recv` raises it.
+        Err(e) if e.kind() == io::ErrorKind::OutOfMemory && e.raw_os_error().is_none() => {
             Err(pyo3::exceptions::PyMemoryError::new_err(()))
         }
-        Err(e) => Err(errors::from_io(e)),
+        Err(e) => Err(errors::from_io(py, e)),
     }
 }
 
@@ -168,7 +177,7 @@ fn attempt<'py>(
         Op::Connect(a) => Plan::ConnectCheck(a.clone_ref(py)),
     });
     match plan {
-        Plan::Recv(n) => io_attempt(recv_bytes(py, fd, n)),
+        Plan::Recv(n) => io_attempt(py, recv_bytes(py, fd, n)),
         Plan::Method(name, args) => {
             let args = PyTuple::new(py, args)?;
             py_attempt(py, sock.call_method1(name, args))
@@ -186,7 +195,7 @@ fn attempt<'py>(
                             io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
                         ) =>
                     {
-                        return Err(errors::from_io(e));
+                        return Err(errors::from_io(py, e));
                     }
                     _ => {}
                 }
@@ -197,7 +206,7 @@ fn attempt<'py>(
                     Ok(n) => sent += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(errors::from_io(e)),
+                    Err(e) => return Err(errors::from_io(py, e)),
                 }
             }
             let total = view.len();
@@ -253,7 +262,7 @@ fn attempt<'py>(
                 err,
                 format!("Connect call failed {}", addr.bind(py).str()?),
             ))),
-            Err(e) => io_attempt(Err(e)),
+            Err(e) => io_attempt(py, Err(e)),
         },
     }
 }

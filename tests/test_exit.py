@@ -135,6 +135,46 @@ elif mode == "poster":
         threading.Thread(target=post, daemon=True).start()
     time.sleep(0.2)
     print("poster", flush=True)
+elif mode in ("futures", "readers", "cancels"):
+    # Daemon threads whose only calls into a daemon thread's loop are create_future(),
+    # add_reader()/remove_reader() or Handle.cancel(): in debug mode each runs Python
+    # code inside ferroloop (a future's creation stack, a cancelled handle's repr).
+    import collections
+
+    handles = collections.deque()
+
+    def noop():
+        pass
+
+    def make_timers():
+        if len(handles) < 30000:
+            handles.extend(loop.call_later(1000, noop) for _ in range(5000))
+        loop.call_soon(make_timers)
+
+    if mode == "cancels":
+        loop.call_soon(make_timers)
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def hammer():
+        a, b = socket.socketpair()
+        while True:
+            if mode == "futures":
+                loop.create_future()
+            elif mode == "readers":
+                loop.add_reader(a, noop)
+                loop.remove_reader(a)
+            else:
+                try:
+                    handles.popleft().cancel()
+                except IndexError:
+                    pass
+
+    while mode == "cancels" and len(handles) < 30000:
+        time.sleep(0.01)
+    for _ in range(1 if mode == "cancels" else 3):
+        threading.Thread(target=hammer, daemon=True).start()
+    time.sleep(0.2)
+    print(mode, flush=True)
 elif mode == "blocked":
     # A callback blocks past the exit: the process must not wait for it.
     loop.call_soon(time.sleep, 3)
@@ -150,6 +190,9 @@ EXPECTED = {
     "datagrams": "datagrams\n",
     "reloop": "reloop\n",
     "poster": "poster\n",
+    "futures": "futures\n",
+    "readers": "readers\n",
+    "cancels": "cancels\n",
 }
 # Runs per mode: where the threads are at exit varies. These two crashed (SIGABRT or
 # SIGSEGV) in about 1 run in 6 before the exit handler paused such loops, and in ~2 runs
@@ -167,13 +210,15 @@ def test_exit_with_a_busy_loop_in_a_daemon_thread(loop_name, mode):
         assert "FATAL" not in err
 
 
-@pytest.mark.parametrize("mode", ["poster", "reloop"])
+@pytest.mark.parametrize("mode", ["poster", "reloop", "futures", "readers", "cancels"])
 def test_exit_with_a_busy_daemon_loop_in_debug_mode(loop_name, mode):
-    """In debug mode call_soon_threadsafe() runs Python code (it records where the
-    callback was scheduled), so posting threads are inside ferroloop's Rust code, calling
-    Python, when finalization ends them: every `poster` run aborted in
-    ``__pthread_unwind`` before the exit handler learned to stop them first."""
-    for _ in range(6):
+    """In debug mode call_soon_threadsafe(), create_future(), Handle.cancel() and
+    replacing or removing a reader run Python code (the creation stack, a repr), so
+    threads calling them are inside ferroloop's Rust code, calling Python, when
+    finalization ends them: every such run aborted (in ``__pthread_unwind``, or "FATAL:
+    exception not rethrown") before those threads registered the handler that stops
+    them first."""
+    for _ in range(4):
         proc = python_subprocess(
             ["-c", DAEMON_SCRIPT, loop_name, mode], env_extra={"PYTHONASYNCIODEBUG": "1"}
         )
@@ -291,3 +336,60 @@ def test_exit_handler_registered_earlier_stops_the_daemon_loop(loop_name):
     proc = python_subprocess(["-c", STOP_AT_EXIT_SCRIPT, loop_name])
     out, err = proc.communicate(timeout=30)
     assert (proc.returncode, out) == (0, "main done\njoined: True\n"), err
+
+
+# Transport writes that fail from a __del__ that only the interpreter's last collection
+# reaches: pyo3 cannot make an exception object lazily then (it panicked, "The Python
+# interpreter is not initialized", PanicException), so ferroloop makes OS errors eagerly.
+SHUTDOWN_WRITE = r"""
+import asyncio, socket, sys
+import ferroloop
+
+kind = sys.argv[1]
+loop = ferroloop.new_event_loop() if kind == "ferroloop" else asyncio.new_event_loop()
+lost = []
+
+
+class Proto(asyncio.Protocol):
+    def connection_lost(self, exc):
+        lost.append(type(exc).__name__)
+
+
+class Datagrams(asyncio.DatagramProtocol):
+    def error_received(self, exc):
+        lost.append(type(exc).__name__)
+
+
+a, b = socket.socketpair()
+stream, _ = loop.run_until_complete(loop.create_connection(Proto, sock=a))
+b.close()  # the next write fails (EPIPE)
+udp, _ = loop.run_until_complete(
+    loop.create_datagram_endpoint(Datagrams, local_addr=("127.0.0.1", 0))
+)
+
+
+class Holder:
+    def __del__(self):
+        for what, call in (
+            ("write", lambda: stream.write(b"x" * 10)),
+            ("sendto", lambda: udp.sendto(b"x" * 70000, ("127.0.0.1", 9))),
+        ):
+            try:
+                call()
+                print(what, "ok", flush=True)
+            except BaseException as e:
+                print(what, "raised", type(e).__name__, e, flush=True)
+
+
+h = Holder()
+h.me = h  # a cycle: only the last collection at exit reaches it
+del h
+"""
+
+
+def test_failing_transport_writes_from_a_finalizer_at_exit(loop_name):
+    proc = python_subprocess(["-c", SHUTDOWN_WRITE, loop_name])
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out == "write ok\nsendto ok\n", err
+    assert "panicked" not in err and "PanicException" not in err, err

@@ -1285,3 +1285,92 @@ def test_socket_object_that_says_would_block_while_ready(loop, closing, op):
         return b.recv(100)
 
     assert run(loop, main()) == b"hello"
+
+
+# ---- recv() failures injected with an LD_PRELOAD shim -----------------------------------
+
+FAILING_RECV_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+static volatile int fail_fd = -1, fail_errno, fail_count;
+
+/* The next `count` recv() calls on `fd` fail with `err`. */
+void fail_recv(int fd, int err, int count) {
+    fail_errno = err;
+    fail_count = count;
+    fail_fd = fd;
+}
+
+ssize_t recv(int fd, void *buf, size_t n, int flags) {
+    static ssize_t (*real)(int, void *, size_t, int);
+    if (!real) real = (ssize_t (*)(int, void *, size_t, int))dlsym(RTLD_NEXT, "recv");
+    if (fd == fail_fd && fail_count > 0) {
+        fail_count--;
+        errno = fail_errno;
+        return -1;
+    }
+    return real(fd, buf, n, flags);
+}
+"""
+
+FAILING_RECV_SCRIPT = r"""
+import asyncio, ctypes, errno, socket, sys
+import ferroloop
+
+fail_recv = ctypes.CDLL(None).fail_recv
+kind = sys.argv[1]
+loop = ferroloop.new_event_loop() if kind == "ferroloop" else asyncio.new_event_loop()
+a, b = socket.socketpair()
+a.setblocking(False)
+
+
+async def main():
+    # The recv made once data arrives is interrupted: retried, as socket.recv retries.
+    waiting = loop.create_task(loop.sock_recv(a, 100))
+    await asyncio.sleep(0.05)
+    fail_recv(a.fileno(), errno.EINTR, 1)
+    b.send(b"hello")
+    print(await asyncio.wait_for(waiting, 5))
+    # The kernel's ENOMEM is an OSError with its errno (MemoryError is for a buffer
+    # ferroloop could not allocate).
+    b.send(b"x")
+    await asyncio.sleep(0.05)
+    fail_recv(a.fileno(), errno.ENOMEM, 1)
+    try:
+        await loop.sock_recv(a, 100)
+    except OSError as e:
+        print(type(e).__name__, e.errno == errno.ENOMEM)
+    print(await loop.sock_recv(a, 100))
+
+
+loop.run_until_complete(main())
+loop.close()
+"""
+
+
+def test_sock_recv_interrupted_or_out_of_kernel_memory(loop_name, tmp_path):
+    import shutil
+    import subprocess
+
+    from _util import python_subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the failing recv() shim")
+    shim = tmp_path / "failrecv.so"
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-o", str(shim), "-x", "c", "-", "-ldl"],
+        input=FAILING_RECV_C,
+        text=True,
+        check=True,
+    )
+    proc = python_subprocess(
+        ["-c", FAILING_RECV_SCRIPT, loop_name], env_extra={"LD_PRELOAD": str(shim)}
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out == "b'hello'\nOSError True\nb'x'\n", err

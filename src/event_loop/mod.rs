@@ -470,9 +470,10 @@ impl LoopCore {
     #[new]
     #[pyo3(signature = (*_args, **_kwargs))]
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
-        run::at_exit::park_if_stale_thread(_args.py());
-        let (poller, registrar) = Poller::new().map_err(errors::from_io)?;
-        let signals = SignalState::new(&registrar).map_err(errors::from_io)?;
+        let py = _args.py();
+        run::at_exit::park_if_stale_thread(py);
+        let (poller, registrar) = Poller::new().map_err(|e| errors::from_io(py, e))?;
+        let signals = SignalState::new(&registrar).map_err(|e| errors::from_io(py, e))?;
         let dns_inbox = dns::Inbox::new(&registrar.waker());
         Ok(LoopCore {
             state: GilCell::new(State {
@@ -1049,6 +1050,8 @@ impl LoopCore {
         args: &Bound<'py, PyTuple>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
+        // Futures run Python code in debug mode (their creation stack), on any thread.
+        py::thread_exit::register();
         // The dict is reachable through gc.get_referents(loop): used only while it still
         // is exactly {"loop": self}.
         let key = pyo3::intern!(py, "loop");
@@ -1285,7 +1288,7 @@ impl LoopCore {
             }
         });
         if let Some(Err(e)) = wake {
-            return Err(errors::from_io(e));
+            return Err(errors::from_io(py, e));
         }
         Ok(())
     }
@@ -1383,6 +1386,8 @@ impl LoopCore {
         read: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
+        // Replacing a handle cancels it: Python code in debug mode (its repr).
+        py::thread_exit::register();
         let n = fileobj_to_int(fd)?;
         slf.get().check_closed(py)?;
         let FdNum::Fd(n) = classify_fd(&n)? else {
@@ -1539,7 +1544,7 @@ impl LoopCore {
                 }
             }
             Err((None, _item, _)) => return Err(closed_error()),
-            Err((Some(e), _item, _)) => return Err(errors::from_io(e)),
+            Err((Some(e), _item, _)) => return Err(errors::from_io(py, e)),
         }
         Ok(handle)
     }
@@ -1582,7 +1587,7 @@ impl LoopCore {
         {
             return Ok(());
         }
-        let (poller, registrar) = Poller::new().map_err(errors::from_io)?;
+        let (poller, registrar) = Poller::new().map_err(|e| errors::from_io(py, e))?;
         let old_poller = {
             let mut guard = core
                 .poller
@@ -1611,7 +1616,7 @@ impl LoopCore {
         });
         let (old_registrar, armed, sockets, inbox) = old;
         drop((old_poller, old_registrar, armed, inbox));
-        drop(sockets.map_err(errors::from_io)?);
+        drop(sockets.map_err(|e| errors::from_io(py, e))?);
         crate::signals::after_rehome(slf)
     }
 
@@ -1680,6 +1685,7 @@ impl LoopCore {
     /// Removes `fd`'s reader or writer handle; whether there was one.
     pub(crate) fn remove_io_fd(slf: &Bound<'_, Self>, fd: RawFd, read: bool) -> PyResult<bool> {
         let py = slf.py();
+        py::thread_exit::register();
         let core = slf.get();
         if core.state.with(py, |s| s.closed) {
             return Ok(false);

@@ -235,7 +235,7 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
     let interrupted = match polled {
         Ok(i) => i,
         Err(None) => return Err(closed_error()),
-        Err(Some(e)) => return Err(errors::from_io(e)),
+        Err(Some(e)) => return Err(errors::from_io(py, e)),
     };
     if interrupted {
         // A signal arrived during the poll: run Python-level handlers (Ctrl+C raises here).

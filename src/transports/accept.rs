@@ -118,11 +118,11 @@ impl Acceptor {
                     // Cold: asyncio's handling (exception handler, pause, retry later).
                     lp.call_method1(
                         pyo3::intern!(py, "_accept_exhausted"),
-                        (errors::from_io(e), factory, sock, server, me.backlog),
+                        (errors::from_io(py, e), factory, sock, server, me.backlog),
                     )?;
                     return Ok(());
                 }
-                Err(e) => return Err(errors::from_io(e)),
+                Err(e) => return Err(errors::from_io(py, e)),
             }
         }
         Ok(())

@@ -586,7 +586,7 @@ impl DatagramCore {
                         // After a KeyboardInterrupt / SystemExit: no more calls.
                         continue;
                     }
-                    let exc = crate::errors::from_io(e).into_value(py);
+                    let exc = crate::errors::from_io(py, e).into_value(py);
                     let proto = core.protocol(py);
                     // What error_received sends goes out at once, right after the failed
                     // datagram, where asyncio (calling it inside that datagram's sendto)
@@ -663,7 +663,7 @@ impl DatagramCore {
                 Err(e) => {
                     // asyncio: an OSError from recvfrom goes to error_received.
                     budget -= 1;
-                    let exc = crate::errors::from_io(e).into_value(py);
+                    let exc = crate::errors::from_io(py, e).into_value(py);
                     if let Err(e) = core
                         .protocol(py)
                         .call_method1(pyo3::intern!(py, "error_received"), (exc,))
@@ -880,11 +880,11 @@ impl DatagramCore {
             let fd = self.with(py, |s| s.fd);
             let view = py::ByteView::new(data)?;
             return match raw {
-                None => Self::native_send(&view, |b| unsafe {
+                None => Self::native_send(py, &view, |b| unsafe {
                     // SAFETY: `b` is a live slice.
                     crate::sys::send(fd, b.as_ptr(), b.len())
                 }),
-                Some(raw) => Self::native_send(&view, |b| crate::sys::sendto(fd, b, &raw)),
+                Some(raw) => Self::native_send(py, &view, |b| crate::sys::sendto(fd, b, &raw)),
             };
         }
         let connected = self.with(py, |s| s.connected);
@@ -898,6 +898,7 @@ impl DatagramCore {
     }
 
     fn native_send(
+        py: Python<'_>,
         view: &py::ByteView,
         send: impl Fn(&[u8]) -> std::io::Result<usize>,
     ) -> PyResult<()> {
@@ -906,7 +907,7 @@ impl DatagramCore {
         loop {
             match send(bytes) {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                other => return other.map(drop).map_err(crate::errors::from_io),
+                other => return other.map(drop).map_err(|e| crate::errors::from_io(py, e)),
             }
         }
     }

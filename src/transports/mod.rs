@@ -516,7 +516,7 @@ pub fn make_pipe_transport<'py>(
     let extra = extra_dict(py, extra)?;
     extra.set_item("pipe", pipe)?;
     let fd = fileno(pipe)?;
-    let kind = crate::sys::file_kind(fd).map_err(errors::from_io)?;
+    let kind = crate::sys::file_kind(fd).map_err(|e| errors::from_io(py, e))?;
     if read {
         if !matches!(
             kind,
@@ -534,7 +534,7 @@ pub fn make_pipe_transport<'py>(
             "Pipe transport is only for pipes, sockets and character devices",
         ));
     }
-    crate::sys::set_nonblocking(fd).map_err(errors::from_io)?;
+    crate::sys::set_nonblocking(fd).map_err(|e| errors::from_io(py, e))?;
     let (k, wt) = if read {
         (stream::Kind::ReadPipe, &t.read_pipe)
     } else {

@@ -600,7 +600,7 @@ impl StreamCore {
                 match unsafe { crate::sys::read(fd, buf.as_mut_ptr(), MAX_SIZE, sock) } {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(None),
-                    Err(e) => break Err(errors::from_io(e)),
+                    Err(e) => break Err(errors::from_io(py, e)),
                     Ok(n) => break Ok(Some((n, PyBytes::new(py, &buf[..n])))),
                 }
             }
@@ -669,7 +669,7 @@ impl StreamCore {
                     pyo3::ffi::Py_DECREF(obj);
                     return match e.kind() {
                         io::ErrorKind::WouldBlock => Ok(None),
-                        _ => Err(errors::from_io(e)),
+                        _ => Err(errors::from_io(py, e)),
                     };
                 }
             };
@@ -780,7 +780,7 @@ impl StreamCore {
             Err(e) => {
                 return Self::fatal_error(
                     slf,
-                    errors::from_io(e),
+                    errors::from_io(py, e),
                     "Fatal read error on socket transport",
                 );
             }
@@ -871,7 +871,7 @@ impl StreamCore {
             "Fatal write error on pipe transport"
         };
         let e = io::Error::from_raw_os_error(libc::EBADF);
-        Self::fatal_error(slf, errors::from_io(e), msg)
+        Self::fatal_error(slf, errors::from_io(slf.py(), e), msg)
     }
 
     fn write_after_loss(&self, py: Python<'_>) -> PyResult<()> {
@@ -976,7 +976,7 @@ impl StreamCore {
                 });
                 drop(old);
                 core.remove_io(py, false)?;
-                let exc = errors::from_io(e);
+                let exc = errors::from_io(py, e);
                 let waiter_exc = exc.clone_ref(py);
                 let msg = if kind == Kind::Socket {
                     "Fatal write error on socket transport"
@@ -1013,7 +1013,7 @@ impl StreamCore {
                 if closing {
                     Self::_call_connection_lost(slf, py.None().into_bound(py))?;
                 } else if eof {
-                    crate::sys::shutdown_write(core.fd(py)).map_err(errors::from_io)?;
+                    crate::sys::shutdown_write(core.fd(py)).map_err(|e| errors::from_io(py, e))?;
                 }
                 Ok(())
             }
@@ -1078,7 +1078,7 @@ impl StreamCore {
                         core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
                         "Fatal write error on pipe transport"
                     };
-                    return Self::fatal_error(slf, errors::from_io(e), msg);
+                    return Self::fatal_error(slf, errors::from_io(py, e), msg);
                 }
             }
             Self::add_io(slf, "_write_ready", false)?;
@@ -1167,7 +1167,7 @@ impl StreamCore {
                     core.with(py, |s| s.conn_lost = s.conn_lost.saturating_add(1));
                     "Fatal write error on pipe transport"
                 };
-                Self::fatal_error(slf, errors::from_io(e), msg)
+                Self::fatal_error(slf, errors::from_io(py, e), msg)
             }
         }
     }
@@ -1193,7 +1193,7 @@ impl StreamCore {
         }
         core.with(py, |s| s.eof = true);
         if empty {
-            crate::sys::shutdown_write(core.fd(py)).map_err(errors::from_io)?;
+            crate::sys::shutdown_write(core.fd(py)).map_err(|e| errors::from_io(py, e))?;
         }
         Ok(())
     }
@@ -1666,7 +1666,7 @@ pub fn make<'py>(
     let py = lp.py();
     let edge = kind != Kind::ReadPipe
         || matches!(
-            crate::sys::file_kind(fd).map_err(errors::from_io)?,
+            crate::sys::file_kind(fd).map_err(|e| errors::from_io(py, e))?,
             crate::sys::FileKind::Fifo | crate::sys::FileKind::Socket
         );
     let accepted = matches!(file, File::Accepted(..));
@@ -1743,7 +1743,7 @@ pub fn make<'py>(
             }
             Kind::Socket | Kind::ReadPipe => call_soon(vec![core.getattr("_start_reading")?])?,
             Kind::WritePipe => {
-                let k = crate::sys::file_kind(fd).map_err(errors::from_io)?;
+                let k = crate::sys::file_kind(fd).map_err(|e| errors::from_io(py, e))?;
                 if matches!(k, crate::sys::FileKind::Socket | crate::sys::FileKind::Fifo) {
                     call_soon(vec![core.getattr("_start_watching")?])?;
                 }
