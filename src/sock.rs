@@ -43,6 +43,8 @@ pub(crate) enum Op {
         data: Py<PyAny>,
         pos: usize,
         native: bool,
+        /// `data` is the operation's own memoryview of the caller's object.
+        pinned: bool,
     },
     Accept,
     Connect(Py<PyAny>),
@@ -170,6 +172,7 @@ fn attempt<'py>(
             data,
             pos,
             native: true,
+            ..
         } => Plan::SendAll(data.clone_ref(py), *pos),
         Op::SendAll { data, pos, .. } => Plan::SendCall(data.clone_ref(py), *pos),
         Op::Accept => Plan::Accept,
@@ -268,8 +271,9 @@ fn attempt<'py>(
 }
 
 /// Records `sent` bytes of a `sendall` of `total` as sent. An unfinished one then holds
-/// its data through a memoryview, as asyncio does: a bytearray cannot be resized under
-/// it (BufferError) while it waits.
+/// its data through a memoryview of its own, as asyncio does: a bytearray cannot be
+/// resized under it (BufferError) while it waits, and the caller may release its own
+/// memoryview.
 fn sent_so_far<'py>(
     py: Python<'py>,
     data: &Py<PyAny>,
@@ -278,11 +282,8 @@ fn sent_so_far<'py>(
     total: usize,
 ) -> PyResult<Attempt<'py>> {
     let done = sent >= total;
-    let pinned = if done
-        || data
-            .bind(py)
-            .is_exact_instance_of::<pyo3::types::PyMemoryView>()
-    {
+    let already = op.with(py, |o| matches!(o, Op::SendAll { pinned: true, .. }));
+    let view = if done || already {
         None
     } else {
         Some(
@@ -292,10 +293,14 @@ fn sent_so_far<'py>(
         )
     };
     op.with(py, |o| {
-        if let Op::SendAll { data, pos, .. } = o {
+        if let Op::SendAll {
+            data, pos, pinned, ..
+        } = o
+        {
             *pos = sent;
-            if let Some(view) = pinned {
+            if let Some(view) = view {
                 *data = view;
+                *pinned = true;
             }
         }
     });

@@ -419,6 +419,40 @@ def test_sock_sendall_buffer_types(loop, sockpair, kind):
     assert b.recv(100) == b"buffer"
 
 
+@pytest.mark.parametrize("plain", [True, False], ids=["socket", "subclass"])
+def test_sock_sendall_keeps_its_own_view_of_a_released_memoryview(loop, plain, closing):
+    """The caller releases its memoryview while the send waits: the send goes on with a
+    view of its own, as asyncio's does (ferroloop failed with ValueError part-way)."""
+
+    class Sock(socket.socket):
+        pass
+
+    a, b = socket.socketpair()
+    if not plain:
+        a = Sock(fileno=a.detach())
+    for s in (a, b):
+        closing(s)
+        s.setblocking(False)
+    payload = bytearray(b"A" * 2_000_000)
+    view = memoryview(payload)
+
+    async def main():
+        task = asyncio.ensure_future(loop.sock_sendall(a, view))
+        await asyncio.sleep(0.01)
+        assert not task.done()  # the socket's buffer is full
+        view.release()
+        got = 0
+        while True:
+            try:
+                got += len(b.recv(1 << 20))
+            except BlockingIOError:
+                if task.done():
+                    return got, task.exception()
+                await asyncio.sleep(0.001)
+
+    assert run(loop, main()) == (len(payload), None)
+
+
 def test_sock_sendall_str_is_type_error(loop, sockpair):
     a, _ = sockpair
     with pytest.raises(TypeError):

@@ -907,6 +907,7 @@ impl LoopCore {
             data: data.clone().unbind(),
             pos: 0,
             native: sock::is_plain_socket(sock),
+            pinned: false,
         };
         sock::SockOperation::new(slf, sock, "sock_sendall", op)
     }
