@@ -227,12 +227,19 @@ pub(crate) fn add_signal_handler<'py>(
         }
         return Err(e);
     }
+    // Debug mode: where it was registered (asyncio's Handle is made in
+    // `add_signal_handler`, a frame not here).
+    let tb = if core.debug(py) {
+        Some(crate::event_loop::extract_stack(py, 1)?)
+    } else {
+        None
+    };
     let handle = types()?.new_handle(
         callback,
         args,
         slf.as_any(),
         py::copy_context(py)?,
-        None,
+        tb,
         None,
         !core.state.with(py, |s| s.thread_id.is_some()),
     )?;

@@ -223,6 +223,50 @@ async def coro_fn():
     pass
 
 
+def test_reader_and_signal_handles_record_where_they_were_registered(loop, loop_errors):
+    """In debug mode the handle of a reader or a signal handler keeps its creation stack,
+    which the report of a failing callback shows. (asyncio's ends in its own
+    `add_reader`/`_add_reader` or `add_signal_handler` frames, which ferroloop, written
+    in Rust, does not have; the caller's frames are the same.)"""
+    import os
+    import signal
+    import socket
+
+    def fail():
+        raise ValueError("boom")
+
+    loop.set_debug(True)
+    a, b = socket.socketpair()
+    try:
+
+        def register_reader():
+            loop.add_reader(a, fail)
+
+        def register_signal():
+            loop.add_signal_handler(signal.SIGUSR1, fail)
+
+        register_reader()
+        register_signal()
+        b.send(b"x")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        run_briefly(loop)
+        run_briefly(loop)
+        loop.remove_reader(a)
+        loop.remove_signal_handler(signal.SIGUSR1)
+    finally:
+        a.close()
+        b.close()
+        loop.set_debug(False)
+    assert len(loop_errors) >= 2, loop_errors  # the reader fires while data waits
+    where = set()
+    for context in loop_errors:
+        frames = context["source_traceback"]
+        assert frames is context["handle"]._source_traceback
+        where |= {f.name for f in frames if f.filename == __file__}
+    loop_errors.clear()
+    assert {"register_reader", "register_signal"} <= where
+
+
 @pytest.mark.parametrize("method", ["call_soon", "call_soon_threadsafe", "call_later", "call_at"])
 def test_debug_rejects_coroutines(loop, method):
     loop.set_debug(True)

@@ -206,6 +206,7 @@ def test_c_task_steps_are_queued_without_a_handle():
     """ferroloop only: what the loop's queue holds for a C task's step, as the cycle
     collector sees it (the wrapper and the task's context, no Handle)."""
     loop = ferroloop.new_event_loop()
+    loop.set_debug(False)  # (PYTHONASYNCIODEBUG turns it on)
     try:
 
         async def one():

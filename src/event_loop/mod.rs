@@ -378,7 +378,7 @@ fn check_callback(callback: &Bound<'_, PyAny>, method: &str) -> PyResult<()> {
 /// asyncio extracts `DEBUG_STACK_DEPTH` frames starting inside its own methods and then
 /// drops those `dropped_frames` internal frames; ferroloop's methods have no Python frames,
 /// so it extracts that many fewer, giving the same list.
-fn extract_stack(py: Python<'_>, dropped_frames: usize) -> PyResult<Bound<'_, PyAny>> {
+pub(crate) fn extract_stack(py: Python<'_>, dropped_frames: usize) -> PyResult<Bound<'_, PyAny>> {
     let getframe = import_attr!(py, "sys", "_getframe")?;
     let extract = import_attr!(py, "asyncio.format_helpers", "extract_stack")?;
     let depth: usize = import_attr!(py, "asyncio.constants", "DEBUG_STACK_DEPTH")?.extract()?;
@@ -1457,7 +1457,14 @@ impl LoopCore {
         let core = slf.get();
         core.check_closed(py)?;
         Self::rehome_if_forked(slf)?;
-        let handle = Self::new_handle(slf, callback, args, None, None, None)?;
+        // Debug mode: where it was registered, as asyncio's Handle records it from inside
+        // `_add_reader` (its two frames, `add_reader` and `_add_reader`, are not here).
+        let tb = if core.debug(py) {
+            Some(extract_stack(py, 2)?)
+        } else {
+            None
+        };
+        let handle = Self::new_handle(slf, callback, args, None, tb, None)?;
         let item = OwnedHandle::new(&handle);
         // NOTE: made here, outside the state borrow (it allocates). CPython hands out the
         //       object's one callback-less weak reference, so the same live socket always
