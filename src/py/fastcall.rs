@@ -282,9 +282,6 @@ unsafe extern "C" fn call_soon_threadsafe(
     nargs: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    // Posting threads are often daemon threads still posting at exit, and making the
-    // handle can run Python code (a garbage collection).
-    super::thread_exit::register();
     // SAFETY: installed as a METH_FASTCALL | METH_KEYWORDS method of LoopCore.
     unsafe { soon_entry(slf, args, nargs, kwnames, true) }
 }

@@ -306,6 +306,8 @@ pub fn guard(
     py: Python<'_>,
     f: impl FnOnce() -> PyResult<*mut pyo3::ffi::PyObject>,
 ) -> *mut pyo3::ffi::PyObject {
+    // Any of these may be called from a thread that finalization ends (see thread_exit).
+    thread_exit::register();
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
         .unwrap_or_else(|payload| Err(panic_error(payload)));
     match res {
