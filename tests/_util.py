@@ -121,3 +121,20 @@ def reraise_not_implemented(exc: BaseException) -> BaseException:
     if not_implemented_method(exc) is not None:
         raise exc
     return exc
+
+
+def build_preload_shim(source: str, path, what: str):
+    """Compiles the C ``source`` into the shared object ``path`` (for ``LD_PRELOAD``);
+    skips the test, naming ``what``, without a C compiler."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip(f"no C compiler to build {what}")
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-o", str(path), "-x", "c", "-", "-ldl"],
+        input=source,
+        text=True,
+        check=True,
+    )
+    return path

@@ -397,21 +397,12 @@ def test_cancelled_lookups_that_have_not_started_are_not_run(loop_name, tmp_path
     as asyncio's executor drops a cancelled work item: 48 lookups of a name that takes
     1 s, each abandoned after 10 ms, do not all run (ferroloop runs those its up to 32
     threads had started, asyncio those its min(32, CPUs + 4) workers had)."""
-    import shutil
-    import subprocess
+    from _util import build_preload_shim, python_subprocess
 
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler to build the slow getaddrinfo() shim")
-    shim = tmp_path / "slowgai.so"
-    subprocess.run(
-        [cc, "-shared", "-fPIC", "-o", str(shim), "-x", "c", "-", "-ldl"],
-        input=SLOW_GETADDRINFO_C,
-        text=True,
-        check=True,
+    shim = build_preload_shim(
+        SLOW_GETADDRINFO_C, tmp_path / "slowgai.so", "the slow getaddrinfo() shim"
     )
     log = tmp_path / "calls"
-    from _util import python_subprocess
 
     proc = python_subprocess(
         ["-c", CANCELLED_LOOKUPS_SCRIPT, loop_name],

@@ -1387,21 +1387,9 @@ loop.close()
 
 
 def test_sock_recv_interrupted_or_out_of_kernel_memory(loop_name, tmp_path):
-    import shutil
-    import subprocess
+    from _util import build_preload_shim, python_subprocess
 
-    from _util import python_subprocess
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler to build the failing recv() shim")
-    shim = tmp_path / "failrecv.so"
-    subprocess.run(
-        [cc, "-shared", "-fPIC", "-o", str(shim), "-x", "c", "-", "-ldl"],
-        input=FAILING_RECV_C,
-        text=True,
-        check=True,
-    )
+    shim = build_preload_shim(FAILING_RECV_C, tmp_path / "failrecv.so", "the failing recv() shim")
     proc = python_subprocess(
         ["-c", FAILING_RECV_SCRIPT, loop_name], env_extra={"LD_PRELOAD": str(shim)}
     )
