@@ -435,10 +435,10 @@ mod tests {
                 model.push((when, id));
             }
             for _ in 0..(next() % 5) {
-                if let Some(&(_, victim)) = model.get((next() as usize) % model.len().max(1)) {
-                    if cancelled.borrow_mut().insert(victim) {
-                        q.note_cancelled();
-                    }
+                if let Some(&(_, victim)) = model.get((next() as usize) % model.len().max(1))
+                    && cancelled.borrow_mut().insert(victim)
+                {
+                    q.note_cancelled();
                 }
             }
             if round % 7 == 0 {
