@@ -1513,13 +1513,21 @@ class HalfKeeper(ChunkKeeper):
 
 @pytest.mark.parametrize("keeper", [ChunkKeeper, HalfKeeper], ids=["keep-all", "keep-half"])
 @pytest.mark.parametrize("family", ["tcp", "unix"])
-def test_large_and_small_reads_keep_every_byte(loop, family, keeper, tmp_path):
+@pytest.mark.parametrize("profile", ["mixed", "small"])
+def test_large_and_small_reads_keep_every_byte(loop, family, keeper, profile, tmp_path):
     # Large writes make the transport read straight into bytes objects (ferroloop), and
     # reuse one nobody kept; the sizes vary above and below that path's thresholds.
-    # Every byte must arrive in order, and every chunk the protocol kept must still hold
-    # what it held when it arrived.
+    # Small reads (each write apart from the next, so each is a read of its own) are
+    # copied into the last small one nobody kept, when it fits. Every byte must arrive in
+    # order, and every chunk the protocol kept must still hold what it held when it
+    # arrived.
     rng = random.Random(7)
-    sizes = [rng.choice([1, 900, 20_000, 70_000, 130_000, 300_000]) for _ in range(40)]
+    if profile == "mixed":
+        sizes = [rng.choice([1, 900, 20_000, 70_000, 130_000, 300_000]) for _ in range(40)]
+        pause = 0.3
+    else:
+        sizes = [rng.choice([1, 2, 500, 1000, 1024, 1100, 2000, 4000]) for _ in range(60)]
+        pause = 1.0
     payload = rng.randbytes(sum(sizes))
 
     async def main():
@@ -1543,7 +1551,7 @@ def test_large_and_small_reads_keep_every_byte(loop, family, keeper, tmp_path):
             for n in sizes:
                 tr.write(payload[off : off + n])
                 off += n
-                if rng.random() < 0.3:
+                if rng.random() < pause:
                     await asyncio.sleep(0.002)
             tr.write_eof()
             while not protos:
