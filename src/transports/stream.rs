@@ -58,6 +58,9 @@ static SPARE: GilCell<Option<Py<PyBytes>>> = GilCell::new(None);
 /// `free` (~560 instructions of the ~2,800 per request of a 1 KiB Protocol echo).
 static SPARE_SMALL: GilCell<Option<(Py<PyBytes>, usize)>> = GilCell::new(None);
 
+/// Data read, as `bytes`, and the size of its allocation (see `recycle_read`).
+type ReadBytes<'py> = (Bound<'py, PyBytes>, usize);
+
 /// Offers data a protocol was given back for reuse by the next read (kept only when
 /// referenced by nobody else). `cap`: the size of its allocation.
 fn recycle_read(py: Python<'_>, data: Bound<'_, PyBytes>, cap: usize) {
@@ -83,7 +86,7 @@ fn recycle_read(py: Python<'_>, data: Bound<'_, PyBytes>, cap: usize) {
 
 /// `data[..n]` as `bytes`: in the small spare if it is free and fits without wasting more
 /// than half of it, else in a new object. Returns the object and its allocation size.
-fn small_bytes<'py>(py: Python<'py>, data: &[u8]) -> PyResult<(Bound<'py, PyBytes>, usize)> {
+fn small_bytes<'py>(py: Python<'py>, data: &[u8]) -> PyResult<ReadBytes<'py>> {
     let n = data.len();
     if let Some((obj, cap)) = SPARE_SMALL.with(py, |s| s.take()) {
         // SAFETY: the spare is an exact `bytes` of `cap` allocated bytes (plus the
@@ -632,7 +635,7 @@ impl StreamCore {
     /// `bytes` of the expected size, with the shared buffer behind it for any excess, and
     /// the object is shrunk to what came: no copy of the data, which was half of the
     /// user time of a 100 KiB echo.
-    fn read_bytes<'py>(&self, py: Python<'py>) -> PyResult<Option<(Bound<'py, PyBytes>, usize)>> {
+    fn read_bytes<'py>(&self, py: Python<'py>) -> PyResult<Option<ReadBytes<'py>>> {
         let (fd, hint, sock) =
             self.with(py, |s| (s.fd, s.read_hint as usize, s.kind == Kind::Socket));
         let mut buf = take_read_buf(py);
@@ -672,7 +675,7 @@ impl StreamCore {
         sock: bool,
         expect: usize,
         buf: &mut [u8],
-    ) -> PyResult<Option<(usize, (Bound<'py, PyBytes>, usize))>> {
+    ) -> PyResult<Option<(usize, ReadBytes<'py>)>> {
         // SAFETY: PyBytes_FromStringAndSize(NULL, n) makes an uninitialised bytes object
         // that only we reference. Its first `expect` bytes and `buf`'s first
         // `MAX_SIZE - expect` are writable. Before the object is shared it is resized to
