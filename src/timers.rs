@@ -100,6 +100,26 @@ impl<'a, T> Hole<'a, T> {
         unsafe { self.data.get_unchecked(index) }
     }
 
+    /// The index of the hole's smallest child, if it has any below `len`.
+    ///
+    /// # Safety
+    /// `len <= data.len()`.
+    #[inline]
+    unsafe fn smallest_child(&self, len: usize) -> Option<usize> {
+        let first = ARITY * self.pos + 1;
+        if first >= len {
+            return None;
+        }
+        let mut best = first;
+        for c in first + 1..(first + ARITY).min(len) {
+            // SAFETY: children are below `len` and after the hole.
+            if unsafe { self.get(c).before(self.get(best)) } {
+                best = c;
+            }
+        }
+        Some(best)
+    }
+
     /// Moves the entry at `index` into the hole, which moves to `index`.
     ///
     /// # Safety
@@ -181,17 +201,7 @@ impl<T> TimerQueue<T> {
         // SAFETY: `pos` is in bounds; children are checked against `len`.
         unsafe {
             let mut hole = Hole::new(&mut self.heap, pos);
-            loop {
-                let first = ARITY * hole.pos + 1;
-                if first >= len {
-                    break;
-                }
-                let mut best = first;
-                for c in first + 1..(first + ARITY).min(len) {
-                    if hole.get(c).before(hole.get(best)) {
-                        best = c;
-                    }
-                }
+            while let Some(best) = hole.smallest_child(len) {
                 if !hole.get(best).before(&hole.elt) {
                     break;
                 }
@@ -213,17 +223,7 @@ impl<T> TimerQueue<T> {
         // SAFETY: the heap is not empty; children are checked against `len`.
         unsafe {
             let mut hole = Hole::new(&mut self.heap, 0);
-            loop {
-                let first = ARITY * hole.pos + 1;
-                if first >= len {
-                    break;
-                }
-                let mut best = first;
-                for c in first + 1..(first + ARITY).min(len) {
-                    if hole.get(c).before(hole.get(best)) {
-                        best = c;
-                    }
-                }
+            while let Some(best) = hole.smallest_child(len) {
                 hole.move_to(best);
             }
             let pos = hole.pos;
