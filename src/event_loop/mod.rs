@@ -138,6 +138,9 @@ pub(crate) struct State {
     pub thread_id: Option<u64>,
     pub debug: bool,
     pub slow_callback_duration: f64,
+    /// The object last assigned to `slow_callback_duration` (an int stays an int, as an
+    /// attribute of asyncio's loop would); None while it is the default 0.1.
+    pub slow_callback_obj: Option<Py<PyAny>>,
     pub task_factory: Option<Py<PyAny>>,
     /// `{"loop": <this loop>}`, the keyword arguments `create_future` / `create_task` give
     /// asyncio's Future and Task (made at first use; a cycle the collector sees).
@@ -484,6 +487,7 @@ impl LoopCore {
                 thread_id: None,
                 debug: false,
                 slow_callback_duration: 0.1,
+                slow_callback_obj: None,
                 task_factory: None,
                 loop_kwargs: None,
                 soon_bound: None,
@@ -665,13 +669,28 @@ impl LoopCore {
     }
 
     #[getter]
-    fn get_slow_callback_duration(&self, py: Python<'_>) -> f64 {
-        self.state.with(py, |s| s.slow_callback_duration)
+    fn get_slow_callback_duration(&self, py: Python<'_>) -> Py<PyAny> {
+        let (seconds, obj) = self.state.with(py, |s| {
+            (
+                s.slow_callback_duration,
+                s.slow_callback_obj.as_ref().map(|o| o.clone_ref(py)),
+            )
+        });
+        obj.unwrap_or_else(|| PyFloat::new(py, seconds).into_any().unbind())
     }
 
     #[setter]
-    fn set_slow_callback_duration(&self, py: Python<'_>, value: f64) {
-        self.state.with(py, |s| s.slow_callback_duration = value);
+    fn set_slow_callback_duration(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        // NOTE: asyncio stores any object and fails at the first comparison in debug
+        //       mode; a value that is not a real number is refused here instead.
+        let seconds: f64 = value.extract()?;
+        let py = value.py();
+        let old = self.state.with(py, |s| {
+            s.slow_callback_duration = seconds;
+            s.slow_callback_obj.replace(value.clone().unbind())
+        });
+        drop(old);
+        Ok(())
     }
 
     // ---- futures and tasks -------------------------------------------------------------
@@ -987,6 +1006,7 @@ impl LoopCore {
         //       in each full collection (100k handles in `gather`).
         if s.thread_id.is_some() {
             visit.call(&s.task_factory)?;
+            visit.call(&s.slow_callback_obj)?;
             visit.call(&s.loop_kwargs)?;
             visit.call(&s.soon_bound)?;
             // SAFETY: as above.
@@ -1011,6 +1031,7 @@ impl LoopCore {
             visit.call(f)?;
         }
         visit.call(&s.task_factory)?;
+        visit.call(&s.slow_callback_obj)?;
         visit.call(&s.loop_kwargs)?;
         visit.call(&s.soon_bound)?;
         // SAFETY: as above.
@@ -1033,6 +1054,7 @@ impl LoopCore {
                 std::mem::take(&mut s.armed),
                 s.loop_kwargs.take(),
                 s.soon_bound.take(),
+                s.slow_callback_obj.take(),
             )
         });
         drop(taken);
