@@ -225,6 +225,49 @@ def test_default_sigint_raises_keyboard_interrupt_from_loop(loop):
     run_briefly(loop)
 
 
+def test_signal_handler_exception_leaves_run_forever_between_callbacks(loop_factory):
+    """A Python-level signal handler (signal.signal, as a test-timeout plugin installs)
+    that raises while the loop runs callbacks of native code only: the exception leaves
+    run_forever at the next callback boundary, as when asyncio's loop code (Python) runs
+    the handler, instead of being raised in, and swallowed with, an unrelated callback.
+    No queued callback is lost: the next run goes on where the first stopped."""
+    loop = loop_factory()
+    if "ferroloop" not in type(loop).__module__:
+        loop.close()
+        pytest.skip("asyncio's Handle._run can run the handler inside its try block")
+
+    class Timeout(BaseException):
+        pass
+
+    def on_alarm(signum, frame):
+        raise Timeout("alarm")
+
+    errors = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    done: list[int] = []
+    n = 400
+    for i in range(n):
+        loop.call_soon(sum, range(50_000))  # C code: no bytecode runs the handler early
+        loop.call_soon(done.append, i)
+    loop.call_soon(loop.stop)
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        with pytest.raises(Timeout):
+            loop.run_forever()
+        first = len(done)
+        assert not loop.is_running()
+        loop.call_soon(loop.stop)  # (a second stop: ends the run if the first is gone)
+        loop.run_forever()  # the rest, up to the stop queued first
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        loop.close()
+    assert errors == []
+    assert 0 < first < n
+    assert done == list(range(n))
+
+
 # ---- errors --------------------------------------------------------------------------
 
 

@@ -292,6 +292,12 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
 
     let ntodo = core.state.with(py, |s| s.ready.len());
     for _ in 0..ntodo {
+        // NOTE: Python-level signal handlers run here, between callbacks, as they run in
+        //       asyncio's `_run_once` (Python code): the exception one raises (a test
+        //       timeout's, not only KeyboardInterrupt) leaves `run_forever` instead of
+        //       surfacing inside the next callback, whose error handling would log it and
+        //       go on. Checked before the pop, so no handle is lost.
+        py::check_signals(py)?;
         let Some(item) = core.state.with(py, |s| {
             let h = s.ready.pop();
             if let Some(next) = s.ready.front() {

@@ -55,6 +55,7 @@ impl<T> GilCell<T> {
 
 /// `PyErr_CheckSignals`: runs pending Python-level signal handlers (on the main thread)
 /// and returns the exception one of them raised (KeyboardInterrupt for Ctrl+C).
+#[inline(always)]
 pub fn check_signals(py: Python<'_>) -> PyResult<()> {
     // SAFETY: called with the GIL held (token).
     if unsafe { pyo3::ffi::PyErr_CheckSignals() } < 0 {
