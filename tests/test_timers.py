@@ -339,6 +339,66 @@ def test_replaced_monotonic_is_the_loop_clock(loop_factory):
         loop.close()
 
 
+def test_timer_comes_due_on_a_patched_loop_time(loop):
+    """asyncio's run loop tests deadlines against self.time(): a test that patches the
+    loop's `time` to a timer's deadline sees it fire at the next iteration (aiohttp's
+    keep-alive test does this)."""
+    from unittest import mock
+
+    async def main():
+        fired = []
+        deadline = loop.time() + 30
+        loop.call_at(deadline, fired.append, "at")
+        with mock.patch.object(loop, "time", return_value=deadline):
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        return fired
+
+    assert loop.run_until_complete(main()) == ["at"]
+
+
+def test_call_later_reads_a_patched_loop_time(loop):
+    """asyncio's call_later() is on self.time(): with `time` patched ahead (a test moving
+    its clock forward), a new timer's when() is on that clock, it is not due at once, and
+    it comes due when the patched clock reaches it."""
+    from unittest import mock
+
+    async def main():
+        fired = []
+        base = loop.time()
+        with mock.patch.object(loop, "time", return_value=base + 100.0) as clock:
+            h = loop.call_later(0.5, fired.append, "later")
+            assert h.when() == pytest.approx(base + 100.5)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert fired == []
+            clock.return_value = base + 100.6
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        return fired
+
+    assert loop.run_until_complete(main()) == ["later"]
+
+
+def test_loop_wakes_for_a_timer_due_soon_on_a_patched_loop_time(loop):
+    """With nothing else to do, asyncio's loop sleeps until the first deadline as
+    self.time() puts it: a timer 30 s off on the real clock and 0.1 s off on the patched
+    one fires after ~0.1 s."""
+    from unittest import mock
+
+    real = loop.time
+
+    async def main():
+        fut = loop.create_future()
+        loop.call_at(real() + 30.0, fut.set_result, "due")
+        with mock.patch.object(loop, "time", side_effect=lambda: real() + 29.9):
+            t0 = time.monotonic()
+            assert await asyncio.wait_for(fut, 10) == "due"
+            return time.monotonic() - t0
+
+    assert loop.run_until_complete(main()) < 5
+
+
 def test_call_later_goes_through_a_subclass_call_at(loop_factory):
     """asyncio's call_later() is self.call_at(self.time() + delay, ...), so a subclass
     that instruments call_at sees every timer, asyncio.sleep's included."""

@@ -94,6 +94,18 @@ class Loop(LoopCore, NetworkMixin, ProcessMixin, asyncio.AbstractEventLoop):
         self._coroutine_origin_tracking_saved_depth = None
         self.set_debug(coroutines._is_debug_mode())
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "time":
+            # A replaced clock (mock.patch.object(loop, "time")): asyncio's call_later
+            # and run loop read self.time(), so ferroloop's do too from now on.
+            self._clock_maybe_replaced()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        if name == "time":
+            self._clock_maybe_replaced()
+
     @property
     def _debug(self) -> bool:
         # asyncio's own helpers that ferroloop reuses read ``self._debug``.

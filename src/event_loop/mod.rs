@@ -141,6 +141,9 @@ pub(crate) struct State {
     /// The object last assigned to `slow_callback_duration` (an int stays an int, as an
     /// attribute of asyncio's loop would); None while it is the default 0.1.
     pub slow_callback_obj: Option<Py<PyAny>>,
+    /// Whether `self.time()` may not be ferroloop's clock (see `refresh_clock`): then
+    /// `call_later` reads it, as asyncio's does.
+    pub foreign_clock: bool,
     pub task_factory: Option<Py<PyAny>>,
     /// `{"loop": <this loop>}`, the keyword arguments `create_future` / `create_task` give
     /// asyncio's Future and Task (made at first use; a cycle the collector sees).
@@ -488,6 +491,7 @@ impl LoopCore {
                 debug: false,
                 slow_callback_duration: 0.1,
                 slow_callback_obj: None,
+                foreign_clock: false,
                 task_factory: None,
                 loop_kwargs: None,
                 soon_bound: None,
@@ -529,6 +533,12 @@ impl LoopCore {
     #[getter]
     fn _clock_resolution(&self) -> f64 {
         self.clock_resolution
+    }
+
+    /// Called by `Loop.__setattr__` / `__delattr__` for `time`: `call_later` checks the
+    /// clock from now on (until an iteration finds it is ferroloop's again).
+    fn _clock_maybe_replaced(&self, py: Python<'_>) {
+        self.state.with(py, |s| s.foreign_clock = true);
     }
 
     fn _timer_handle_cancelled(&self, handle: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -1366,17 +1376,44 @@ impl LoopCore {
                 Some(&kwargs),
             );
         }
-        let now = crate::sys::monotonic();
+        // A replaced clock (`refresh_clock`): `when` is on it, as asyncio's
+        // `self.time() + delay`.
+        let foreign = if slf.get().state.with(py, |s| s.foreign_clock) {
+            clock::foreign_now(slf)?
+        } else {
+            None
+        };
+        let base = foreign.unwrap_or_else(crate::sys::monotonic);
         // NOTE: asyncio computes `self.time() + delay`; floats and ints take the fast path,
         //       anything else goes through Python's `+` for identical results and errors.
         let when =
             if delay.is_exact_instance_of::<PyFloat>() || delay.is_exact_instance_of::<PyInt>() {
-                now + delay.extract::<f64>()?
+                base + delay.extract::<f64>()?
             } else {
-                PyFloat::new(py, now).add(delay)?.extract::<f64>()?
+                PyFloat::new(py, base).add(delay)?.extract::<f64>()?
             };
         let when_obj = PyFloat::new(py, when).into_any();
         Self::schedule_timer(slf, when, when_obj, &callback, args, context, CALL_LATER)
+    }
+
+    /// asyncio reads `self.time()` for every `call_later` and, while timers are queued,
+    /// in every iteration; ferroloop reads its own clock unless `time` may be replaced
+    /// (`clock::may_be_foreign`, checked each iteration and when `time` is assigned on
+    /// the loop). Returns that clock's time if it is foreign and timers are queued: the
+    /// run loop then tests deadlines against it and sleeps until the first one by it,
+    /// as asyncio does (deadlines are kept as given, on whichever clock they were).
+    pub(crate) fn refresh_clock(slf: &Bound<'_, Self>) -> PyResult<Option<f64>> {
+        let py = slf.py();
+        let maybe = clock::may_be_foreign(slf)?;
+        let timers = slf.get().state.with(py, |s| {
+            s.foreign_clock = maybe;
+            !s.timers.is_empty()
+        });
+        if maybe && timers {
+            clock::foreign_now(slf)
+        } else {
+            Ok(None)
+        }
     }
 
     /// `call_at(when, callback, *args, context=None)`.
@@ -1390,12 +1427,9 @@ impl LoopCore {
         if when.is_none() {
             return Err(PyTypeError::new_err("when cannot be None"));
         }
-        let mut w: f64 = when.extract()?;
-        if let Some(now) = clock::foreign_now(slf)? {
-            // `when` is on a clock of the application's (an overridden `time`, a
-            // replaced `time.monotonic`): due as far from now as it is there.
-            w = crate::sys::monotonic() + (w - now);
-        }
+        // NOTE: `when` is on `self.time()`'s clock, whatever it is; the run loop tests
+        //       it against that clock (`refresh_clock`), as asyncio does.
+        let w: f64 = when.extract()?;
         Self::schedule_timer(slf, w, when.clone(), &callback, args, context, CALL_AT)
     }
 
@@ -1907,6 +1941,32 @@ mod clock {
         })?;
         let current = module.bind(py).getattr(pyo3::intern!(py, "monotonic"))?;
         Ok((!current.is(original.bind(py))).then_some(current))
+    }
+
+    /// Whether `self.time()` may be another clock than ferroloop's, checked without
+    /// calling anything: an instance attribute `time` (`mock.patch.object(loop, "time")`),
+    /// a subclass's `time`, or a replaced `time.monotonic`.
+    pub(super) fn may_be_foreign(slf: &Bound<'_, LoopCore>) -> PyResult<bool> {
+        let py = slf.py();
+        let name = pyo3::intern!(py, "time");
+        // SAFETY: GIL held; `PyObject_GenericGetDict` returns a new reference (or NULL
+        // with an exception: no instance dict), released here; the item is borrowed and
+        // only tested for NULL.
+        let in_dict = unsafe {
+            let d = ffi::PyObject_GenericGetDict(slf.as_ptr(), std::ptr::null_mut());
+            if d.is_null() {
+                ffi::PyErr_Clear();
+                false
+            } else {
+                let item = ffi::PyDict_GetItemWithError(d, name.as_ptr());
+                ffi::Py_DECREF(d);
+                if item.is_null() && !ffi::PyErr_Occurred().is_null() {
+                    return Err(PyErr::fetch(py));
+                }
+                !item.is_null()
+            }
+        };
+        Ok(in_dict || overrides(slf, name)? || replaced_monotonic(py)?.is_some())
     }
 
     /// `self.time()` when that is not ferroloop's clock (see the module note).

@@ -137,13 +137,15 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
     }
     drop(removed);
 
+    // Some(now) if `self.time()` is another clock (see `refresh_clock`).
+    let foreign_now = LoopCore::refresh_clock(slf)?;
     let (timeout, skip_poll, forked) = core.state.with(py, |s| {
         let timeout = if !s.ready.is_empty() || s.stopping || !s.redispatch.is_empty() {
             Some(0.0)
         } else {
-            s.timers
-                .peek()
-                .map(|(when, _)| select_timeout(when - crate::sys::monotonic()))
+            s.timers.peek().map(|(when, _)| {
+                select_timeout(when - foreign_now.unwrap_or_else(crate::sys::monotonic))
+            })
         };
         // DEVIATION(asyncio): with callbacks ready, a non-blocking poll costs a system call
         //   per iteration (a one-future-at-a-time chain of 100k futures made 200k
@@ -276,7 +278,12 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
     }
     LoopCore::dispatch_resolutions(slf)?;
 
-    let end = crate::sys::monotonic() + core.clock_resolution;
+    // asyncio reads its clock again after the poll.
+    let now = match foreign_now {
+        Some(_) => LoopCore::refresh_clock(slf)?,
+        None => None,
+    };
+    let end = now.unwrap_or_else(crate::sys::monotonic) + core.clock_resolution;
     while let Some(h) = core.state.with(py, |s| {
         let h = s.timers.pop_due(end);
         if h.is_some()
