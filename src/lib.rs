@@ -29,6 +29,10 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sys::watch_forks();
     m.add_class::<event_loop::LoopCore>()?;
     py::fastcall::install(&m.py().get_type::<event_loop::LoopCore>())?;
+    // Without it, asyncio's C futures get handles for their done callbacks (slower only).
+    if let Err(e) = py::fastcall::find_c_future_kwnames(m.py()) {
+        drop(e);
+    }
     py::context::init(m.py());
     let (handle, timer) = py::handle::init(m.py())?;
     m.add("Handle", handle)?;

@@ -335,6 +335,37 @@ def test_capturing_the_current_context_counts_nothing(loop, loop_name):
     loop.run_forever()
 
 
+def test_future_done_callbacks_count_nothing(loop, loop_name):
+    # A C future's done callbacks reach the loop as call_soon(cb, fut, context=ctx).
+    # ferroloop queues them without a handle or an argument tuple, so completing
+    # futures allocates nothing the cycle collector counts. Stdlib makes a handle and
+    # a tuple per callback.
+    def cb(fut):
+        pass
+
+    ctx = contextvars.copy_context()
+    futs = [loop.create_future() for _ in range(3000)]
+    for f in futs:
+        f.add_done_callback(cb, context=ctx)
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for f in futs:
+            f.set_result(None)
+        grew = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    if loop.get_debug():
+        pass
+    elif loop_name == "ferroloop":
+        assert grew < 100, grew
+    else:
+        assert grew >= 3000, grew
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+
+
 def test_memory_of_a_burst_of_callbacks_is_returned(loop):
     # ferroloop recycles dead handles; what it keeps for a burst (here 50k queued
     # callbacks) is trimmed back when run_forever returns. Stdlib keeps nothing.

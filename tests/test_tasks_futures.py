@@ -228,6 +228,84 @@ def test_c_task_steps_are_queued_without_a_handle():
         loop.close()
 
 
+def test_future_done_callbacks_run_in_order_in_their_context(loop, loop_errors):
+    # A C future schedules each done callback with call_soon(cb, fut, context=ctx);
+    # ferroloop queues those without a handle and makes one only for the report of a
+    # callback that raises.
+    var = contextvars.ContextVar("var", default="unset")
+    order = []
+    seen = []
+
+    def cb(fut):
+        order.append(("cb", var.get(), fut.result()))
+
+    def bad(fut):
+        order.append("bad")
+        raise ValueError("boom")
+
+    fut = loop.create_future()
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "in ctx")
+    fut.add_done_callback(cb, context=ctx)
+    fut.add_done_callback(cb)
+    fut.add_done_callback(bad)
+    fut.add_done_callback(seen.append)  # a bound method (it gets the future)
+
+    async def main():
+        loop.call_soon(order.append, "a")
+        fut.set_result(42)
+        loop.call_soon(order.append, "c")
+        task = loop.create_task(asyncio.sleep(0, "r"))
+        task.add_done_callback(seen.append)
+        await task
+        await asyncio.sleep(0)
+
+    loop.run_until_complete(main())
+    assert order == ["a", ("cb", "in ctx", 42), ("cb", "unset", 42), "bad", "c"]
+    assert seen[0] is fut and seen[1].result() == "r" and len(seen) == 2
+    [context] = loop_errors
+    loop_errors.clear()
+    assert context["message"].startswith("Exception in callback ")
+    # (In debug mode the future's repr, shortened, ends with where it was created.)
+    assert "bad(<Future finis" in context["message"]
+    assert isinstance(context["exception"], ValueError)
+    handle = context["handle"]
+    assert type(handle) is not asyncio.TimerHandle and isinstance(handle, asyncio.Handle)
+    assert repr(handle).startswith("<Handle ")
+    assert "bad(<Future finis" in repr(handle)
+    assert handle._args == (fut,)
+
+
+def test_c_future_done_callbacks_are_queued_without_a_handle():
+    """ferroloop only: what the loop's queue holds for a C future's done callback, as the
+    cycle collector sees it (the callback, the future and the context, no Handle)."""
+    loop = ferroloop.new_event_loop()
+    loop.set_debug(False)  # (PYTHONASYNCIODEBUG turns it on)
+    try:
+        calls = []
+
+        def done(fut):
+            calls.append(fut.result())
+
+        for debug in (False, True):
+            loop.set_debug(debug)
+            fut = loop.create_future()
+            fut.add_done_callback(done)
+            fut.set_result(debug)
+            held = gc.get_referents(loop)
+            handles = [r for r in held if isinstance(r, asyncio.Handle)]
+            if debug:
+                assert handles and handles[0]._args == (fut,)
+            else:
+                assert not handles
+                assert done in held and fut in held
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+        assert calls == [False, True]
+    finally:
+        loop.close()
+
+
 def test_task_steps_and_callbacks_run_in_scheduling_order(loop):
     order = []
 

@@ -1240,6 +1240,8 @@ impl LoopCore {
     /// `call_soon` / `call_soon_threadsafe` on an open loop outside debug mode, where
     /// asyncio only checks that the loop is open: `callback(*args[..n])` in `context`
     /// (NULL or None: the current one). `None` when the general path must run.
+    /// `from_c_future`: the call comes from asyncio's C Task / Future, which drop the
+    /// handle unseen (see `Ready`).
     ///
     /// # Safety
     /// GIL held; `callback`, `args[..n]` and `context` (unless NULL) are live objects.
@@ -1251,6 +1253,7 @@ impl LoopCore {
         n: usize,
         context: *mut ffi::PyObject,
         threadsafe: bool,
+        from_c_future: bool,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let py = slf.py();
         let core = slf.get();
@@ -1262,15 +1265,16 @@ impl LoopCore {
         }
         // SAFETY: guaranteed by the caller; borrowed pointers become new references.
         unsafe {
-            if n == 0
-                && !threadsafe
+            if !threadsafe
                 && !context.is_null()
                 && ffi::PyContext_CheckExact(context) != 0
-                && handle::is_task_step(callback)
+                && ((n == 0 && handle::is_task_step(callback)) || (n == 1 && from_c_future))
             {
-                // A C task's step: queued without a handle (see `Ready`).
-                let item = Ready::Step {
+                // A C task's step or a C future's done callback: queued without a handle
+                // (see `Ready`).
+                let item = Ready::Call {
                     callback: Bound::from_borrowed_ptr(py, callback).unbind(),
+                    arg: (n == 1).then(|| Bound::from_borrowed_ptr(py, *args).unbind()),
                     context: Bound::from_borrowed_ptr(py, context).unbind(),
                 };
                 core.state.with(py, |s| s.ready.push(item));

@@ -101,10 +101,10 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let io =
             s.io.values()
                 .flat_map(|io| io.reader.iter().chain(io.writer.iter()));
-        // (A queued task step's wrapper and context are tracked objects.)
+        // (What a queued call holds are ordinary tracked objects.)
         let ready = s.ready.iter().filter_map(|item| match item {
             Ready::Handle(h) => Some(h),
-            Ready::Step { .. } => None,
+            Ready::Call { .. } => None,
         });
         for h in ready
             .chain(s.timers.iter())
@@ -319,10 +319,19 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
         }
         let h = match item {
             Ready::Handle(h) => h,
-            Ready::Step { callback, context } if !core.debug(py) => {
-                // SAFETY: GIL held; a step is only queued with an exact Context.
-                if let Err(e) = unsafe { handle::run_step(py, &callback, &context) } {
-                    let h = Ready::Step { callback, context }.into_handle(slf.as_any())?;
+            Ready::Call {
+                callback,
+                arg,
+                context,
+            } if !core.debug(py) => {
+                // SAFETY: GIL held; a call is only queued with an exact Context.
+                if let Err(e) = unsafe { handle::run_call(py, &callback, arg.as_ref(), &context) } {
+                    let h = Ready::Call {
+                        callback,
+                        arg,
+                        context,
+                    }
+                    .into_handle(slf.as_any())?;
                     exception_handler::callback_error(slf, &h, e)?;
                 }
                 continue;

@@ -208,6 +208,84 @@ unsafe fn is_context_only(py: Python<'_>, kwnames: *mut ffi::PyObject) -> bool {
     }
 }
 
+/// The keyword-name tuple `("context",)` asyncio's C module passes to `loop.call_soon`
+/// from its Task and Future, and nowhere else (`call_soon` in `_asynciomodule.c`, which
+/// drops the handle it gets back: see `Ready`). Found once by `find_c_future_kwnames`;
+/// a strong reference, so the address never names another tuple. NULL if not found: the
+/// C module was imported afresh since (a new module has a new tuple) or the probe failed,
+/// and such calls get handles as any other.
+struct CFutureKwNames(*mut ffi::PyObject);
+// SAFETY: only touched with the GIL held (through `GilCell`).
+unsafe impl Send for CFutureKwNames {}
+static C_FUTURE_KWNAMES: GilCell<CFutureKwNames> =
+    GilCell::new(CFutureKwNames(std::ptr::null_mut()));
+
+/// The probe's stand-in for `loop.call_soon`: keeps the keyword names of the call a C
+/// future makes for its done callback, `call_soon(callback, future, context=ctx)`.
+unsafe extern "C" fn probe_call_soon(
+    _slf: *mut ffi::PyObject,
+    _args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: called by CPython as a METH_FASTCALL | METH_KEYWORDS function, GIL held;
+    // `kwnames` is NULL or a tuple of str.
+    unsafe {
+        let py = Python::assume_attached();
+        if nargs == 2 && !kwnames.is_null() && ffi::PyTuple_GET_SIZE(kwnames) == 1 {
+            ffi::Py_INCREF(kwnames);
+            let old = C_FUTURE_KWNAMES.with(py, |k| std::mem::replace(&mut k.0, kwnames));
+            ffi::Py_XDECREF(old);
+        }
+        ffi::Py_INCREF(ffi::Py_None());
+        ffi::Py_None()
+    }
+}
+
+/// Has a C `asyncio.Future` schedule a done callback on a stand-in loop, to learn the
+/// keyword-name tuple its module passes (see `C_FUTURE_KWNAMES`). Left unset when
+/// `asyncio.Future` is not the C one.
+pub fn find_c_future_kwnames(py: Python<'_>) -> PyResult<()> {
+    let future_cls = py.import("asyncio")?.getattr("Future")?;
+    if future_cls.getattr("__module__")?.extract::<String>()? != "_asyncio" {
+        return Ok(());
+    }
+    let def = Box::leak(Box::new(ffi::PyMethodDef {
+        ml_name: c"call_soon".as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: probe_call_soon,
+        },
+        ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+        ml_doc: std::ptr::null(),
+    }));
+    // SAFETY: `def` is leaked, so it outlives the function object; NULL is turned into
+    // the pending exception.
+    let call_soon = unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyCFunction_NewEx(def, std::ptr::null_mut(), std::ptr::null_mut()),
+        )?
+    };
+    let builtins = py.import("builtins")?;
+    let falsy = builtins.getattr("bool")?; // bool() is False: get_debug() and the callback
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("get_debug", &falsy)?;
+    kwargs.set_item("call_soon", call_soon)?;
+    let stand_in = py
+        .import("types")?
+        .getattr("SimpleNamespace")?
+        .call((), Some(&kwargs))?;
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("loop", stand_in)?;
+    let fut = future_cls.call((), Some(&kwargs))?;
+    let ctx = py.import("contextvars")?.call_method0("copy_context")?;
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("context", ctx)?;
+    fut.call_method("add_done_callback", (&falsy,), Some(&kwargs))?;
+    fut.call_method1("set_result", (py.None(),))?;
+    Ok(())
+}
+
 /// `call_soon` / `call_soon_threadsafe`: the two shapes asyncio uses (`call_soon(cb,
 /// *args)` and Task / Future's `call_soon(cb, arg, context=ctx)`) go straight to
 /// `LoopCore::call_soon_fast`; anything else, and debug mode or a closed loop, takes the
@@ -234,6 +312,7 @@ unsafe fn soon_entry(
         } else {
             None
         };
+        let from_c_future = !kwnames.is_null() && C_FUTURE_KWNAMES.with(py, |k| k.0 == kwnames);
         crate::py::guard(py, || {
             let core = Bound::from_borrowed_ptr(py, slf).cast_into_unchecked::<LoopCore>();
             if let (Some(context), true) = (context, nargs >= 1)
@@ -244,6 +323,7 @@ unsafe fn soon_entry(
                     nargs as usize - 1,
                     context,
                     threadsafe,
+                    from_c_future,
                 )?
             {
                 return Ok(h.into_ptr());

@@ -1070,23 +1070,32 @@ unsafe fn new_ref(p: *mut ffi::PyObject) -> *mut ffi::PyObject {
     p
 }
 
-/// What the ready queue holds: a handle, or a task step queued without one.
+/// What the ready queue holds: a handle, or a call from asyncio's C `Task` / `Future`
+/// queued without one.
 ///
-/// asyncio's C `Task` schedules each step as `loop.call_soon(TaskStepMethWrapper,
-/// context=task_context)` and drops the handle it gets back unseen (`call_soon` in
-/// `_asynciomodule.c`, 3.10-3.14); no Python code can hold such a wrapper. Outside debug
-/// mode ferroloop queues the wrapper and the context themselves and returns None to it:
-/// no handle is made, recycled or run (~200 instructions of a ~5,300-instruction
-/// `await asyncio.sleep(0)`). A handle is made after all where one is observable: for the
-/// exception handler when the step raises, and in debug mode.
+/// asyncio's C `Task` and `Future` schedule each task step as `loop.call_soon(
+/// TaskStepMethWrapper, context=task_context)` and each done callback as `loop.call_soon(
+/// callback, future, context=ctx)`, and drop the handle they get back unseen (`call_soon`
+/// in `_asynciomodule.c`, 3.10-3.14); no Python code can hold such a handle. Outside debug
+/// mode ferroloop queues the callback, its argument and the context themselves and returns
+/// None to them: no handle (nor argument tuple, for a done callback) is made, recycled or
+/// run (~200 instructions of a ~5,300-instruction `await asyncio.sleep(0)`). A handle is
+/// made after all where one is observable: for the exception handler when the callback
+/// raises, and in debug mode.
 pub enum Ready {
     Handle(OwnedHandle),
-    /// A task step: `callback()` in `context` (an exact `contextvars.Context`).
-    Step {
+    /// `callback()` (a task step) or `callback(arg)` (a done callback) in `context`, an
+    /// exact `contextvars.Context`.
+    Call {
         callback: Py<PyAny>,
+        arg: Option<Py<PyAny>>,
         context: Py<PyAny>,
     },
 }
+
+// The queue holds one of these per callback: a third pointer would cost a threadsafe
+// producer's backlog 8 more bytes per call (see benchmarks/README.md).
+const _: () = assert!(std::mem::size_of::<Ready>() == 24);
 
 impl From<OwnedHandle> for Ready {
     #[inline(always)]
@@ -1108,9 +1117,16 @@ impl Ready {
         let py = lp.py();
         match self {
             Ready::Handle(h) => Ok(h.bind(py).clone()),
-            Ready::Step { callback, context } => types()?.new_handle(
+            Ready::Call {
+                callback,
+                arg,
+                context,
+            } => types()?.new_handle(
                 callback.bind(py),
-                PyTuple::empty(py),
+                match arg {
+                    None => PyTuple::empty(py),
+                    Some(a) => PyTuple::new(py, [a])?,
+                },
                 lp,
                 context.into_bound(py),
                 None,
@@ -1162,20 +1178,38 @@ unsafe fn is_task_step_slow(tp: *mut ffi::PyTypeObject) -> bool {
     }
 }
 
-/// Runs a queued task step: `callback()` in `context`, as a handle would run it.
+/// Runs a queued call (see `Ready::Call`): `callback()` or `callback(arg)` in `context`,
+/// as a handle would run it.
 ///
 /// # Safety
 /// GIL held; `context` is an exact `contextvars.Context`.
 #[inline]
-pub unsafe fn run_step(py: Python<'_>, callback: &Py<PyAny>, context: &Py<PyAny>) -> PyResult<()> {
-    // SAFETY: guaranteed by the caller; the item owns both references for the call.
+pub unsafe fn run_call(
+    py: Python<'_>,
+    callback: &Py<PyAny>,
+    arg: Option<&Py<PyAny>>,
+    context: &Py<PyAny>,
+) -> PyResult<()> {
+    // SAFETY: guaranteed by the caller; the item owns the references for the call.
     unsafe {
         let ctx = context.as_ptr();
         if ffi::PyContext_Enter(ctx) < 0 {
             return Err(PyErr::fetch(py));
         }
-        let empty = PyTuple::empty(py);
-        let r = exit_context(ctx, call_no_args(callback.as_ptr(), empty.as_ptr()));
+        let r = match arg {
+            None => call_no_args(callback.as_ptr(), PyTuple::empty(py).as_ptr()),
+            Some(a) => {
+                // A spare slot in front lets a bound method put its `self` there.
+                let mut stack = [ptr::null_mut(), a.as_ptr()];
+                ffi::PyObject_Vectorcall(
+                    callback.as_ptr(),
+                    stack.as_mut_ptr().add(1),
+                    1 | ffi::PY_VECTORCALL_ARGUMENTS_OFFSET,
+                    ptr::null_mut(),
+                )
+            }
+        };
+        let r = exit_context(ctx, r);
         if r.is_null() {
             return Err(PyErr::fetch(py));
         }
@@ -1283,8 +1317,15 @@ impl HandleTypes {
     ) -> Result<(), E> {
         match item {
             Ready::Handle(h) => self.traverse_owned(h, visit),
-            Ready::Step { callback, context } => {
+            Ready::Call {
+                callback,
+                arg,
+                context,
+            } => {
                 visit(callback)?;
+                if let Some(a) = arg {
+                    visit(a)?;
+                }
                 visit(context)
             }
         }
