@@ -52,6 +52,19 @@ def collect_unclosed(loop_factory, make):
     return alive is None
 
 
+def allocations_counted(fn) -> int:
+    """How many allocations the cycle collector counted towards its next collection
+    while ``fn()`` ran (with collection off meanwhile)."""
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        fn()
+        return gc.get_count()[0] - before
+    finally:
+        gc.enable()
+
+
 def test_loop_supports_weakref(loop):
     ref = weakref.ref(loop)
     assert ref() is loop
@@ -347,15 +360,7 @@ def test_future_done_callbacks_count_nothing(loop, loop_name):
     futs = [loop.create_future() for _ in range(3000)]
     for f in futs:
         f.add_done_callback(cb, context=ctx)
-    gc.collect()
-    gc.disable()
-    try:
-        before = gc.get_count()[0]
-        for f in futs:
-            f.set_result(None)
-        grew = gc.get_count()[0] - before
-    finally:
-        gc.enable()
+    grew = allocations_counted(lambda: [f.set_result(None) for f in futs])
     if loop.get_debug():
         pass
     elif loop_name == "ferroloop":
@@ -406,15 +411,13 @@ def test_queued_handles_do_not_count_towards_collections(loop, loop_name):
         pass
 
     ctx = contextvars.copy_context()  # one context: no copy per call to count
-    gc.collect()
-    gc.disable()
-    try:
-        before = gc.get_count()[0]
-        soon = [loop.call_soon(cb, context=ctx) for _ in range(3000)]
-        later = [loop.call_later(3600, cb, context=ctx) for _ in range(3000)]
-        grew = gc.get_count()[0] - before
-    finally:
-        gc.enable()
+    soon, later = [], []
+
+    def schedule():
+        soon.extend(loop.call_soon(cb, context=ctx) for _ in range(3000))
+        later.extend(loop.call_later(3600, cb, context=ctx) for _ in range(3000))
+
+    grew = allocations_counted(schedule)
     # The lists above (and their growth) count a few allocations; 6000 handles do not.
     # (Debug mode records a creation traceback per handle: those objects count.)
     if loop.get_debug():
@@ -430,7 +433,8 @@ def test_queued_handles_do_not_count_towards_collections(loop, loop_name):
     # Returned to their owner (this test), the handles are tracked from now on.
     assert all(gc.is_tracked(h) for h in soon)
     refs = [weakref.ref(o) for o in (Owner(loop, False), Owner(loop, True))]
-    del soon, later
+    soon.clear()
+    later.clear()
     loop.call_soon(loop.stop)
     loop.run_forever()
     gc.collect()
