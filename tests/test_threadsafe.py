@@ -56,6 +56,121 @@ def test_call_soon_threadsafe_order_per_thread(loop):
     assert seen == list(range(500))
 
 
+# What ferroloop lets a thread post since the loop's current batch began before the
+# thread waits for that batch (src/event_loop/backlog.rs).
+BACKLOG_HIGH = 16384
+
+
+def test_call_soon_threadsafe_flood_runs_everything_in_order(loop):
+    """Two threads post far more callbacks than a batch holds: all run, each thread's
+    in the order it posted them."""
+    calls = 60_000
+    seen = {0: [], 1: []}
+
+    def producer(tid):
+        append = seen[tid].append
+        for i in range(calls):
+            loop.call_soon_threadsafe(append, i)
+
+    threads = [threading.Thread(target=producer, args=(t,)) for t in (0, 1)]
+    for t in threads:
+        loop.call_soon(t.start)
+    run_until(
+        loop,
+        lambda: all(len(v) == calls for v in seen.values()),
+        timeout=60,
+    )
+    for t in threads:
+        t.join()
+    assert seen == {0: list(range(calls)), 1: list(range(calls))}
+
+
+def test_call_soon_threadsafe_flood_keeps_the_queue_bounded(loop, loop_name):
+    """A thread posting in a tight loop waits for the loop to catch up (ferroloop): the
+    callbacks queued at any time stay in the tens of thousands instead of growing with
+    the number posted (asyncio's queue reaches most of them)."""
+    calls = 400_000
+    posted = ran = most = 0
+
+    def cb():
+        nonlocal ran, most
+        ran += 1
+        most = max(most, posted - ran)
+
+    def producer():
+        nonlocal posted
+        post = loop.call_soon_threadsafe
+        for _ in range(calls):
+            posted += 1
+            post(cb)
+
+    t = threading.Thread(target=producer)
+    loop.call_soon(t.start)
+    run_until(loop, lambda: ran == calls, timeout=60)
+    t.join()
+    print(f"{loop_name}: at most {most} callbacks queued")
+    if loop_name == "ferroloop" and not loop.get_debug():
+        # This batch and the next (see backlog.rs), with room for a slow machine.
+        assert most <= 3 * BACKLOG_HIGH
+
+
+def test_call_soon_threadsafe_flood_while_the_loop_is_stuck(loop):
+    """A callback blocks the loop until a thread has posted many callbacks: the thread is
+    not held up for long (ferroloop waits for a stuck batch once), and everything runs."""
+    calls = 3 * BACKLOG_HIGH
+    posted_all = threading.Event()
+    ran = 0
+    waited = []
+
+    def cb():
+        nonlocal ran
+        ran += 1
+
+    def producer():
+        for _ in range(calls):
+            loop.call_soon_threadsafe(cb)
+        posted_all.set()
+
+    def stuck():
+        t0 = time.monotonic()
+        t.start()
+        waited.append(posted_all.wait(30))
+        waited.append(time.monotonic() - t0)
+
+    t = threading.Thread(target=producer)
+    loop.call_soon(stuck)
+    run_until(loop, lambda: ran == calls, timeout=60)
+    t.join()
+    assert waited[0], "the thread could not post while the loop was stuck"
+    print(f"stuck for {waited[1] * 1000:.1f} ms")
+    assert waited[1] < 10
+
+
+def test_call_soon_threadsafe_flood_when_the_loop_stops(loop):
+    """The loop stops while a thread floods it: the thread finishes without the loop
+    (nothing waits for a stopped loop), and the rest runs at the next run."""
+    calls = 4 * BACKLOG_HIGH
+    ran = 0
+
+    def cb():
+        nonlocal ran
+        ran += 1
+        if ran == 1000:
+            loop.stop()
+
+    def producer():
+        for _ in range(calls):
+            loop.call_soon_threadsafe(cb)
+
+    t = threading.Thread(target=producer)
+    loop.call_soon(t.start)
+    loop.run_forever()
+    assert not loop.is_running()
+    t.join(30)
+    assert not t.is_alive(), "the thread is still posting to a stopped loop"
+    run_until(loop, lambda: ran == calls, timeout=60)
+
+
 def test_call_soon_threadsafe_wakes_sleeping_loop(loop):
     woke = []
 

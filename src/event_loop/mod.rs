@@ -4,6 +4,7 @@
 //! `LoopCore` holds all loop state; the Python `ferroloop.Loop` class combines it with
 //! `asyncio.AbstractEventLoop` and adds the cold, coroutine-shaped methods.
 
+mod backlog;
 mod exception_handler;
 mod fdmap;
 pub(crate) mod run;
@@ -175,6 +176,10 @@ pub(crate) struct State {
     /// True while the loop thread is blocked in poll with the GIL released: a
     /// cross-thread `call_soon_threadsafe` must then wake it.
     pub polling: bool,
+    /// Callbacks posted with `call_soon_threadsafe` since the current batch began, and
+    /// whether a poster waited for that batch in vain (see `backlog`).
+    pub posted: usize,
+    pub gave_up: bool,
     /// A wake-up was sent and not yet consumed (coalesces wake-ups).
     pub wake_pending: bool,
     /// `monotonic_ns()` after the last poll; `i64::MIN` forces the next poll.
@@ -209,6 +214,8 @@ pub struct LoopCore {
     clock_resolution: f64,
     /// The context callbacks with a captured mapping run in (see `py::context`).
     pub(crate) run_ctx: RunContext,
+    /// Where producers flooding `call_soon_threadsafe` wait for the loop.
+    pub(crate) backlog: backlog::Backlog,
 }
 
 /// How a scheduling method reports itself in debug mode, as asyncio's does.
@@ -505,6 +512,8 @@ impl LoopCore {
                 current_handle: None,
                 registrar: Some(registrar),
                 polling: false,
+                posted: 0,
+                gave_up: false,
                 wake_pending: false,
                 last_poll_ns: i64::MIN,
                 dns_inbox,
@@ -516,6 +525,7 @@ impl LoopCore {
             poller: Mutex::new(Some(poller)),
             clock_resolution: crate::sys::monotonic_resolution(),
             run_ctx: RunContext::default(),
+            backlog: backlog::Backlog::default(),
         })
     }
 
@@ -1312,20 +1322,32 @@ impl LoopCore {
         //       loop sets `polling` under the GIL right before it releases it to block,
         //       so a push that sees `polling == false` is seen by the loop before it
         //       blocks. One wake-up is sent per poll at most.
-        let wake = self.state.with(py, |s| {
+        let (wake, flooded) = self.state.with(py, |s| {
             s.ready.push(item.into());
             if let Some(entry) = &s.exit_entry {
                 entry.resume();
             }
-            if s.polling && !s.wake_pending {
+            s.posted += 1;
+            let flooded = s.posted >= backlog::HIGH
+                && !s.gave_up
+                && s.thread_id.is_some_and(|t| t != py::thread_ident());
+            let wake = if s.polling && !s.wake_pending {
                 s.wake_pending = true;
                 s.registrar.as_ref().map(|r| r.wake())
             } else {
                 None
-            }
+            };
+            (wake, flooded)
         });
         if let Some(Err(e)) = wake {
             return Err(errors::from_io(py, e));
+        }
+        // DEVIATION(asyncio): a thread that has posted `backlog::HIGH` callbacks since the
+        //   loop's current batch began waits (10 ms at most) for that batch to end,
+        //   instead of growing the queue without bound (see `backlog`).
+        if flooded && !self.backlog.wait(py) {
+            // The loop is stuck in a callback: no more waits until its batch ends.
+            self.state.with(py, |s| s.gave_up = true);
         }
         Ok(())
     }

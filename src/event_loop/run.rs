@@ -116,6 +116,8 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         s.soon_bound.take()
     });
     drop(bound);
+    // Posters waiting for this loop go on (a stopped loop is waited for by no one).
+    core.backlog.batch_ended();
     let restored = signals::leave_run(slf);
     result.and(restored)
 }
@@ -297,7 +299,11 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
         core.state.with(py, |s| s.ready.push(h.into()));
     }
 
-    let ntodo = core.state.with(py, |s| s.ready.len());
+    let ntodo = core.state.with(py, |s| {
+        s.posted = 0;
+        s.gave_up = false;
+        s.ready.len()
+    });
     for _ in 0..ntodo {
         // NOTE: Python-level signal handlers run here, between callbacks, as they run in
         //       asyncio's `_run_once` (Python code): the exception one raises (a test
@@ -353,6 +359,7 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
         };
         res?;
     }
+    core.backlog.batch_ended();
     Ok(())
 }
 
