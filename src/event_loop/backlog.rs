@@ -13,7 +13,6 @@
 //! by `WAIT` at most once per batch. Posting a few callbacks from other threads (an
 //! executor finishing its jobs) never waits, however long the queue is.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -25,43 +24,36 @@ pub(crate) const HIGH: usize = 16384;
 /// The longest a poster waits for a batch to end.
 const WAIT: Duration = Duration::from_millis(10);
 
+/// Where posters wait for the loop's batch to end. The loop's state holds it with the
+/// number of posters waiting (changed with the GIL held, so the loop, holding it too,
+/// sees a poster that is about to wait); a forked child gets a fresh one (a mutex
+/// another thread held at the fork would stay locked there).
 #[derive(Default)]
 pub(crate) struct Backlog {
-    /// Posters waiting. Changed with the GIL held, so the loop (holding it too) sees a
-    /// poster that is about to wait.
-    waiters: AtomicUsize,
     /// Batches ended while someone waited.
     ended: Mutex<u64>,
     cond: Condvar,
 }
 
 impl Backlog {
-    /// A poster (GIL held) that found `HIGH` callbacks posted in the current batch, with
-    /// the loop running on another thread: waits, without the GIL, for the batch to end.
-    /// False if it waited `WAIT` in vain.
+    /// A poster (GIL held, counted as waiting) that found `HIGH` callbacks posted in the
+    /// current batch, with the loop running on another thread: waits, without the GIL,
+    /// for the batch to end. False if it waited `WAIT` in vain.
     pub(crate) fn wait(&self, py: Python<'_>) -> bool {
         let Ok(start) = self.ended.lock().map(|e| *e) else {
-            return true;
+            return false;
         };
-        self.waiters.fetch_add(1, Ordering::Relaxed);
-        let ended = py.detach(|| {
+        py.detach(|| {
             self.ended.lock().is_ok_and(|guard| {
                 self.cond
                     .wait_timeout_while(guard, WAIT, |e| *e == start)
                     .is_ok_and(|(_, res)| !res.timed_out())
             })
-        });
-        self.waiters.fetch_sub(1, Ordering::Relaxed);
-        ended
+        })
     }
 
-    /// The loop (GIL held) ended a batch or stopped: wakes waiting posters. A load when
-    /// nobody waits.
-    #[inline]
+    /// The loop (GIL held) ended a batch or stopped while posters wait: wakes them.
     pub(crate) fn batch_ended(&self) {
-        if self.waiters.load(Ordering::Relaxed) == 0 {
-            return;
-        }
         if let Ok(mut e) = self.ended.lock() {
             *e += 1;
         }

@@ -180,6 +180,9 @@ pub(crate) struct State {
     /// whether a poster waited for that batch in vain (see `backlog`).
     pub posted: usize,
     pub gave_up: bool,
+    /// Posters waiting in `backlog` for the current batch to end.
+    pub waiters: usize,
+    pub backlog: Arc<backlog::Backlog>,
     /// A wake-up was sent and not yet consumed (coalesces wake-ups).
     pub wake_pending: bool,
     /// `monotonic_ns()` after the last poll; `i64::MIN` forces the next poll.
@@ -214,8 +217,6 @@ pub struct LoopCore {
     clock_resolution: f64,
     /// The context callbacks with a captured mapping run in (see `py::context`).
     pub(crate) run_ctx: RunContext,
-    /// Where producers flooding `call_soon_threadsafe` wait for the loop.
-    pub(crate) backlog: backlog::Backlog,
 }
 
 /// How a scheduling method reports itself in debug mode, as asyncio's does.
@@ -514,6 +515,8 @@ impl LoopCore {
                 polling: false,
                 posted: 0,
                 gave_up: false,
+                waiters: 0,
+                backlog: Arc::default(),
                 wake_pending: false,
                 last_poll_ns: i64::MIN,
                 dns_inbox,
@@ -525,7 +528,6 @@ impl LoopCore {
             poller: Mutex::new(Some(poller)),
             clock_resolution: crate::sys::monotonic_resolution(),
             run_ctx: RunContext::default(),
-            backlog: backlog::Backlog::default(),
         })
     }
 
@@ -1316,38 +1318,59 @@ impl LoopCore {
         }
     }
 
+    /// Wakes the posters waiting for the current batch to end (see `backlog`).
+    #[inline]
+    pub(crate) fn batch_ended(&self, py: Python<'_>) {
+        if let Some(gate) = self
+            .state
+            .with(py, |s| (s.waiters > 0).then(|| s.backlog.clone()))
+        {
+            gate.batch_ended();
+        }
+    }
+
     /// Queues `item` from any thread, waking the loop if it is blocked in a poll.
     fn push_threadsafe(&self, py: Python<'_>, item: OwnedHandle) -> PyResult<()> {
         // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
         //       loop sets `polling` under the GIL right before it releases it to block,
         //       so a push that sees `polling == false` is seen by the loop before it
         //       blocks. One wake-up is sent per poll at most.
-        let (wake, flooded) = self.state.with(py, |s| {
+        let (wake, gate) = self.state.with(py, |s| {
             s.ready.push(item.into());
             if let Some(entry) = &s.exit_entry {
                 entry.resume();
             }
             s.posted += 1;
-            let flooded = s.posted >= backlog::HIGH
+            let gate = if s.posted >= backlog::HIGH
                 && !s.gave_up
-                && s.thread_id.is_some_and(|t| t != py::thread_ident());
+                && s.thread_id.is_some_and(|t| t != py::thread_ident())
+            {
+                s.waiters += 1;
+                Some(s.backlog.clone())
+            } else {
+                None
+            };
             let wake = if s.polling && !s.wake_pending {
                 s.wake_pending = true;
                 s.registrar.as_ref().map(|r| r.wake())
             } else {
                 None
             };
-            (wake, flooded)
+            (wake, gate)
         });
-        if let Some(Err(e)) = wake {
-            return Err(errors::from_io(py, e));
-        }
         // DEVIATION(asyncio): a thread that has posted `backlog::HIGH` callbacks since the
         //   loop's current batch began waits (10 ms at most) for that batch to end,
         //   instead of growing the queue without bound (see `backlog`).
-        if flooded && !self.backlog.wait(py) {
-            // The loop is stuck in a callback: no more waits until its batch ends.
-            self.state.with(py, |s| s.gave_up = true);
+        if let Some(gate) = gate {
+            let ended = gate.wait(py);
+            self.state.with(py, |s| {
+                s.waiters = s.waiters.saturating_sub(1);
+                // A loop stuck in a callback: no more waits until its batch ends.
+                s.gave_up |= !ended;
+            });
+        }
+        if let Some(Err(e)) = wake {
+            return Err(errors::from_io(py, e));
         }
         Ok(())
     }
@@ -1696,6 +1719,9 @@ impl LoopCore {
             }
             // Registrations without handles were the shared instance's only.
             s.idle_fds.clear();
+            // The parent's posters are not here (see `backlog::Backlog`).
+            s.waiters = 0;
+            s.backlog = Arc::default();
             s.rearm.clear();
             let armed = std::mem::take(&mut s.armed);
             let sockets = s.signals.reopen(reg);

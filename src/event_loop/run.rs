@@ -117,7 +117,7 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     });
     drop(bound);
     // Posters waiting for this loop go on (a stopped loop is waited for by no one).
-    core.backlog.batch_ended();
+    core.batch_ended(py);
     let restored = signals::leave_run(slf);
     result.and(restored)
 }
@@ -359,7 +359,7 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
         };
         res?;
     }
-    core.backlog.batch_ended();
+    core.batch_ended(py);
     Ok(())
 }
 
