@@ -8,21 +8,28 @@
 //!
 //! So once `HIGH` callbacks have been posted this way since the loop's current batch
 //! began, a poster on another thread lets the loop catch up: it releases the GIL and
-//! waits until that batch has run, or for `WAIT` at most. A wait that runs out is not
-//! repeated until the batch ends, so a loop stuck in a long callback holds a poster up
-//! by `WAIT` at most once per batch. Posting a few callbacks from other threads (an
-//! executor finishing its jobs) never waits, however long the queue is.
+//! waits until that batch has run. It waits while the loop makes progress (it reports
+//! every `PROGRESS_EVERY` callbacks run), `MAX_WAIT` at most: a loop that ran none of
+//! them for `STALL` (stuck in a long callback) lets it go. A wait that ran out is not
+//! repeated until the batch ends, so a stuck loop holds a poster up by `STALL` once per
+//! batch. Posting a few callbacks from other threads (an executor finishing its jobs)
+//! never waits, however long the queue is.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::Python;
 
 /// Callbacks posted from any thread since the current batch began, from which a poster
 /// on another thread waits for the loop (~1.6 MB of handles; 8k to 64k measured alike).
 pub(crate) const HIGH: usize = 16384;
+/// How long a poster waits for the loop to run any callback before it goes on.
+const STALL: Duration = Duration::from_millis(10);
 /// The longest a poster waits for a batch to end.
-const WAIT: Duration = Duration::from_millis(10);
+const MAX_WAIT: Duration = Duration::from_millis(100);
+/// The loop reports progress to waiting posters every this many callbacks.
+pub(crate) const PROGRESS_EVERY: usize = 256;
 
 /// Where posters wait for the loop's batch to end. The loop's state holds it with the
 /// number of posters waiting (changed with the GIL held, so the loop, holding it too,
@@ -33,23 +40,45 @@ pub(crate) struct Backlog {
     /// Batches ended while someone waited.
     ended: Mutex<u64>,
     cond: Condvar,
+    /// Bumped every `PROGRESS_EVERY` callbacks the loop runs while someone waits.
+    progress: AtomicU64,
 }
 
 impl Backlog {
     /// A poster (GIL held, counted as waiting) that found `HIGH` callbacks posted in the
     /// current batch, with the loop running on another thread: waits, without the GIL,
-    /// for the batch to end. False if it waited `WAIT` in vain.
+    /// for the batch to end. False if it gave up (see the module).
     pub(crate) fn wait(&self, py: Python<'_>) -> bool {
         let Ok(start) = self.ended.lock().map(|e| *e) else {
             return false;
         };
         py.detach(|| {
-            self.ended.lock().is_ok_and(|guard| {
-                self.cond
-                    .wait_timeout_while(guard, WAIT, |e| *e == start)
-                    .is_ok_and(|(_, res)| !res.timed_out())
-            })
+            let deadline = Instant::now() + MAX_WAIT;
+            let Ok(mut guard) = self.ended.lock() else {
+                return false;
+            };
+            let mut seen = self.progress.load(Ordering::Relaxed);
+            loop {
+                let slice = STALL.min(deadline.saturating_duration_since(Instant::now()));
+                guard = match self.cond.wait_timeout_while(guard, slice, |e| *e == start) {
+                    Ok((g, _)) => g,
+                    Err(_) => return false,
+                };
+                if *guard != start {
+                    return true;
+                }
+                let now = self.progress.load(Ordering::Relaxed);
+                if now == seen || Instant::now() >= deadline {
+                    return false;
+                }
+                seen = now;
+            }
         })
+    }
+
+    /// The loop (GIL held) ran `PROGRESS_EVERY` more callbacks while posters wait.
+    pub(crate) fn progress(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The loop (GIL held) ended a batch or stopped while posters wait: wakes them.

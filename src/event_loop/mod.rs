@@ -1329,6 +1329,17 @@ impl LoopCore {
         }
     }
 
+    /// Tells the posters waiting for the current batch that the loop is running it.
+    #[inline]
+    pub(crate) fn batch_progress(&self, py: Python<'_>) {
+        if let Some(gate) = self
+            .state
+            .with(py, |s| (s.waiters > 0).then(|| s.backlog.clone()))
+        {
+            gate.progress();
+        }
+    }
+
     /// Queues `item` from any thread, waking the loop if it is blocked in a poll.
     fn push_threadsafe(&self, py: Python<'_>, item: OwnedHandle) -> PyResult<()> {
         // NOTE: the push happens under the GIL, as asyncio appends to its deque; the
@@ -1359,7 +1370,7 @@ impl LoopCore {
             (wake, gate)
         });
         // DEVIATION(asyncio): a thread that has posted `backlog::HIGH` callbacks since the
-        //   loop's current batch began waits (10 ms at most) for that batch to end,
+        //   loop's current batch began waits (100 ms at most) for that batch to end,
         //   instead of growing the queue without bound (see `backlog`).
         if let Some(gate) = gate {
             let ended = gate.wait(py);

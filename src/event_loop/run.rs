@@ -304,7 +304,10 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
         s.gave_up = false;
         s.ready.len()
     });
-    for _ in 0..ntodo {
+    for i in 1..=ntodo {
+        if i % super::backlog::PROGRESS_EVERY == 0 {
+            core.batch_progress(py);
+        }
         // NOTE: Python-level signal handlers run here, between callbacks, as they run in
         //       asyncio's `_run_once` (Python code): the exception one raises (a test
         //       timeout's, not only KeyboardInterrupt) leaves `run_forever` instead of
