@@ -45,6 +45,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
         event_loop::run::at_exit::_stop_loop_threads,
         m
     )?)?;
+    m.add_function(wrap_pyfunction!(event_loop::backlog::_threadsafe_waits, m)?)?;
     m.add_class::<sock::SockOperation>()?;
     sock::install(&m.py().get_type::<sock::SockOperation>());
     m.add_class::<transports::stream::StreamCore>()?;

@@ -85,10 +85,19 @@ def test_call_soon_threadsafe_flood_runs_everything_in_order(loop):
     assert seen == {0: list(range(calls)), 1: list(range(calls))}
 
 
+def _waits(loop_name):
+    """(waits that ended with the batch, waits given up) so far: ferroloop's counts."""
+    if loop_name != "ferroloop":
+        return (0, 0)
+    from ferroloop import _ferroloop
+
+    return _ferroloop._threadsafe_waits()
+
+
 def test_call_soon_threadsafe_flood_keeps_the_queue_bounded(loop, loop_name):
     """A thread posting in a tight loop waits for the loop to catch up (ferroloop): the
-    callbacks queued at any time stay in the tens of thousands instead of growing with
-    the number posted (asyncio's queue reaches most of them)."""
+    callbacks queued at any time stay under two batches' worth instead of growing with
+    the number posted. One uninterrupted run_forever: a stopped loop is not waited for."""
     calls = 400_000
     posted = ran = most = 0
 
@@ -96,6 +105,8 @@ def test_call_soon_threadsafe_flood_keeps_the_queue_bounded(loop, loop_name):
         nonlocal ran, most
         ran += 1
         most = max(most, posted - ran)
+        if ran == calls:
+            loop.stop()
 
     def producer():
         nonlocal posted
@@ -106,15 +117,62 @@ def test_call_soon_threadsafe_flood_keeps_the_queue_bounded(loop, loop_name):
 
     t = threading.Thread(target=producer)
     loop.call_soon(t.start)
-    run_until(loop, lambda: ran == calls, timeout=60)
+    watchdog = loop.call_later(60, loop.stop)
+    before = _waits(loop_name)
+    loop.run_forever()
+    watchdog.cancel()
     t.join()
-    print(f"{loop_name}: at most {most} callbacks queued")
+    waits = [a - b for a, b in zip(_waits(loop_name), before, strict=True)]
+    assert ran == calls
+    print(f"{loop_name}: at most {most} callbacks queued, waits {waits}")
     if loop_name == "ferroloop" and not loop.get_debug():
+        assert waits[0] > 0
         # This batch and the next (see backlog.rs), with room for a slow machine.
         assert most <= 3 * BACKLOG_HIGH
 
 
-def test_call_soon_threadsafe_flood_while_the_loop_is_stuck(loop):
+def test_call_soon_threadsafe_flood_from_the_loop_thread_never_waits(loop, loop_name):
+    """The loop's own thread posting many callbacks does not wait for itself."""
+    calls = 3 * BACKLOG_HIGH
+    ran = 0
+
+    def cb():
+        nonlocal ran
+        ran += 1
+
+    def flood():
+        for _ in range(calls):
+            loop.call_soon_threadsafe(cb)
+
+    before = _waits(loop_name)
+    loop.call_soon(flood)
+    run_until(loop, lambda: ran == calls, timeout=60)
+    assert _waits(loop_name) == before
+
+
+def test_call_soon_threadsafe_flood_of_a_loop_not_running_never_waits(loop, loop_name):
+    """Posting to a loop that is not running never waits; it all runs at the next run."""
+    calls = 3 * BACKLOG_HIGH
+    ran = 0
+
+    def cb():
+        nonlocal ran
+        ran += 1
+
+    def producer():
+        for _ in range(calls):
+            loop.call_soon_threadsafe(cb)
+
+    before = _waits(loop_name)
+    t = threading.Thread(target=producer)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    assert _waits(loop_name) == before
+    run_until(loop, lambda: ran == calls, timeout=60)
+
+
+def test_call_soon_threadsafe_flood_while_the_loop_is_stuck(loop, loop_name):
     """A callback blocks the loop until a thread has posted many callbacks: the thread is
     not held up for long (ferroloop waits for a stuck batch once), and everything runs."""
     calls = 3 * BACKLOG_HIGH
@@ -139,11 +197,16 @@ def test_call_soon_threadsafe_flood_while_the_loop_is_stuck(loop):
 
     t = threading.Thread(target=producer)
     loop.call_soon(stuck)
+    before = _waits(loop_name)
     run_until(loop, lambda: ran == calls, timeout=60)
     t.join()
+    waits = [a - b for a, b in zip(_waits(loop_name), before, strict=True)]
     assert waited[0], "the thread could not post while the loop was stuck"
-    print(f"stuck for {waited[1] * 1000:.1f} ms")
+    print(f"stuck for {waited[1] * 1000:.1f} ms, waits {waits}")
     assert waited[1] < 10
+    if loop_name == "ferroloop" and not loop.get_debug():
+        # Once, given up: the loop ran nothing of its batch meanwhile.
+        assert waits == [0, 1]
 
 
 def test_call_soon_threadsafe_flood_when_the_loop_stops(loop):

@@ -27,6 +27,7 @@ __all__ = [
     "_after_fork_child",
     "_sighandler_noop",
     "_stop_loop_threads",
+    "_threadsafe_waits",
 ]
 
 __version__: str
@@ -114,6 +115,10 @@ def _after_fork_child() -> None:
 
 def _stop_loop_threads() -> None:
     """At exit: stop loops running in other threads at their next callback."""
+
+def _threadsafe_waits() -> tuple[int, int]:
+    """Waits of threads posting with call_soon_threadsafe for a loop's batch to end, and
+    how many of them were given up (process-wide counts)."""
 
 @final
 class _SockOperation(Coroutine[Any, Any, Any]):

@@ -6,15 +6,17 @@
 //! bound: 10M calls from one thread peaked at ~400 MB. Every new handle is memory the
 //! kernel has to fault in, and the queue outgrows the CPU's caches.
 //!
-//! So once `HIGH` callbacks have been posted this way since the loop's current batch
-//! began, a poster on another thread lets the loop catch up: it releases the GIL and
-//! waits until that batch has run. It waits while the loop makes progress (it reports
-//! every `PROGRESS_EVERY` callbacks run), `MAX_WAIT` at most: a loop that ran none of
-//! them for `STALL` (stuck in a long callback) lets it go. A wait that ran out is not
-//! repeated until the batch ends, so a stuck loop holds a poster up by `STALL` once per
-//! batch. Posting a few callbacks from other threads (an executor finishing its jobs)
-//! never waits, however long the queue is.
+//! So once a thread has posted `HIGH` callbacks this way since the loop's current batch
+//! began, it lets the loop catch up: it releases the GIL and waits until that batch has
+//! run. It waits while the loop makes progress (reported every `PROGRESS_EVERY`
+//! callbacks run), `MAX_WAIT` at most: a loop that ran none of them for `STALL` (stuck
+//! in a long callback) lets it go. A wait that ran out is not repeated until the batch
+//! ends, so a stuck loop holds posters up by `STALL` once per batch. The count is per
+//! thread: a thread posting a few callbacks (an executor finishing its jobs) never waits,
+//! however long the queue is and whoever else floods it; the loop's own thread never
+//! waits.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -31,12 +33,45 @@ const MAX_WAIT: Duration = Duration::from_millis(100);
 /// The loop reports progress to waiting posters every this many callbacks.
 pub(crate) const PROGRESS_EVERY: usize = 256;
 
+/// Waits that ended with the batch, and waits given up, in this process (for tests:
+/// `_threadsafe_waits()`).
+static WAITS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// `_threadsafe_waits()`: how many times a thread posting with `call_soon_threadsafe`
+/// waited for a loop's batch to end, and how many of those waits it gave up.
+#[pyo3::pyfunction]
+pub fn _threadsafe_waits() -> (u64, u64) {
+    (
+        WAITS[0].load(Ordering::Relaxed),
+        WAITS[1].load(Ordering::Relaxed),
+    )
+}
+
+thread_local! {
+    /// This thread's posts: (loop, batch, count), the loop's address and batch number.
+    static POSTED: Cell<(usize, u64, usize)> = const { Cell::new((0, 0, 0)) };
+}
+
+/// Counts a post of this thread to `loop_id` during its batch `batch`: true once it is
+/// the `HIGH`-th (or later) of that batch.
+#[inline]
+pub(crate) fn count_post(loop_id: usize, batch: u64) -> bool {
+    POSTED.with(|c| {
+        let (l, b, n) = c.get();
+        let n = if (l, b) == (loop_id, batch) { n + 1 } else { 1 };
+        c.set((loop_id, batch, n));
+        n >= HIGH
+    })
+}
+
 /// Where posters wait for the loop's batch to end. The loop's state holds it with the
 /// number of posters waiting (changed with the GIL held, so the loop, holding it too,
 /// sees a poster that is about to wait); a forked child gets a fresh one (a mutex
-/// another thread held at the fork would stay locked there).
-#[derive(Default)]
+/// another thread held at the fork would stay locked there; until then, one made
+/// before the fork is not used).
 pub(crate) struct Backlog {
+    /// `fork_generation()` when made.
+    generation: u64,
     /// Batches ended while someone waited.
     ended: Mutex<u64>,
     cond: Condvar,
@@ -44,7 +79,24 @@ pub(crate) struct Backlog {
     progress: AtomicU64,
 }
 
+impl Default for Backlog {
+    fn default() -> Self {
+        Self {
+            generation: crate::sys::fork_generation(),
+            ended: Mutex::default(),
+            cond: Condvar::default(),
+            progress: AtomicU64::default(),
+        }
+    }
+}
+
 impl Backlog {
+    /// False in a forked child, for one made in its parent.
+    #[inline]
+    pub(crate) fn usable(&self) -> bool {
+        self.generation == crate::sys::fork_generation()
+    }
+
     /// A poster (GIL held, counted as waiting) that found `HIGH` callbacks posted in the
     /// current batch, with the loop running on another thread: waits, without the GIL,
     /// for the batch to end. False if it gave up (see the module).
@@ -52,7 +104,7 @@ impl Backlog {
         let Ok(start) = self.ended.lock().map(|e| *e) else {
             return false;
         };
-        py.detach(|| {
+        let ended = py.detach(|| {
             let deadline = Instant::now() + MAX_WAIT;
             let Ok(mut guard) = self.ended.lock() else {
                 return false;
@@ -73,7 +125,9 @@ impl Backlog {
                 }
                 seen = now;
             }
-        })
+        });
+        WAITS[usize::from(!ended)].fetch_add(1, Ordering::Relaxed);
+        ended
     }
 
     /// The loop (GIL held) ran `PROGRESS_EVERY` more callbacks while posters wait.

@@ -4,7 +4,7 @@
 //! `LoopCore` holds all loop state; the Python `ferroloop.Loop` class combines it with
 //! `asyncio.AbstractEventLoop` and adds the cold, coroutine-shaped methods.
 
-mod backlog;
+pub(crate) mod backlog;
 mod exception_handler;
 mod fdmap;
 pub(crate) mod run;
@@ -176,9 +176,9 @@ pub(crate) struct State {
     /// True while the loop thread is blocked in poll with the GIL released: a
     /// cross-thread `call_soon_threadsafe` must then wake it.
     pub polling: bool,
-    /// Callbacks posted with `call_soon_threadsafe` since the current batch began, and
-    /// whether a poster waited for that batch in vain (see `backlog`).
-    pub posted: usize,
+    /// The number of the current batch (threads count their posts per batch), and
+    /// whether a poster waited for it in vain (see `backlog`).
+    pub batch: u64,
     pub gave_up: bool,
     /// Posters waiting in `backlog` for the current batch to end.
     pub waiters: usize,
@@ -513,7 +513,7 @@ impl LoopCore {
                 current_handle: None,
                 registrar: Some(registrar),
                 polling: false,
-                posted: 0,
+                batch: 0,
                 gave_up: false,
                 waiters: 0,
                 backlog: Arc::default(),
@@ -1321,10 +1321,9 @@ impl LoopCore {
     /// Wakes the posters waiting for the current batch to end (see `backlog`).
     #[inline]
     pub(crate) fn batch_ended(&self, py: Python<'_>) {
-        if let Some(gate) = self
-            .state
-            .with(py, |s| (s.waiters > 0).then(|| s.backlog.clone()))
-        {
+        if let Some(gate) = self.state.with(py, |s| {
+            (s.waiters > 0 && s.backlog.usable()).then(|| s.backlog.clone())
+        }) {
             gate.batch_ended();
         }
     }
@@ -1332,10 +1331,9 @@ impl LoopCore {
     /// Tells the posters waiting for the current batch that the loop is running it.
     #[inline]
     pub(crate) fn batch_progress(&self, py: Python<'_>) {
-        if let Some(gate) = self
-            .state
-            .with(py, |s| (s.waiters > 0).then(|| s.backlog.clone()))
-        {
+        if let Some(gate) = self.state.with(py, |s| {
+            (s.waiters > 0 && s.backlog.usable()).then(|| s.backlog.clone())
+        }) {
             gate.progress();
         }
     }
@@ -1351,10 +1349,11 @@ impl LoopCore {
             if let Some(entry) = &s.exit_entry {
                 entry.resume();
             }
-            s.posted += 1;
-            let gate = if s.posted >= backlog::HIGH
+            let gate = if let Some(t) = s.thread_id
+                && backlog::count_post(std::ptr::from_ref(self) as usize, s.batch)
                 && !s.gave_up
-                && s.thread_id.is_some_and(|t| t != py::thread_ident())
+                && t != py::thread_ident()
+                && s.backlog.usable()
             {
                 s.waiters += 1;
                 Some(s.backlog.clone())
@@ -1373,6 +1372,8 @@ impl LoopCore {
         //   loop's current batch began waits (100 ms at most) for that batch to end,
         //   instead of growing the queue without bound (see `backlog`).
         if let Some(gate) = gate {
+            // Finalization may end this thread while it waits (see thread_exit).
+            py::thread_exit::register();
             let ended = gate.wait(py);
             self.state.with(py, |s| {
                 s.waiters = s.waiters.saturating_sub(1);

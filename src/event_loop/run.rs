@@ -300,7 +300,7 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
     }
 
     let ntodo = core.state.with(py, |s| {
-        s.posted = 0;
+        s.batch = s.batch.wrapping_add(1);
         s.gave_up = false;
         s.ready.len()
     });
