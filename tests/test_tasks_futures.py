@@ -367,6 +367,29 @@ def test_create_task_unknown_keyword(loop):
         coro.close()
 
 
+def test_create_task_argument_shapes(loop):
+    # create_task(coro, *, name=None, context=None): coro may be passed by keyword; a
+    # second positional, a duplicate coro or no coro is a TypeError, as on asyncio.
+    task = loop.create_task(coro=double(2), name="kw")
+    assert task.get_name() == "kw"
+    assert loop.run_until_complete(task) == 4
+    task = loop.create_task(double(3), **{})
+    assert loop.run_until_complete(task) == 6
+    coro = double(1)
+    try:
+        with pytest.raises(TypeError, match="positional argument"):
+            loop.create_task(coro, "name")
+        with pytest.raises(TypeError, match="multiple values for argument 'coro'"):
+            loop.create_task(coro, coro=coro)
+    finally:
+        coro.close()
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'coro'"):
+        loop.create_task()
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'coro'"):
+        loop.create_task(name="no-coro")
+    assert not asyncio.all_tasks(loop)
+
+
 def test_create_task_rejects_non_coroutine(loop):
     with pytest.raises(TypeError, match="a coroutine was expected, got 1"):
         loop.create_task(1)

@@ -723,19 +723,6 @@ impl LoopCore {
         Self::new_with_loop(slf, future, &PyTuple::empty(py))
     }
 
-    /// `create_task(coro, *, name=None, context=None, eager_start=None, **kwargs)` with
-    /// Python 3.14 semantics: keyword arguments reach the task factory unchanged.
-    #[pyo3(signature = (coro, **kwargs))]
-    fn create_task<'py>(
-        slf: &Bound<'py, Self>,
-        coro: &Bound<'py, PyAny>,
-        kwargs: Option<Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        // Runs Python code (the task's registration, an eager first step, a factory).
-        run::at_exit::park_if_stale_thread(slf.py());
-        create_task_inner(slf, coro, kwargs)
-    }
-
     fn set_task_factory(&self, py: Python<'_>, factory: Py<PyAny>) -> PyResult<()> {
         let factory = if factory.is_none(py) {
             None
@@ -1869,13 +1856,17 @@ impl LoopCore {
     }
 }
 
-/// The body of `LoopCore.create_task` (see there).
-fn create_task_inner<'py>(
+/// `create_task(coro, *, name=None, context=None, eager_start=None, **kwargs)` with
+/// Python 3.14 semantics: keyword arguments reach the task factory unchanged. Called
+/// through the vectorcall entry point `py::fastcall::create_task`.
+pub(crate) fn create_task<'py>(
     slf: &Bound<'py, LoopCore>,
     coro: &Bound<'py, PyAny>,
     kwargs: Option<Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = slf.py();
+    // Runs Python code (the task's registration, an eager first step, a factory).
+    run::at_exit::park_if_stale_thread(py);
     let core = slf.get();
     core.check_closed(py)?;
     let factory = core
