@@ -55,6 +55,8 @@ MODULES = [
     "test_context",
     "test_buffered_proto",
     "test_futures2",
+    "test_eager_task_factory",  # 3.12+
+    "test_staggered",  # 3.13+
 ]
 
 # Test classes whose loop factory hard-codes a stdlib loop.  Each one is replaced by a subclass
