@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import gc
 import random
 import socket
 
+import _fuzz as fuzz
 import pytest
 from _util import LOOP_FACTORIES
 
@@ -68,18 +68,8 @@ MAX_ACTIONS = 120
 ROUNDS = 30
 
 
-def generate(rng: random.Random, depth: int = 0, budget: list[int] | None = None) -> list:
-    """A list of (kind, r, nested program); r in [0, 1) picks targets and sizes."""
-    budget = [0] if budget is None else budget
-    actions = []
-    for _ in range(rng.randint(8, 16) if depth == 0 else rng.randint(1, 5 - depth)):
-        budget[0] += 1
-        if budget[0] > MAX_ACTIONS:
-            break
-        kind = rng.choice(KINDS)
-        nested = generate(rng, depth + 1, budget) if kind in NESTED and depth < 4 else None
-        actions.append((kind, rng.random(), nested or []))
-    return actions
+def generate(rng: random.Random) -> list:
+    return fuzz.generate(rng, KINDS, NESTED, top=(8, 16), deepest=4, limit=MAX_ACTIONS)
 
 
 class Program:
@@ -234,12 +224,7 @@ def run_program(loop_name: str, seed: int, debug: bool) -> tuple[list, list]:
             trace.append(("handler", *record))
 
     execute(LOOP_FACTORIES[loop_name](), generate(random.Random(seed)), debug, handler, trace)
-    # What the collector finds (a future's unretrieved exception, a pending task) reaches
-    # the handler now, not during the other loop's run; nothing of the program is left in
-    # a frame here, and a finalizer's garbage can need another pass.
-    for _ in range(10):
-        if not gc.collect():
-            break
+    fuzz.collect_garbage()  # (nothing of the program is left in a frame here)
     # (In the order of the trace while the loop runs; as a multiset afterwards, where the
     # collector's order of finalizers in one cycle decides.)
     return list(trace), sorted(handled)
@@ -278,16 +263,6 @@ def execute(
         loop.close()
 
 
-def first_difference(expected: tuple[list, list], got: tuple[list, list]) -> str:
-    for what, a, b in (("trace", expected[0], got[0]), ("handler calls", expected[1], got[1])):
-        for i, (x, y) in enumerate(zip(a, b, strict=False)):
-            if x != y:
-                return f"{what}[{i}]: asyncio {x!r}, ferroloop {y!r}"
-        if len(a) != len(b):
-            return f"{what}: asyncio has {len(a)} entries, ferroloop {len(b)}"
-    return "no difference"
-
-
 SEEDS_PER_CHUNK = 500
 CHUNKS = [(chunk, False) for chunk in range(8)] + [(chunk, True) for chunk in range(2)]
 CHUNK_IDS = [f"seeds{c * SEEDS_PER_CHUNK}-{'debug' if d else 'normal'}" for c, d in CHUNKS]
@@ -295,32 +270,13 @@ CHUNK_IDS = [f"seeds{c * SEEDS_PER_CHUNK}-{'debug' if d else 'normal'}" for c, d
 
 @pytest.mark.parametrize(("chunk", "debug"), CHUNKS, ids=CHUNK_IDS)
 def test_random_programs_trace_like_asyncio(chunk: int, debug: bool) -> None:
-    # Each run ends with full collections: with the heap the test process had so far
-    # frozen (left out of them) they take microseconds instead of milliseconds.
-    gc.collect()
-    gc.freeze()
-    try:
-        check_seeds(chunk, debug)
-    finally:
-        gc.unfreeze()
-
-
-def check_seeds(chunk: int, debug: bool) -> None:
-    for seed in range(chunk * SEEDS_PER_CHUNK, (chunk + 1) * SEEDS_PER_CHUNK):
-        expected = contextvars.Context().run(run_program, "asyncio", seed, debug)
-        got = contextvars.Context().run(run_program, "ferroloop", seed, debug)
-        assert got == expected, f"seed {seed}: {first_difference(expected, got)}"
+    seeds = range(chunk * SEEDS_PER_CHUNK, (chunk + 1) * SEEDS_PER_CHUNK)
+    fuzz.check_seeds(run_program, seeds, debug)
 
 
 def test_programs_exercise_every_kind() -> None:
     """The generator reaches every action kind (so no kind silently stops being tested)."""
     seen = set()
-
-    def walk(actions: list) -> None:
-        for kind, _r, nested in actions:
-            seen.add(kind)
-            walk(nested)
-
     for seed in range(8 * SEEDS_PER_CHUNK):
-        walk(generate(random.Random(seed)))
+        seen |= fuzz.kinds_in(generate(random.Random(seed)))
     assert seen == set(KINDS)

@@ -17,13 +17,11 @@ but the program.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import gc
-import logging
 import os
 import random
 import sys
 
+import _fuzz as fuzz
 import pytest
 from _util import LOOP_FACTORIES
 
@@ -36,46 +34,6 @@ SIZES = [1, 10, 1000, 4096, 65536, 200_000]
 ROUNDS = 25
 
 
-def generate(rng: random.Random, kinds: list[str], depth: int = 0, budget=None) -> list:
-    """A list of (kind, r, nested program); r in [0, 1) picks the size."""
-    budget = [0] if budget is None else budget
-    actions = []
-    for _ in range(rng.randint(6, 14) if depth == 0 else rng.randint(1, 4 - depth)):
-        budget[0] += 1
-        if budget[0] > 80:
-            break
-        kind = rng.choice(kinds)
-        nested = generate(rng, kinds, depth + 1, budget) if kind == "soon" and depth < 3 else []
-        actions.append((kind, rng.random(), nested))
-    return actions
-
-
-class Recorder(asyncio.Protocol):
-    def __init__(self, program: Program) -> None:
-        self.program = program
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.program.trace.append(("connection_made",))
-
-    def data_received(self, data: bytes) -> None:
-        self.program.trace.append(("data_received", len(data)))
-
-    def eof_received(self) -> None:
-        self.program.trace.append(("eof_received",))
-
-    def pause_writing(self) -> None:
-        self.program.trace.append(("pause_writing", self.program.transport.get_write_buffer_size()))
-
-    def resume_writing(self) -> None:
-        self.program.trace.append(
-            ("resume_writing", self.program.transport.get_write_buffer_size())
-        )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.program.lost = True
-        self.program.trace.append(("connection_lost", type(exc).__name__ if exc else None))
-
-
 class Program:
     def __init__(self, loop: asyncio.AbstractEventLoop, trace: list, writing: bool) -> None:
         self.loop = loop
@@ -83,6 +41,7 @@ class Program:
         self.writing = writing
         self.transport: asyncio.Transport
         self.lost = False
+        self.keep_open = False  # (eof_received's answer; a read pipe closes anyway)
         # The transport's end (a file object, as applications pass pipes) and the peer's.
         r, w = os.pipe()
         if writing:
@@ -120,39 +79,14 @@ class Program:
                 trace.append((kind, "would block"))
             except OSError as exc:
                 trace.append((kind, exc.errno))
-        elif kind in ("write", "writelines", "abort") and self.lost:
-            # NOTE: asyncio's write pipe transport can raise AttributeError from these
-            #       once its connection is lost; ferroloop ignores them. Not compared.
-            return
-        elif kind in ("write", "writelines"):
-            # (writelines() only where asyncio 3.12+'s agrees with write(): see
-            # test_transport_fuzz.)
-            if kind == "writelines" and (t.is_closing() or t.get_write_buffer_size()):
-                return
-            if kind == "write":
-                t.write(b"w" * size)
-            else:
-                t.writelines([b"l" * size, b"3" * 3])
-            trace.append(("buffered", t.get_write_buffer_size()))
-        elif kind == "write_eof":
-            t.write_eof()
-            trace.append(("wrote eof", t.get_write_buffer_size()))
+        elif kind in fuzz.WRITE_SIDE_KINDS:
+            fuzz.write_side(self, kind, size, abort_when_closing=False)
         elif kind in ("pause_reading", "resume_reading"):
             getattr(t, kind)()
             trace.append(("reading", self.reading()))
         elif kind == "close":
             t.close()
             trace.append(("closing", t.is_closing()))
-        elif kind == "abort":
-            # NOTE: asyncio's write pipe transport schedules connection_lost again when
-            #       aborted after close() or abort(), and the second call fails.
-            if t.is_closing():
-                return
-            t.abort()
-            trace.append(("closing", t.is_closing()))
-        elif kind == "limits":
-            t.set_write_buffer_limits(high=size)
-            trace.append(("limits", t.get_write_buffer_limits()))
         elif kind == "soon":
             self.loop.call_soon(self.callback, nested)
         elif kind == "state":
@@ -168,19 +102,11 @@ class Program:
         self.run(nested)
 
 
-class LogRecorder(logging.Handler):
-    def __init__(self, trace: list) -> None:
-        super().__init__()
-        self.trace = trace
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.trace.append(("log", record.getMessage()[:40]))
-
-
 def program_for(seed: int) -> tuple[bool, list]:
     writing = seed % 2 == 0
     kinds = (WRITE_KINDS if writing else READ_KINDS) + COMMON_KINDS
-    return writing, generate(random.Random(seed), kinds)
+    rng = random.Random(seed)
+    return writing, fuzz.generate(rng, kinds, {"soon"}, top=(6, 14), deepest=3, limit=80)
 
 
 def run_program(loop_name: str, seed: int) -> tuple[list, list]:
@@ -188,18 +114,9 @@ def run_program(loop_name: str, seed: int) -> tuple[list, list]:
     writing, actions = program_for(seed)
     trace: list = []
     handled: list = []
-    logger = logging.getLogger("asyncio")
-    log = LogRecorder(trace)
-    logger.addHandler(log)
-    propagate, logger.propagate = logger.propagate, False
-    try:
+    with fuzz.asyncio_log_into(trace):
         execute(LOOP_FACTORIES[loop_name](), writing, actions, trace, handled)
-    finally:
-        logger.removeHandler(log)
-        logger.propagate = propagate
-    for _ in range(10):
-        if not gc.collect():
-            break
+    fuzz.collect_garbage()
     return list(trace), sorted(handled)
 
 
@@ -215,7 +132,7 @@ def execute(
     connect = loop.connect_write_pipe if writing else loop.connect_read_pipe
     try:
         program.transport, _ = loop.run_until_complete(
-            connect(lambda: Recorder(program), program.pipe)
+            connect(lambda: fuzz.Recorder(program), program.pipe)
         )
         program.run(actions)
         for n in range(ROUNDS):
@@ -234,57 +151,20 @@ def execute(
         loop.close()
 
 
-def first_difference(expected: tuple[list, list], got: tuple[list, list]) -> str:
-    for what, a, b in (("trace", expected[0], got[0]), ("handler calls", expected[1], got[1])):
-        for i, (x, y) in enumerate(zip(a, b, strict=False)):
-            if x != y:
-                return f"{what}[{i}]: asyncio {x!r}, ferroloop {y!r}"
-        if len(a) != len(b):
-            return f"{what}: asyncio has {len(a)} entries, ferroloop {len(b)}"
-    return "no difference"
-
-
 SEEDS_PER_CHUNK = 500
 
 
 @pytest.mark.parametrize("chunk", range(4), ids=lambda c: f"seeds{c * SEEDS_PER_CHUNK}")
 def test_random_pipe_programs_trace_like_asyncio(chunk: int) -> None:
-    # (Each run ends with full collections; see test_order_fuzz.)
-    gc.collect()
-    gc.freeze()
-    try:
-        for seed in range(chunk * SEEDS_PER_CHUNK, (chunk + 1) * SEEDS_PER_CHUNK):
-            expected = contextvars.Context().run(run_program, "asyncio", seed)
-            got = contextvars.Context().run(run_program, "ferroloop", seed)
-            assert got == expected, f"seed {seed}: {first_difference(expected, got)}"
-    finally:
-        gc.unfreeze()
+    fuzz.check_seeds(run_program, range(chunk * SEEDS_PER_CHUNK, (chunk + 1) * SEEDS_PER_CHUNK))
 
 
 def test_programs_reach_every_kind_and_callback() -> None:
     """The programs use every action kind and reach every protocol callback."""
     seen, events = set(), set()
-
-    def walk(actions: list) -> None:
-        for kind, _r, nested in actions:
-            seen.add(kind)
-            walk(nested)
-
-    gc.collect()
-    gc.freeze()
-    try:
+    with fuzz.frozen_heap():
         for seed in range(4 * SEEDS_PER_CHUNK):
-            walk(program_for(seed)[1])
+            seen |= fuzz.kinds_in(program_for(seed)[1])
             events.update(entry[0] for entry in run_program("ferroloop", seed)[0])
-    finally:
-        gc.unfreeze()
     assert seen == set(WRITE_KINDS + READ_KINDS + COMMON_KINDS)
-    protocol_callbacks = {
-        "connection_made",
-        "data_received",
-        "eof_received",
-        "pause_writing",
-        "resume_writing",
-        "connection_lost",
-    }
-    assert protocol_callbacks <= events, protocol_callbacks - events
+    assert fuzz.PROTOCOL_CALLBACKS <= events, fuzz.PROTOCOL_CALLBACKS - events
