@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 
 import pytest
@@ -495,3 +496,103 @@ def test_handler_names_the_transport_for_its_callbacks(loop, loop_errors):
         r"Exception in callback \w*Transport\._call_connection_lost\((None)?\)", lost[0]
     )
     assert re.fullmatch(r"Exception in callback \w*Transport\._read_ready\(\)", read[0])
+
+
+EPOLLIN, EPOLLOUT, EPOLLET = 0x1, 0x4, 1 << 31
+
+
+def _epoll_events(fd: int) -> int:
+    """The event mask this process's epoll instances watch the open descriptor `fd`
+    with (from /proc/self/fdinfo; the entry must be for the same file, by inode)."""
+    ino = os.fstat(fd).st_ino
+    masks = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if "eventpoll" not in os.readlink(f"/proc/self/fd/{name}"):
+                continue
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                lines = f.read().splitlines()
+        except OSError:  # the listing's own descriptor, or one closed meanwhile
+            continue
+        for line in lines:
+            # tfd:        8 events: 8000201d data:                8  pos:0 ino:11dfdde sdev:9
+            m = re.match(r"tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s.*\bino:([0-9a-f]+)", line)
+            if m and int(m[1]) == fd and int(m[3], 16) == ino:
+                masks.add(int(m[2], 16))
+    assert len(masks) == 1, f"descriptor {fd}: epoll masks {masks}"
+    return masks.pop()
+
+
+@pytest.mark.parametrize("loop_name", ["ferroloop"], indirect=True)
+def test_stream_sockets_are_watched_for_both_directions(loop, loop_errors):
+    """ferroloop registers a stream socket transport for reading and writing,
+    edge-triggered, from the start (as mio-based servers do; see add_stream_reader);
+    datagram transports, read pipes and add_reader() are watched for reading only. A
+    writable event without a writer (the peer read what was sent) runs nothing, and the
+    transport goes on reading and writing."""
+
+    async def main():
+        got = []
+        accepted = []
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                accepted.append(transport)
+
+            def data_received(self, data):
+                got.append(data)
+                self.transport.write(data)
+
+        server = await loop.create_server(Echo, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, proto = await loop.create_connection(RecordingProtocol, HOST, port)
+        while not accepted:
+            await asyncio.sleep(0.001)
+        both = EPOLLIN | EPOLLOUT | EPOLLET
+        for t in (tr, accepted[0]):
+            assert _epoll_events(t.get_extra_info("socket").fileno()) & both == both
+        # Round trips: the server's writable events (the client read the echo) run nothing.
+        want = b"".join(b"%d." % i for i in range(20))
+        for i in range(20):
+            tr.write(b"%d." % i)
+            await asyncio.sleep(0.002)
+        while len(proto.data) < len(want):
+            await asyncio.sleep(0.001)
+        assert b"".join(got) == want
+        assert bytes(proto.data) == want
+        tr.close()
+        server.close()
+        await server.wait_closed()
+
+        a, b = socket.socketpair()
+        utr, _ = await loop.create_unix_connection(RecordingProtocol, sock=a)
+        assert _epoll_events(a.fileno()) & (EPOLLOUT | EPOLLET) == EPOLLOUT | EPOLLET
+        utr.pause_reading()
+        utr.resume_reading()
+        assert _epoll_events(a.fileno()) & (EPOLLOUT | EPOLLET) == EPOLLOUT | EPOLLET
+        utr.close()
+        b.close()
+
+        dtr, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(HOST, 0))
+        assert _epoll_events(dtr.get_extra_info("socket").fileno()) & EPOLLOUT == 0
+        dtr.close()
+
+        r, w = os.pipe()
+        with os.fdopen(r, "rb", buffering=0) as pipe:
+            ptr, _ = await loop.connect_read_pipe(RecordingProtocol, pipe)
+            assert _epoll_events(r) & (EPOLLIN | EPOLLOUT) == EPOLLIN
+            ptr.close()
+            os.close(w)
+            await asyncio.sleep(0)
+
+        c, d = socket.socketpair()
+        loop.add_reader(c.fileno(), lambda: None)
+        # (Edge-triggered too: level-triggered handles are re-armed before each poll.)
+        assert _epoll_events(c.fileno()) & (EPOLLIN | EPOLLOUT) == EPOLLIN
+        loop.remove_reader(c.fileno())
+        c.close()
+        d.close()
+
+    run(loop, main())
+    assert loop_errors == []

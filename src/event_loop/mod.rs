@@ -1557,6 +1557,41 @@ impl LoopCore {
         edge: bool,
         owner: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        Self::add_io_fd_inner(slf, fd, callback, args, read, edge, owner, false)
+    }
+
+    /// The reader of a stream socket transport (`callback()`, edge-triggered), whose
+    /// registration also watches the socket for writability from the start, as mio-based
+    /// servers (tokio's, the benchmarks' native one) register sockets. Writable events
+    /// without a writer handle are ignored, as they are once a transport's writer is gone.
+    ///
+    /// NOTE: on a Unix socket such an event comes each time the peer has read what was
+    ///       sent (TCP reports writability only after a full buffer). On this KVM guest
+    ///       (cpuidle `haltpoll`, guest polling off) that wake-up comes shortly before a
+    ///       request-response peer's next request, and a CPU that idled since the
+    ///       response was sent wakes far more slowly: a 100 KiB Unix echo went from
+    ///       ~15k to ~23k requests/s (the native server registered for reading only
+    ///       drops from ~24k to ~15.6k). See benchmarks/README.md.
+    pub(crate) fn add_stream_reader<'py>(
+        slf: &Bound<'py, Self>,
+        fd: RawFd,
+        callback: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let args = PyTuple::empty(slf.py());
+        Self::add_io_fd_inner(slf, fd, callback, args, true, true, None, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_io_fd_inner<'py>(
+        slf: &Bound<'py, Self>,
+        fd: RawFd,
+        callback: &Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        read: bool,
+        edge: bool,
+        owner: Option<&Bound<'py, PyAny>>,
+        watch_write: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         let core = slf.get();
         core.check_closed(py)?;
@@ -1585,7 +1620,11 @@ impl LoopCore {
             let entry = s.io.get(&fd);
             let (had_r, had_w) =
                 entry.map_or((false, false), |e| (e.reader.is_some(), e.writer.is_some()));
-            let (want_r, want_w) = if read { (true, had_w) } else { (had_r, true) };
+            let (want_r, want_w) = if read {
+                (true, had_w || watch_write)
+            } else {
+                (had_r, true)
+            };
             let known = entry.is_some() || s.idle_fds.remove(&fd);
             let own = known
                 && owner_ref.as_ref().is_some_and(|o| {

@@ -416,9 +416,12 @@ impl StreamCore {
         } else {
             slf.getattr(method)?
         };
-        let (fd, edge) = slf.get().with(py, |s| (s.fd, s.edge));
+        let (fd, edge, kind) = slf.get().with(py, |s| (s.fd, s.edge, s.kind));
         if fd < 0 {
             return Ok(());
+        }
+        if read && edge && kind == Kind::Socket {
+            return LoopCore::add_stream_reader(&lp, fd, &cb).map(drop);
         }
         LoopCore::add_io_fd(&lp, fd, &cb, PyTuple::empty(py), read, edge).map(drop)
     }
