@@ -1811,6 +1811,17 @@ impl LoopCore {
         });
     }
 
+    /// Re-arms `fd` before the next poll, as for a level-triggered handle: epoll reports
+    /// it again if it is still ready. For an edge-triggered transport whose callback
+    /// stopped early, as asyncio's level-triggered one does (one `epoll_ctl`).
+    pub(crate) fn rearm(&self, py: Python<'_>, fd: RawFd) {
+        self.state.with(py, |s| {
+            if s.io.get(&fd).is_some() {
+                s.rearm.insert(fd);
+            }
+        });
+    }
+
     /// asyncio's `_ensure_fd_no_transport`.
     pub(crate) fn ensure_fd_no_transport(&self, py: Python<'_>, fd: RawFd) -> PyResult<()> {
         let entry = self.state.with(py, |s| {

@@ -1053,6 +1053,11 @@ impl DatagramCore {
     fn _sendto_ready(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let core = slf.get();
+        if core.with(py, |s| s.conn_lost > 0 && s.buf.is_empty()) {
+            // Aborted (from error_received) since the writer was scheduled again:
+            // connection_lost is already on its way.
+            return core.remove_io(py, false);
+        }
         loop {
             let Some((data, addr)) = core.with(py, |s| {
                 let item = s.buf.pop_front()?;
@@ -1071,10 +1076,16 @@ impl DatagramCore {
                     break;
                 }
                 Err(e) if e.is_instance_of::<PyOSError>(py) => {
-                    // That datagram is dropped, as asyncio drops it; asyncio's
-                    // level-triggered writer then retries the rest, so carry on.
+                    // That datagram is dropped and the writer returns, as asyncio's does:
+                    // its level-triggered writer sends the rest once the socket is
+                    // writable again, at the next iteration or later (resume_writing and
+                    // connection_lost come from there too).
                     core.protocol(py)
                         .call_method1(pyo3::intern!(py, "error_received"), (e.into_value(py),))?;
+                    if let Some(lp) = core.loop_(py) {
+                        lp.get().rearm(py, core.with(py, |s| s.fd));
+                    }
+                    return Ok(());
                 }
                 Err(e) if passthrough(&e, py) => return Err(e),
                 Err(e) => {
