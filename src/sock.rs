@@ -490,6 +490,7 @@ pub(crate) fn run<'py>(
             dir == Dir::Read,
             is_plain_socket(sock),
             Some(sock),
+            false,
         )?
     } else {
         LoopCore::add_io_handle(

@@ -135,6 +135,34 @@ def check_seeds(
     return compared
 
 
+def record_handler_calls(loop: asyncio.AbstractEventLoop, handled: list) -> None:
+    """Makes `loop`'s exception handler append (message, exception type) to `handled`."""
+    loop.set_exception_handler(
+        lambda lp, context: handled.append(
+            (context["message"][:50], type(context.get("exception")).__name__)
+        )
+    )
+
+
+def run_iterations(loop: asyncio.AbstractEventLoop, n: int, trace: list | None = None) -> None:
+    """Runs `n` loop iterations, each followed by ("round", i) in `trace` if given."""
+    for i in range(n):
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        if trace is not None:
+            trace.append(("round", i))
+
+
+def run_actions(program, actions: list, sizes: list[int]) -> None:
+    """Runs `actions` with `program.act(kind, size, nested)`, the size picked from `sizes`
+    by the action's r; what an action raises goes to `program.trace`."""
+    for kind, r, nested in actions:
+        try:
+            program.act(kind, sizes[int(r * len(sizes))], nested)
+        except Exception as exc:
+            program.trace.append(("raised", kind, type(exc).__name__, str(exc)[:60]))
+
+
 PROTOCOL_CALLBACKS = {
     "connection_made",
     "data_received",

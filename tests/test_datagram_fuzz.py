@@ -38,30 +38,15 @@ PEER_SENDS = 8  # at most, per program: the transport's queue never fills
 ROUNDS = 25
 
 
-class Recorder(asyncio.DatagramProtocol):
-    def __init__(self, program: Program) -> None:
-        self.program = program
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.program.trace.append(("connection_made",))
+class Recorder(fuzz.Recorder, asyncio.DatagramProtocol):
+    """fuzz.Recorder's callbacks, and the datagram ones: what arrives goes to
+    `program.received` (compared apart, see the module's note)."""
 
     def datagram_received(self, data: bytes, addr) -> None:
         self.program.received.append(len(data))
 
     def error_received(self, exc: Exception) -> None:
         self.program.trace.append(("error_received", type(exc).__name__, exc.errno))
-
-    def pause_writing(self) -> None:
-        self.program.trace.append(("pause_writing", self.program.transport.get_write_buffer_size()))
-
-    def resume_writing(self) -> None:
-        self.program.trace.append(
-            ("resume_writing", self.program.transport.get_write_buffer_size())
-        )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.program.lost = True
-        self.program.trace.append(("connection_lost", type(exc).__name__ if exc else None))
 
 
 class Program:
@@ -88,11 +73,7 @@ class Program:
         self.peer_open = True
 
     def run(self, actions: list) -> None:
-        for kind, r, nested in actions:
-            try:
-                self.act(kind, SIZES[int(r * len(SIZES))], nested)
-            except Exception as exc:
-                self.trace.append(("raised", kind, type(exc).__name__, str(exc)[:60]))
+        fuzz.run_actions(self, actions, SIZES)
 
     def act(self, kind: str, size: int, nested: list) -> None:
         t, trace = self.transport, self.trace
@@ -179,21 +160,14 @@ def run_program(loop_name: str, seed: int) -> tuple[list, list]:
 
 
 def execute(loop: asyncio.AbstractEventLoop, actions: list, trace: list, handled: list) -> None:
-    loop.set_exception_handler(
-        lambda lp, context: handled.append(
-            (context["message"][:50], type(context.get("exception")).__name__)
-        )
-    )
+    fuzz.record_handler_calls(loop, handled)
     program = Program(loop, trace)
     try:
         program.transport, _ = loop.run_until_complete(
             loop.create_datagram_endpoint(lambda: Recorder(program), sock=program.sock)
         )
         program.run(actions)
-        for n in range(ROUNDS):
-            loop.call_soon(loop.stop)
-            loop.run_forever()
-            trace.append(("round", n))
+        fuzz.run_iterations(loop, ROUNDS, trace)
         got, sent = program.received, program.sent_by_peer
         # (A send to a closed peer also empties the sender's receive queue, which
         # asyncio, reading one datagram per iteration, has read less of.)
@@ -201,9 +175,7 @@ def execute(loop: asyncio.AbstractEventLoop, actions: list, trace: list, handled
         trace.append(("received a prefix", got == sent[: len(got)], complete and got == sent))
         if not program.lost:
             program.transport.abort()
-        for _ in range(3):
-            loop.call_soon(loop.stop)
-            loop.run_forever()
+        fuzz.run_iterations(loop, 3)
     finally:
         if program.peer_open:
             program.peer.close()

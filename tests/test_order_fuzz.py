@@ -238,10 +238,7 @@ def execute(
     program = Program(loop, trace)
     try:
         program.run(actions)
-        for n in range(ROUNDS):
-            loop.call_soon(loop.stop)
-            loop.run_forever()
-            trace.append(("round", n))
+        fuzz.run_iterations(loop, ROUNDS, trace)
         for task in program.tasks:
             state = task.done() and (task.cancelled() or repr(task.exception()))
             trace.append(("task state", state))

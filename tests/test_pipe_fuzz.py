@@ -56,11 +56,7 @@ class Program:
         return self.transport.is_reading() if sys.version_info >= (3, 11) else None
 
     def run(self, actions: list) -> None:
-        for kind, r, nested in actions:
-            try:
-                self.act(kind, SIZES[int(r * len(SIZES))], nested)
-            except Exception as exc:
-                self.trace.append(("raised", kind, type(exc).__name__, str(exc)[:60]))
+        fuzz.run_actions(self, actions, SIZES)
 
     def act(self, kind: str, size: int, nested: list) -> None:
         t, trace = self.transport, self.trace
@@ -123,11 +119,7 @@ def run_program(loop_name: str, seed: int) -> tuple[list, list]:
 def execute(
     loop: asyncio.AbstractEventLoop, writing: bool, actions: list, trace: list, handled: list
 ) -> None:
-    loop.set_exception_handler(
-        lambda lp, context: handled.append(
-            (context["message"][:50], type(context.get("exception")).__name__)
-        )
-    )
+    fuzz.record_handler_calls(loop, handled)
     program = Program(loop, trace, writing)
     connect = loop.connect_write_pipe if writing else loop.connect_read_pipe
     try:
@@ -135,15 +127,10 @@ def execute(
             connect(lambda: fuzz.Recorder(program), program.pipe)
         )
         program.run(actions)
-        for n in range(ROUNDS):
-            loop.call_soon(loop.stop)
-            loop.run_forever()
-            trace.append(("round", n))
+        fuzz.run_iterations(loop, ROUNDS, trace)
         if not program.lost:
             (program.transport.abort if writing else program.transport.close)()
-        for _ in range(3):
-            loop.call_soon(loop.stop)
-            loop.run_forever()
+        fuzz.run_iterations(loop, 3)
     finally:
         if program.peer_open:
             os.close(program.peer)

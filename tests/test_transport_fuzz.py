@@ -66,11 +66,7 @@ class Program:
         self.peer_open = True
 
     def run(self, actions: list) -> None:
-        for kind, r, nested in actions:
-            try:
-                self.act(kind, SIZES[int(r * len(SIZES))], nested)
-            except Exception as exc:
-                self.trace.append(("raised", kind, type(exc).__name__, str(exc)[:60]))
+        fuzz.run_actions(self, actions, SIZES)
 
     def act(self, kind: str, size: int, nested: list) -> None:
         t, peer, trace = self.transport, self.peer, self.trace
@@ -137,26 +133,17 @@ def run_program(loop_name: str, seed: int) -> tuple[list, list]:
 def execute(
     loop: asyncio.AbstractEventLoop, actions: list, keep_open: bool, trace: list, handled: list
 ) -> None:
-    loop.set_exception_handler(
-        lambda lp, context: handled.append(
-            (context["message"][:50], type(context.get("exception")).__name__)
-        )
-    )
+    fuzz.record_handler_calls(loop, handled)
     program = Program(loop, trace, keep_open)
     try:
         program.transport, _ = loop.run_until_complete(
             loop.create_unix_connection(lambda: fuzz.Recorder(program), sock=program.sock)
         )
         program.run(actions)
-        for n in range(ROUNDS):
-            loop.call_soon(loop.stop)
-            loop.run_forever()
-            trace.append(("round", n))
+        fuzz.run_iterations(loop, ROUNDS, trace)
         if not program.lost:  # (a transport closing with data the peer never reads, too)
             program.transport.abort()
-        for _ in range(3):
-            loop.call_soon(loop.stop)
-            loop.run_forever()
+        fuzz.run_iterations(loop, 3)
     finally:
         if program.peer_open:
             program.peer.close()

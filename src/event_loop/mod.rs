@@ -1534,30 +1534,7 @@ impl LoopCore {
         read: bool,
         edge: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        Self::add_io_fd_owned(slf, fd, callback, args, read, edge, None)
-    }
-
-    /// `add_io_fd` for a sock_* operation on `owner` (the socket object whose
-    /// `fileno()` is `fd`). The operation tried its system call just before, so readiness
-    /// that arrived while the descriptor was idle is not lost with an edge-triggered
-    /// registration: when the registration already watches the direction and was made
-    /// for this same (live) socket object, no `epoll_ctl` is needed.
-    ///
-    /// DEVIATION(asyncio): descriptor tricks behind the socket object's back, such as
-    ///   `os.dup2(other, sock.fileno())` while the socket is open, replace the file the
-    ///   registration was for without the loop noticing; a later sock_* wait on that
-    ///   socket object is then not woken. Detecting it would cost an `fstat` per wait,
-    ///   as much as the `epoll_ctl` this saves.
-    pub(crate) fn add_io_fd_owned<'py>(
-        slf: &Bound<'py, Self>,
-        fd: RawFd,
-        callback: &Bound<'py, PyAny>,
-        args: Bound<'py, PyTuple>,
-        read: bool,
-        edge: bool,
-        owner: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        Self::add_io_fd_inner(slf, fd, callback, args, read, edge, owner, false)
+        Self::add_io_fd_owned(slf, fd, callback, args, read, edge, None, false)
     }
 
     /// The reader of a stream socket transport (`callback()`, edge-triggered), whose
@@ -1578,11 +1555,25 @@ impl LoopCore {
         callback: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let args = PyTuple::empty(slf.py());
-        Self::add_io_fd_inner(slf, fd, callback, args, true, true, None, true)
+        Self::add_io_fd_owned(slf, fd, callback, args, true, true, None, true)
     }
 
+    /// `add_io_fd` for a sock_* operation on `owner` (the socket object whose
+    /// `fileno()` is `fd`). The operation tried its system call just before, so readiness
+    /// that arrived while the descriptor was idle is not lost with an edge-triggered
+    /// registration: when the registration already watches the direction and was made
+    /// for this same (live) socket object, no `epoll_ctl` is needed.
+    ///
+    /// DEVIATION(asyncio): descriptor tricks behind the socket object's back, such as
+    ///   `os.dup2(other, sock.fileno())` while the socket is open, replace the file the
+    ///   registration was for without the loop noticing; a later sock_* wait on that
+    ///   socket object is then not woken. Detecting it would cost an `fstat` per wait,
+    ///   as much as the `epoll_ctl` this saves.
+    ///
+    /// `watch_write`: a reader whose registration watches writability too (see
+    /// `add_stream_reader`).
     #[allow(clippy::too_many_arguments)]
-    fn add_io_fd_inner<'py>(
+    pub(crate) fn add_io_fd_owned<'py>(
         slf: &Bound<'py, Self>,
         fd: RawFd,
         callback: &Bound<'py, PyAny>,
