@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import os
 import random
 import socket
@@ -187,6 +188,23 @@ def execute(loop: asyncio.AbstractEventLoop, actions: list, trace: list, handled
 SEEDS_PER_CHUNK = 500
 
 
+def _asyncio_keeps_sent_headers() -> bool:
+    """asyncio 3.13 counts 8 bytes of header per buffered datagram; before the fix for
+    CPython gh-135444 it took only the data's length off again when the datagram was
+    sent, so its get_write_buffer_size() grows by 8 with every buffered datagram sent.
+    ferroloop counts as the fixed version does: every size would differ."""
+    from asyncio import selector_events
+
+    source = inspect.getsource(selector_events._SelectorDatagramTransport)
+    return "len(data) + 8" in source and "-= len(data) + 8" not in source
+
+
+needs_sound_oracle = pytest.mark.skipif(
+    _asyncio_keeps_sent_headers(),
+    reason="this asyncio miscounts its datagram write buffer (CPython gh-135444)",
+)
+
+
 def asyncio_failed(expected: tuple[list, list]) -> bool:
     """NOTE: asyncio's datagram transport can call its writer after close() removed it
     and connection_lost twice (error_received, then close() in the same iteration):
@@ -195,6 +213,7 @@ def asyncio_failed(expected: tuple[list, list]) -> bool:
     return any(kind == "AttributeError" for _message, kind in expected[1])
 
 
+@needs_sound_oracle
 @pytest.mark.parametrize("chunk", range(4), ids=lambda c: f"seeds{c * SEEDS_PER_CHUNK}")
 def test_random_datagram_programs_trace_like_asyncio(chunk: int) -> None:
     seeds = range(chunk * SEEDS_PER_CHUNK, (chunk + 1) * SEEDS_PER_CHUNK)
