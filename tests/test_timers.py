@@ -399,6 +399,60 @@ def test_loop_wakes_for_a_timer_due_soon_on_a_patched_loop_time(loop):
     assert loop.run_until_complete(main()) < 5
 
 
+def test_loop_time_written_into_the_instance_dict_is_the_clock(loop):
+    """An instance `time` that did not go through setattr (stored straight into the
+    loop's `__dict__`) is found at the next iteration: a timer 30 s off on the real clock
+    comes due on it, as on asyncio's loop, which calls self.time() every iteration.
+    (ferroloop's call_later reads such a clock from that next iteration on, hence the
+    sleep(0) before wait_for schedules its timeout.)"""
+    real = loop.time
+
+    async def main():
+        fut = loop.create_future()
+        loop.call_at(real() + 30.0, fut.set_result, "due")
+        await asyncio.sleep(0)
+        loop.__dict__["time"] = lambda: real() + 29.95
+        try:
+            await asyncio.sleep(0)
+            t0 = time.monotonic()
+            assert await asyncio.wait_for(fut, 10) == "due"
+            return time.monotonic() - t0
+        finally:
+            del loop.__dict__["time"]
+
+    assert loop.run_until_complete(main()) < 5
+    assert loop.time() == pytest.approx(time.monotonic(), abs=1)
+
+
+def test_running_loop_keeps_its_instance_dict_unmade():
+    """ferroloop-only: the loop keeps its own state in slots and checks for a replaced
+    `time` without asking for its `__dict__`, so a loop nobody set an attribute on never
+    gets an instance dict, and C Task's `loop.call_soon` lookup for each step skips it."""
+    import gc
+
+    import ferroloop
+
+    def instance_dicts(lp):
+        # The loop's only dict referent besides the instance dict is the non-empty
+        # {"loop": loop} keyword dict it keeps for creating futures.
+        return [r for r in gc.get_referents(lp) if type(r) is dict and "loop" not in r]
+
+    loop = ferroloop.new_event_loop()
+    try:
+
+        async def main():
+            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
+            return 1
+
+        assert loop.run_until_complete(main()) == 1
+        assert instance_dicts(loop) == []
+        loop.marker = 1  # attributes can still be set on the loop
+        assert vars(loop) == {"marker": 1}
+    finally:
+        loop.close()
+
+
 def test_call_later_goes_through_a_subclass_call_at(loop_factory):
     """asyncio's call_later() is self.call_at(self.time() + delay, ...), so a subclass
     that instruments call_at sees every timer, asyncio.sleep's included."""

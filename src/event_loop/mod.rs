@@ -2045,39 +2045,41 @@ mod clock {
     pub(super) fn may_be_foreign(slf: &Bound<'_, LoopCore>) -> PyResult<bool> {
         let py = slf.py();
         let name = pyo3::intern!(py, "time");
-        // SAFETY: GIL held; `PyObject_GenericGetDict` returns a new reference (or NULL
-        // with an exception: no instance dict), released here; the item is borrowed and
-        // only tested for NULL.
-        let in_dict = unsafe {
-            let d = ffi::PyObject_GenericGetDict(slf.as_ptr(), std::ptr::null_mut());
-            if d.is_null() {
-                ffi::PyErr_Clear();
-                false
-            } else {
-                let item = ffi::PyDict_GetItemWithError(d, name.as_ptr());
-                ffi::Py_DECREF(d);
-                if item.is_null() && !ffi::PyErr_Occurred().is_null() {
-                    return Err(PyErr::fetch(py));
-                }
-                !item.is_null()
-            }
+        if overrides(slf, name)? {
+            return Ok(true);
+        }
+        // The class's `time` is LoopCore's method descriptor, so the generic lookup
+        // returns the instance dict's `time` if there is one and a bound method of ours
+        // otherwise, running no Python code. Unlike `PyObject_GenericGetDict` it leaves
+        // a loop without instance attributes without a dict, so every other method
+        // lookup on the loop keeps skipping it.
+        // SAFETY: GIL held; a new reference or NULL with an exception.
+        let t = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyObject_GenericGetAttr(slf.as_ptr(), name.as_ptr()),
+            )?
         };
-        Ok(in_dict || overrides(slf, name)? || replaced_monotonic(py)?.is_some())
+        Ok(!is_native_time(slf, &t)? || replaced_monotonic(py)?.is_some())
+    }
+
+    /// Whether `t` is LoopCore's `time` bound to `slf`.
+    fn is_native_time(slf: &Bound<'_, LoopCore>, t: &Bound<'_, PyAny>) -> PyResult<bool> {
+        // SAFETY: `t` is live; a PyCFunction's fields are read only after its type check.
+        unsafe {
+            let p = t.as_ptr();
+            Ok(ffi::PyCFunction_Check(p) != 0 && {
+                let f = p.cast::<ffi::PyCFunctionObject>();
+                (*f).m_self == slf.as_ptr() && (*f).m_ml as usize == native_time(slf.py())?
+            })
+        }
     }
 
     /// `self.time()` when that is not ferroloop's clock (see the module note).
     pub(super) fn foreign_now(slf: &Bound<'_, LoopCore>) -> PyResult<Option<f64>> {
         let py = slf.py();
         let t = slf.getattr(pyo3::intern!(py, "time"))?;
-        // SAFETY: `t` is live; a PyCFunction's fields are read only after its type check.
-        let ours = unsafe {
-            let p = t.as_ptr();
-            ffi::PyCFunction_Check(p) != 0 && {
-                let f = p.cast::<ffi::PyCFunctionObject>();
-                (*f).m_self == slf.as_ptr() && (*f).m_ml as usize == native_time(py)?
-            }
-        };
-        if ours && replaced_monotonic(py)?.is_none() {
+        if is_native_time(slf, &t)? && replaced_monotonic(py)?.is_none() {
             return Ok(None);
         }
         Ok(Some(t.call0()?.extract()?))
