@@ -449,6 +449,26 @@ def test_running_loop_keeps_its_instance_dict_unmade():
         assert instance_dicts(loop) == []
         loop.marker = 1  # attributes can still be set on the loop
         assert vars(loop) == {"marker": 1}
+        assert loop.run_until_complete(main()) == 1
+        assert loop.marker == 1 and vars(loop) == {"marker": 1}
+        del loop.marker
+        assert loop.run_until_complete(main()) == 1
+        assert instance_dicts(loop) == []
+        loop.marker = 2
+        assert vars(loop) == {"marker": 2}
+    finally:
+        loop.close()
+
+    class Tagged(type(loop)):
+        def __init__(self):
+            self.tag = "before"
+            super().__init__()
+            self.after = "after"
+
+    loop = Tagged()
+    try:
+        assert loop.run_until_complete(main()) == 1
+        assert vars(loop) == {"tag": "before", "after": "after"}
     finally:
         loop.close()
 

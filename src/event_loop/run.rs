@@ -32,6 +32,7 @@ pub(super) fn run_forever(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         ));
     }
     LoopCore::rehome_if_forked(slf)?;
+    py::shed_empty_instance_values(slf.as_any());
     let tid = py::thread_ident();
     let register = || {
         core.state

@@ -172,6 +172,48 @@ pub fn version(py: Python<'_>) -> (u8, u8) {
     })
 }
 
+/// Python 3.11 and 3.12 give a new instance of a class with a managed dict (the loop:
+/// `asyncio.AbstractEventLoop` has no `__slots__`) an array of inline attribute values,
+/// and every attribute lookup on the instance that the class does not answer with a data
+/// descriptor probes it, C Task's `loop.call_soon` for every step among them. An instance
+/// without values and without a dict skips that probe, the state of any instance whose
+/// type allocated it without `object.__new__`. If `obj` has no instance attributes, this
+/// puts it in that state: `_PyObject_GetDictPtr` (documented C API) turns the values
+/// into a dict, which is released if it is empty. An attribute set later makes a dict as
+/// usual. Other Pythons (3.10 has no inline values, 3.13+ embeds them in the object) and
+/// an instance with attributes are left as they are. callgrind, 3.11: 5,080 -> 5,008
+/// instructions per sleep(0) switch, 19,145 -> 18,800 per gathered task.
+pub fn shed_empty_instance_values(obj: &Bound<'_, PyAny>) {
+    unsafe extern "C" {
+        fn _PyObject_GetDictPtr(obj: *mut pyo3::ffi::PyObject) -> *mut *mut pyo3::ffi::PyObject;
+    }
+    /// `Py_TPFLAGS_MANAGED_DICT` on 3.11 and 3.12.
+    const MANAGED_DICT: std::os::raw::c_ulong = 1 << 4;
+    if !matches!(version(obj.py()), (3, 11) | (3, 12)) {
+        return;
+    }
+    // SAFETY: GIL held. `_PyObject_GetDictPtr` returns the address of the instance's
+    // dict slot (NULL, without an exception, if it has none or materializing failed);
+    // a dict found there is owned by the slot, and an empty one is released and the
+    // slot cleared, as CPython clears it for an instance with no attributes.
+    unsafe {
+        use pyo3::ffi;
+        let tp = ffi::Py_TYPE(obj.as_ptr());
+        if (*tp).tp_flags & MANAGED_DICT == 0 {
+            return;
+        }
+        let slot = _PyObject_GetDictPtr(obj.as_ptr());
+        if slot.is_null() {
+            return;
+        }
+        let dict = *slot;
+        if !dict.is_null() && ffi::PyDict_Check(dict) != 0 && ffi::PyDict_Size(dict) == 0 {
+            *slot = std::ptr::null_mut();
+            ffi::Py_DECREF(dict);
+        }
+    }
+}
+
 /// Whether this is a free-threaded build (`Py_GIL_DISABLED`); true if unknown.
 pub fn free_threaded(py: Python<'_>) -> bool {
     py.import("sysconfig")
