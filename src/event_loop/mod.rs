@@ -531,17 +531,6 @@ impl LoopCore {
         })
     }
 
-    /// The loop clock: `time.monotonic()` (the function itself when it was replaced, as
-    /// mocking tools do: asyncio's `time()` calls it).
-    fn time(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        match clock::replaced_monotonic(py)? {
-            Some(f) => Ok(f.call0()?.unbind()),
-            None => Ok(PyFloat::new(py, crate::sys::monotonic())
-                .into_any()
-                .unbind()),
-        }
-    }
-
     #[getter]
     fn _clock_resolution(&self) -> f64 {
         self.clock_resolution
@@ -571,14 +560,6 @@ impl LoopCore {
                 entry.resume_to_stop();
             }
         });
-    }
-
-    pub(crate) fn is_running(&self, py: Python<'_>) -> bool {
-        self.state.with(py, |s| s.thread_id.is_some())
-    }
-
-    pub(crate) fn is_closed(&self, py: Python<'_>) -> bool {
-        self.state.with(py, |s| s.closed)
     }
 
     fn _check_closed(&self, py: Python<'_>) -> PyResult<()> {
@@ -665,10 +646,6 @@ impl LoopCore {
         crate::signals::remove_all(slf)
     }
 
-    fn get_debug(&self, py: Python<'_>) -> bool {
-        self.debug(py)
-    }
-
     /// Any value, as asyncio (which stores it as given) and uvloop (which takes its
     /// truth value) accept: `set_debug(0)` is common in tests.
     fn set_debug(slf: &Bound<'_, Self>, enabled: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -716,12 +693,6 @@ impl LoopCore {
     }
 
     // ---- futures and tasks -------------------------------------------------------------
-
-    pub(crate) fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        let future = import_attr!(py, "asyncio.futures", "Future")?;
-        Self::new_with_loop(slf, future, &PyTuple::empty(py))
-    }
 
     fn set_task_factory(&self, py: Python<'_>, factory: Py<PyAny>) -> PyResult<()> {
         let factory = if factory.is_none(py) {
@@ -1072,6 +1043,38 @@ impl LoopCore {
 }
 
 impl LoopCore {
+    // Installed on the type by `py::fastcall::install` as METH_NOARGS methods, without
+    // PyO3's trampoline (see there).
+
+    /// The loop clock: `time.monotonic()` (the function itself when it was replaced, as
+    /// mocking tools do: asyncio's `time()` calls it).
+    pub(crate) fn time(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match clock::replaced_monotonic(py)? {
+            Some(f) => Ok(f.call0()?.unbind()),
+            None => Ok(PyFloat::new(py, crate::sys::monotonic())
+                .into_any()
+                .unbind()),
+        }
+    }
+
+    pub(crate) fn is_running(&self, py: Python<'_>) -> bool {
+        self.state.with(py, |s| s.thread_id.is_some())
+    }
+
+    pub(crate) fn is_closed(&self, py: Python<'_>) -> bool {
+        self.state.with(py, |s| s.closed)
+    }
+
+    pub(crate) fn get_debug(&self, py: Python<'_>) -> bool {
+        self.debug(py)
+    }
+
+    pub(crate) fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let future = import_attr!(py, "asyncio.futures", "Future")?;
+        Self::new_with_loop(slf, future, &PyTuple::empty(py))
+    }
+
     /// `cls(*args, loop=self)`. For a class whose metaclass is `type` (asyncio's Future
     /// and Task), what calling it does, `tp_new` then `tp_init`, is done here with a
     /// keyword dict the loop keeps: calling the type builds a new dict of the keywords

@@ -334,12 +334,20 @@ fn run_once(slf: &Bound<'_, LoopCore>, park: Option<&at_exit::Entry>) -> PyResul
                 arg,
                 context,
             } if !core.debug(py) => {
+                // Bound: released with a plain decref at the end of the arm (dropping a
+                // `Py` first asks a thread-local whether the GIL is held: ~20
+                // instructions a task step).
+                let (callback, arg, context) = (
+                    callback.into_bound(py),
+                    arg.map(|a| a.into_bound(py)),
+                    context.into_bound(py),
+                );
                 // SAFETY: GIL held; a call is only queued with an exact Context.
                 if let Err(e) = unsafe { handle::run_call(py, &callback, arg.as_ref(), &context) } {
                     let h = Ready::Call {
-                        callback,
-                        arg,
-                        context,
+                        callback: callback.unbind(),
+                        arg: arg.map(Bound::unbind),
+                        context: context.unbind(),
                     }
                     .into_handle(slf.as_any())?;
                     exception_handler::callback_error(slf, &h, e)?;

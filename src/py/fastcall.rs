@@ -432,6 +432,75 @@ unsafe extern "C" fn create_task(
     }
 }
 
+/// A METH_NOARGS method of `LoopCore`: `f(loop)` inside `guard`.
+///
+/// # Safety
+/// Called by CPython as a METH_NOARGS method of `LoopCore` (GIL held; the method
+/// descriptor has checked `slf` to be a LoopCore).
+#[inline(always)]
+unsafe fn noargs_entry(
+    slf: *mut ffi::PyObject,
+    f: impl FnOnce(&Bound<'_, LoopCore>) -> PyResult<*mut ffi::PyObject>,
+) -> *mut ffi::PyObject {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let py = Python::assume_attached();
+        crate::py::guard(py, || {
+            f(Bound::from_borrowed_ptr(py, slf).cast_unchecked::<LoopCore>())
+        })
+    }
+}
+
+/// A new reference to `True` or `False`.
+fn bool_ptr(b: bool) -> *mut ffi::PyObject {
+    // SAFETY: the bool singletons live as long as the interpreter; a new reference is
+    // returned.
+    unsafe {
+        let p = if b { ffi::Py_True() } else { ffi::Py_False() };
+        ffi::Py_INCREF(p);
+        p
+    }
+}
+
+unsafe extern "C" fn create_future(
+    slf: *mut ffi::PyObject,
+    _: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a METH_NOARGS method of LoopCore.
+    unsafe { noargs_entry(slf, |lp| LoopCore::create_future(lp).map(Bound::into_ptr)) }
+}
+
+unsafe extern "C" fn get_debug(
+    slf: *mut ffi::PyObject,
+    _: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a METH_NOARGS method of LoopCore.
+    unsafe { noargs_entry(slf, |lp| Ok(bool_ptr(lp.get().get_debug(lp.py())))) }
+}
+
+unsafe extern "C" fn time(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: installed as a METH_NOARGS method of LoopCore.
+    unsafe { noargs_entry(slf, |lp| lp.get().time(lp.py()).map(Py::into_ptr)) }
+}
+
+unsafe extern "C" fn is_running(
+    slf: *mut ffi::PyObject,
+    _: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a METH_NOARGS method of LoopCore.
+    unsafe { noargs_entry(slf, |lp| Ok(bool_ptr(lp.get().is_running(lp.py())))) }
+}
+
+unsafe extern "C" fn is_closed(
+    slf: *mut ffi::PyObject,
+    _: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: installed as a METH_NOARGS method of LoopCore.
+    unsafe { noargs_entry(slf, |lp| Ok(bool_ptr(lp.get().is_closed(lp.py())))) }
+}
+
+type NoArgs = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
+
 type FastWithKeywords = unsafe extern "C" fn(
     *mut ffi::PyObject,
     *const *mut ffi::PyObject,
@@ -468,15 +537,61 @@ pub fn install(cls: &Bound<'_, PyType>) -> PyResult<()> {
             c"call_at($self, when, callback, *args, context=None)\n--\n\nArrange for a callback to be called at absolute loop time when.",
         ),
     ];
-    for (name, f, doc) in methods {
-        let def = Box::leak(Box::new(ffi::PyMethodDef {
-            ml_name: name.as_ptr(),
-            ml_meth: ffi::PyMethodDefPointer {
-                PyCFunctionFastWithKeywords: f,
-            },
-            ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
-            ml_doc: doc.as_ptr() as *const c_char,
+    // Called by asyncio's Future for every future and task (get_debug), by streams and
+    // protocols for every wait (create_future) and by timeouts (time): PyO3's trampoline
+    // cost ~35 instructions a call more than these (callgrind, 3.11: future_chain 6,231
+    // -> 6,160 instructions per future, gather 18,707 -> 18,670 per task).
+    let noargs: [(&'static CStr, NoArgs, &'static CStr); 5] = [
+        (
+            c"create_future",
+            create_future,
+            c"create_future($self, /)\n--\n\nCreate a Future object attached to the loop.",
+        ),
+        (
+            c"get_debug",
+            get_debug,
+            c"get_debug($self, /)\n--\n\nWhether the loop is in debug mode.",
+        ),
+        (
+            c"time",
+            time,
+            c"time($self, /)\n--\n\nThe loop clock: `time.monotonic()` (the function itself when it was\nreplaced, as mocking tools do: asyncio's `time()` calls it).",
+        ),
+        (
+            c"is_running",
+            is_running,
+            c"is_running($self, /)\n--\n\nWhether the loop is running.",
+        ),
+        (
+            c"is_closed",
+            is_closed,
+            c"is_closed($self, /)\n--\n\nWhether the loop was closed.",
+        ),
+    ];
+    let defs = methods
+        .into_iter()
+        .map(|(name, f, doc)| {
+            let def = ffi::PyMethodDef {
+                ml_name: name.as_ptr(),
+                ml_meth: ffi::PyMethodDefPointer {
+                    PyCFunctionFastWithKeywords: f,
+                },
+                ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+                ml_doc: doc.as_ptr() as *const c_char,
+            };
+            (name, def)
+        })
+        .chain(noargs.into_iter().map(|(name, f, doc)| {
+            let def = ffi::PyMethodDef {
+                ml_name: name.as_ptr(),
+                ml_meth: ffi::PyMethodDefPointer { PyCFunction: f },
+                ml_flags: ffi::METH_NOARGS,
+                ml_doc: doc.as_ptr() as *const c_char,
+            };
+            (name, def)
         }));
+    for (name, def) in defs {
+        let def = Box::leak(Box::new(def));
         // SAFETY: `def` is leaked, so it outlives the descriptor; `cls` is a live type.
         // NULL / -1 returns are turned into the pending exception.
         unsafe {
