@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import socket
+import sys
 
 import pytest
 from _net import HOST, RecordingProtocol, run
@@ -596,3 +597,66 @@ def test_stream_sockets_are_watched_for_both_directions(loop, loop_errors):
 
     run(loop, main())
     assert loop_errors == []
+
+
+def _method_load_ops(func, method: str) -> list[str]:
+    """The (possibly specialised) instruction names loading `.method` in func's code."""
+    import dis
+    import io
+
+    out = io.StringIO()
+    dis.dis(func, adaptive=True, file=out)
+    # 3.11 "LOAD_METHOD_WITH_DICT 1 (m)", 3.12 "LOAD_ATTR_... 3 (NULL|self + m)", 3.13
+    # "LOAD_ATTR_... 3 (m + NULL|self)".
+    self_slot = r"(?:NULL\|self \+ )?"
+    pattern = re.compile(r"(LOAD_\w+)\s+\d+ \(" + self_slot + method + r"(?: \+ NULL\|self)?\)")
+    return [m.group(1) for m in pattern.finditer(out.getvalue())]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="no specialising interpreter before 3.11")
+def test_method_calls_on_transports_and_loop_specialise(loop_name):
+    """ferroloop-only: the interpreter specialises method loads on ferroloop's transports
+    and loop (as on asyncio's, whose transports are plain Python objects), so
+    `transport.write(data)` in a protocol or streams code does not look the method up
+    and bind it on every call. On 3.11 that needs the transport's instance dict to
+    exist, and the loop's to be absent or free of method names."""
+    if loop_name != "ferroloop":
+        pytest.skip("ferroloop's object layout")
+    import ferroloop
+
+    def calls(t, lp):
+        for _ in range(500):
+            t.is_closing()
+            t.get_write_buffer_size()
+            lp.get_debug()
+            lp.time()
+
+    loop = ferroloop.new_event_loop()
+
+    async def main():
+        accepted = []
+
+        def accept():
+            accepted.append(RecordingProtocol())
+            return accepted[-1]
+
+        server = await loop.create_server(accept, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        tr, proto = await loop.create_connection(RecordingProtocol, HOST, port)
+        calls(tr, loop)
+        tr.close()
+        await proto.lost
+        while not accepted:
+            await asyncio.sleep(0.001)
+        await accepted[0].lost
+        server.close()
+        await server.wait_closed()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    generic = {"LOAD_METHOD", "LOAD_ATTR", "LOAD_METHOD_ADAPTIVE", "LOAD_ATTR_ADAPTIVE"}
+    for name in ("is_closing", "get_write_buffer_size", "get_debug", "time"):
+        ops = _method_load_ops(calls, name)
+        assert ops and not generic & set(ops), (name, ops)

@@ -172,24 +172,26 @@ pub fn version(py: Python<'_>) -> (u8, u8) {
     })
 }
 
-/// Python 3.11 and 3.12 give a new instance of a class with a managed dict (the loop:
+/// Python 3.11 gives a new instance of a class with a managed dict (the loop:
 /// `asyncio.AbstractEventLoop` has no `__slots__`) an array of inline attribute values,
 /// and every attribute lookup on the instance that the class does not answer with a data
 /// descriptor probes it, C Task's `loop.call_soon` for every step among them. An instance
 /// without values and without a dict skips that probe, the state of any instance whose
-/// type allocated it without `object.__new__`. If `obj` has no instance attributes, this
-/// puts it in that state: `_PyObject_GetDictPtr` (documented C API) turns the values
-/// into a dict, which is released if it is empty. An attribute set later makes a dict as
-/// usual. Other Pythons (3.10 has no inline values, 3.13+ embeds them in the object) and
-/// an instance with attributes are left as they are. callgrind, 3.11: 5,080 -> 5,008
-/// instructions per sleep(0) switch, 19,145 -> 18,800 per gathered task.
+/// type allocated it without `object.__new__`, and 3.11 still specialises method loads
+/// on it (LOAD_METHOD_WITH_VALUES checks only that there is no dict). If `obj` has no
+/// instance attributes, this puts it in that state: `_PyObject_GetDictPtr` (documented C
+/// API) turns the values into a dict, which is released if it is empty. An attribute set
+/// later makes a dict as usual. callgrind, 3.11: 5,080 -> 5,008 instructions per
+/// sleep(0) switch, 19,145 -> 18,800 per gathered task. Not done elsewhere: 3.10 has no
+/// inline values, 3.12 stops specialising Python code's method loads on an instance
+/// without them, and 3.13 embeds them in the object.
 pub fn shed_empty_instance_values(obj: &Bound<'_, PyAny>) {
     unsafe extern "C" {
         fn _PyObject_GetDictPtr(obj: *mut pyo3::ffi::PyObject) -> *mut *mut pyo3::ffi::PyObject;
     }
-    /// `Py_TPFLAGS_MANAGED_DICT` on 3.11 and 3.12.
+    /// `Py_TPFLAGS_MANAGED_DICT` on 3.11.
     const MANAGED_DICT: std::os::raw::c_ulong = 1 << 4;
-    if !matches!(version(obj.py()), (3, 11) | (3, 12)) {
+    if version(obj.py()) != (3, 11) {
         return;
     }
     // SAFETY: GIL held. `_PyObject_GetDictPtr` returns the address of the instance's

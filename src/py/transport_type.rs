@@ -311,6 +311,19 @@ impl WrapperType {
                 return Err(PyErr::fetch(py));
             }
             (*tail_of(obj, self.tail)).core = core.clone().into_ptr();
+            // Python 3.11 specialises `transport.write(...)` and every other method load
+            // on an instance with a dict slot only once the dict exists
+            // (LOAD_METHOD_WITH_DICT); with the slot empty the load stays generic and
+            // binds a method object per call. 3.12+ specialise the empty slot, and stop
+            // specialising once a dict exists, so the dict is made on 3.11 only.
+            if super::version(py) == (3, 11) {
+                let dict = ffi::PyDict_New();
+                if dict.is_null() {
+                    ffi::Py_DECREF(obj);
+                    return Err(PyErr::fetch(py));
+                }
+                (*tail_of(obj, self.tail)).dict = dict;
+            }
             if let Some(extra) = extra {
                 *extra_slot(obj) = extra.clone().into_ptr();
             }
