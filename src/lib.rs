@@ -46,6 +46,10 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m
     )?)?;
     m.add_function(wrap_pyfunction!(event_loop::backlog::_threadsafe_waits, m)?)?;
+    m.add_function(wrap_pyfunction!(
+        py::stream_reader::_streams_fed_natively,
+        m
+    )?)?;
     m.add_class::<sock::SockOperation>()?;
     sock::install(&m.py().get_type::<sock::SockOperation>());
     m.add_class::<transports::stream::StreamCore>()?;

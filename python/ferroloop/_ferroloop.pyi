@@ -27,6 +27,7 @@ __all__ = [
     "_after_fork_child",
     "_sighandler_noop",
     "_stop_loop_threads",
+    "_streams_fed_natively",
     "_threadsafe_waits",
 ]
 
@@ -119,6 +120,10 @@ def _stop_loop_threads() -> None:
 def _threadsafe_waits() -> tuple[int, int]:
     """Waits of threads posting with call_soon_threadsafe for a loop's batch to end, and
     how many of them were given up (process-wide counts)."""
+
+def _streams_fed_natively() -> int:
+    """How many reads this process fed to asyncio's StreamReaders natively, without
+    running StreamReaderProtocol.data_received (for tests)."""
 
 @final
 class _SockOperation(Coroutine[Any, Any, Any]):

@@ -3,6 +3,7 @@
 pub mod context;
 pub mod fastcall;
 pub mod handle;
+pub mod stream_reader;
 pub mod thread_exit;
 pub mod transport_type;
 

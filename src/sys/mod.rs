@@ -74,6 +74,14 @@ pub fn monotonic_resolution() -> f64 {
     }
 }
 
+/// The address of an exported symbol of the running process (`dlsym(RTLD_DEFAULT, name)`),
+/// or NULL: for CPython functions that are exported but not in its public headers, so a
+/// Python that stops exporting one disables what uses it instead of failing the import.
+pub fn process_symbol(name: &std::ffi::CStr) -> *mut std::ffi::c_void {
+    // SAFETY: `name` is NUL-terminated; dlsym only reads it and the symbol tables.
+    unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) }
+}
+
 /// Reads and discards everything a non-blocking fd holds, returning the bytes read.
 pub fn drain(fd: RawFd, out: &mut Vec<u8>) -> io::Result<()> {
     let mut buf = [0u8; 256];

@@ -768,7 +768,12 @@ impl StreamCore {
             return Self::on_eof(slf);
         }
         let proto = core.protocol(py);
-        let res = proto.call_method1(pyo3::intern!(py, "data_received"), (&data,));
+        let res = match py::stream_reader::data_received(&proto, &data) {
+            Some(res) => res,
+            None => proto
+                .call_method1(pyo3::intern!(py, "data_received"), (&data,))
+                .map(drop),
+        };
         recycle_read(py, data, cap);
         if let Err(e) = res {
             if kind != Kind::Socket || is_fatal_passthrough(&e, py) {
