@@ -61,7 +61,8 @@ def test_wrap_concurrent_future(loop):
 
 def test_futures_and_tasks_belong_to_the_loop_that_made_them(loop, loop_factory):
     # Made by a loop that is not running, from inside another running loop, and from
-    # inside a loop whose running-loop slot was changed: always the creating loop.
+    # inside a loop whose running-loop slot was changed or cleared: always the creating
+    # loop.
     other = loop_factory()
     try:
 
@@ -88,6 +89,14 @@ def test_futures_and_tasks_belong_to_the_loop_that_made_them(loop, loop_factory)
                 asyncio.events._set_running_loop(loop)
             assert f2.get_loop() is loop and t2.get_loop() is loop
             await t2
+            asyncio.events._set_running_loop(None)
+            try:
+                f3 = loop.create_future()
+                t3 = loop.create_task(coro())
+            finally:
+                asyncio.events._set_running_loop(loop)
+            assert f3.get_loop() is loop and t3.get_loop() is loop
+            await t3
             return made
 
         made = loop.run_until_complete(inside())
