@@ -1140,8 +1140,7 @@ impl LoopCore {
         let c_class = |name| {
             static FUTURE: pyo3::sync::PyOnceLock<Option<Py<PyAny>>> =
                 pyo3::sync::PyOnceLock::new();
-            static TASK: pyo3::sync::PyOnceLock<Option<Py<PyAny>>> =
-                pyo3::sync::PyOnceLock::new();
+            static TASK: pyo3::sync::PyOnceLock<Option<Py<PyAny>>> = pyo3::sync::PyOnceLock::new();
             let cell = if name == "Future" { &FUTURE } else { &TASK };
             cell.get_or_init(py, || {
                 py.import("_asyncio")
