@@ -50,6 +50,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py::stream_reader::_streams_fed_natively,
         m
     )?)?;
+    py::stream_reader::init(m.py());
     m.add_class::<sock::SockOperation>()?;
     sock::install(&m.py().get_type::<sock::SockOperation>());
     m.add_class::<transports::stream::StreamCore>()?;

@@ -345,3 +345,103 @@ def test_a_weakly_referenced_reader_that_died_drops_the_data(loop, loop_name):
         return left
 
     assert run(loop, main()) == b""
+
+
+def test_a_replaced_lookup_runs_once(loop, loop_name):
+    # A class-level __getattribute__, or a property where feed_data was: each runs once
+    # for the one `reader.feed_data` lookup data_received makes, as in Python.
+    looked = []
+
+    def getattribute(self, name):
+        if name == "feed_data":
+            looked.append("getattribute")
+        return object.__getattribute__(self, name)
+
+    def prepare_getattribute(reader, protocol):
+        patcher = mock.patch.object(
+            asyncio.StreamReader, "__getattribute__", getattribute, create=True
+        )
+        patcher.start()
+        cleanups.append(patcher.stop)
+
+    feed_data = asyncio.StreamReader.feed_data
+
+    def as_property(self):
+        looked.append("property")
+        return feed_data.__get__(self)
+
+    def prepare_property(reader, protocol):
+        patcher = mock.patch.object(asyncio.StreamReader, "feed_data", property(as_property))
+        patcher.start()
+        cleanups.append(patcher.stop)
+
+    for prepare in (prepare_getattribute, prepare_property):
+        cleanups = []
+        looked.clear()
+        try:
+            got, natively = _echo_once(loop, loop_name, prepare, looked)
+        finally:
+            for stop in cleanups:
+                stop()
+        assert (got, natively) == (b"ping", 0)
+        assert looked == ["getattribute" if prepare is prepare_getattribute else "property"]
+
+
+def test_the_limit_is_only_multiplied(loop):
+    # `2 * self._limit` with a non-int: int * obj falls to obj.__rmul__; nothing asks
+    # for its __index__.
+    indexed = []
+
+    class Limit:
+        def __index__(self):
+            indexed.append(1)
+            return 10**9
+
+        def __rmul__(self, other):
+            return other * 1000
+
+    async def main():
+        server, (cr, cw), (sr, sw) = await stream_pair()
+        sr._limit = Limit()
+        cw.write(b"x" * 2500)
+        while len(sr._buffer) < 2500:
+            await asyncio.sleep(0.01)
+        paused = sr._paused
+        sr._limit = 2**16
+        await close_pair(server, (cr, cw), (sr, sw))
+        return paused
+
+    assert run(loop, main()) is True
+    assert indexed == []
+
+
+def test_the_transport_is_read_again_for_pause_reading(loop):
+    # Python reads `self._transport` for the test and again for the call: code that runs
+    # in between (here `bool(self._paused)`) decides which transport is paused.
+    class Recorder:
+        paused = 0
+
+        def pause_reading(self):
+            Recorder.paused += 1
+
+    async def main():
+        server, (cr, cw), (sr, sw) = await stream_pair(limit=100)
+        transport = sr._transport
+
+        class Flag:
+            def __bool__(self):
+                sr._transport = Recorder()
+                return False
+
+        sr._paused = Flag()
+        cw.write(b"x" * 300)
+        while len(sr._buffer) < 300:
+            await asyncio.sleep(0.01)
+        state = (type(sr._transport), sr._paused, transport.is_reading())
+        sr._transport = transport
+        sr._paused = False
+        await close_pair(server, (cr, cw), (sr, sw))
+        return state
+
+    assert run(loop, main()) == (Recorder, True, True)
+    assert Recorder.paused == 1

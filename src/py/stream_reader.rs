@@ -11,12 +11,14 @@
 //!
 //! It stands in only where running the Python code could not differ:
 //! - the protocol and the reader are exact instances of the two stdlib classes, whose
-//!   methods have the bytecode names this mirrors (checked once: a Python whose code
-//!   differs never takes this path);
+//!   methods are asyncio.streams' own and name the attributes, locals and constant this
+//!   mirrors (checked once, at import: a Python whose streams code names others never
+//!   takes this path);
 //! - the methods the instances would run are those functions: nothing replaced them on
 //!   the class or the instance (`mock.patch.object` included), checked on every call;
 //! - no `sys.settrace` / `sys.setprofile` function is set, whose events would show the
-//!   frames (a debugger's breakpoint in `feed_data`).
+//!   frames (a debugger's breakpoint in `feed_data`). A hook set from C without a Python
+//!   object (yappi) is not seen, and its profile shows the time in the transport.
 //!
 //! Anything else is left to Python. Exceptions propagate exactly where the Python code
 //! would raise them, so the transport reports them as a failing `data_received`.
@@ -116,6 +118,12 @@ fn load(py: Python<'_>) -> PyResult<Option<Stdlib>> {
             Ok(fget) => fget,
             Err(_) => attr,
         };
+        let qualname = func.getattr("__qualname__")?;
+        if func.getattr("__module__")?.ne("asyncio.streams")?
+            || qualname.ne(format!("{class}.{name}"))?
+        {
+            return Ok(None);
+        }
         let code = func.getattr("__code__")?;
         if !names_are(&code, "co_names", names)? || !names_are(&code, "co_varnames", varnames)? {
             return Ok(None);
@@ -148,29 +156,52 @@ fn load(py: Python<'_>) -> PyResult<Option<Stdlib>> {
     }))
 }
 
+static STDLIB: PyOnceLock<Option<Stdlib>> = PyOnceLock::new();
+
 fn stdlib(py: Python<'_>) -> Option<&Stdlib> {
-    static CELL: PyOnceLock<Option<Stdlib>> = PyOnceLock::new();
     // A failure to load (asyncio.streams broken or replaced) only turns the path off.
-    CELL.get_or_init(py, || load(py).unwrap_or(None)).as_ref()
+    STDLIB.get_or_init(py, || load(py).unwrap_or(None)).as_ref()
+}
+
+/// Captures the stdlib functions at import, before a test or an application could have
+/// patched one of them (which would turn the path off for good).
+pub fn init(py: Python<'_>) {
+    stdlib(py);
 }
 
 impl Stdlib {
-    /// Whether `obj.name(...)` would call `func` itself: the plain function found on the
-    /// type, no instance attribute of that name.
+    /// Whether `obj.name(...)` would call `func` itself: `obj`'s class (one of the two
+    /// stdlib classes) has the generic attribute lookup and `func` under that name, and
+    /// no instance attribute shadows it. Runs no Python code: a replaced
+    /// `__getattribute__`, or a descriptor in the function's place, is only compared.
     #[inline]
-    fn runs(&self, obj: &Bound<'_, PyAny>, name: &Bound<'_, PyString>, func: &Py<PyAny>) -> bool {
-        let mut meth: *mut ffi::PyObject = std::ptr::null_mut();
-        // SAFETY: GIL held; `obj` and `name` are live; `meth` receives a new reference or
-        // NULL with an exception set, which is cleared: the Python path raises it again.
+    fn runs(
+        &self,
+        obj: &Bound<'_, PyAny>,
+        name: &Bound<'_, PyString>,
+        func: &Py<PyAny>,
+    ) -> PyResult<bool> {
+        let py = obj.py();
+        // SAFETY: GIL held; `obj`, its type and `name` are live. `_PyType_Lookup`'s
+        // borrowed result is only compared. With the function found on the type,
+        // `_PyObject_GetMethod` only looks in the instance's attributes and gives a new
+        // reference in `meth`, or NULL with an exception set.
         unsafe {
+            let tp = ffi::Py_TYPE(obj.as_ptr());
+            let generic = (*tp).tp_getattro.is_some_and(|f| {
+                std::ptr::fn_addr_eq(f, ffi::PyObject_GenericGetAttr as ffi::getattrofunc)
+            });
+            if !generic || _PyType_Lookup(tp, name.as_ptr()) != func.as_ptr() {
+                return Ok(false);
+            }
+            let mut meth: *mut ffi::PyObject = std::ptr::null_mut();
             let unbound = (self.get_method)(obj.as_ptr(), name.as_ptr(), &mut meth);
             if meth.is_null() {
-                ffi::PyErr_Clear();
-                return false;
+                return Err(PyErr::fetch(py));
             }
             let same = unbound == 1 && meth == func.as_ptr();
             ffi::Py_DECREF(meth);
-            same
+            Ok(same)
         }
     }
 }
@@ -182,6 +213,7 @@ unsafe extern "C" {
 }
 
 /// Whether a trace or profile function (a debugger, a profiler) would see the frames.
+/// A hook installed from C without a Python object (yappi's) is not seen here.
 fn traced(py: Python<'_>) -> PyResult<bool> {
     let gettrace = import_attr!(py, "sys", "gettrace")?;
     let getprofile = import_attr!(py, "sys", "getprofile")?;
@@ -200,25 +232,33 @@ pub fn data_received(
 ) -> Option<PyResult<()>> {
     let py = protocol.py();
     let s = stdlib(py)?;
-    if !protocol.get_type().is(s.protocol_type.bind(py))
-        || !s.runs(
-            protocol,
-            pyo3::intern!(py, "data_received"),
-            &s.data_received,
-        )
-        || !matches!(traced(py), Ok(false))
-    {
+    if !protocol.get_type().is(s.protocol_type.bind(py)) {
         return None;
     }
-    // SAFETY: GIL held; the type and the interned name are live; the borrowed result is
-    // only compared.
-    let prop = unsafe {
-        _PyType_Lookup(
-            s.protocol_type.bind(py).as_type_ptr(),
-            pyo3::intern!(py, "_stream_reader").as_ptr(),
-        )
+    match s.runs(
+        protocol,
+        pyo3::intern!(py, "data_received"),
+        &s.data_received,
+    ) {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(e) => return Some(Err(e)),
+    }
+    match traced(py) {
+        Ok(false) => {}
+        Ok(true) => return None,
+        Err(e) => return Some(Err(e)),
+    }
+    // SAFETY: GIL held; the type and the interned names are live; the borrowed results
+    // are only compared. The property is the stdlib's, and no class attribute named
+    // `_stream_reader_wr` exists: the instance's is the one the property reads (twice
+    // in Python; once here, which nothing can tell apart).
+    let class_ok = unsafe {
+        let tp = s.protocol_type.bind(py).as_type_ptr();
+        _PyType_Lookup(tp, pyo3::intern!(py, "_stream_reader").as_ptr()) == s.stream_reader.as_ptr()
+            && _PyType_Lookup(tp, pyo3::intern!(py, "_stream_reader_wr").as_ptr()).is_null()
     };
-    if prop != s.stream_reader.as_ptr() {
+    if !class_ok {
         return None;
     }
     Some(protocol_data_received(s, protocol, data))
@@ -253,10 +293,12 @@ fn protocol_data_received(
         return Ok(());
     }
     let feed_data = pyo3::intern!(py, "feed_data");
-    if !reader.get_type().is(s.reader_type.bind(py)) || !s.runs(&reader, feed_data, &s.feed_data) {
+    if !reader.get_type().is(s.reader_type.bind(py)) || !s.runs(&reader, feed_data, &s.feed_data)? {
         return reader.call_method1(feed_data, (data,)).map(drop);
     }
-    // `assert not self._eof`: the Python method raises it (or, under -O, goes on).
+    // `assert not self._eof`: the Python method raises it, with its frame in the
+    // traceback. (Under -O the assertion is compiled out, `_eof` is not among
+    // feed_data's names, and this path is never taken.)
     if reader.getattr(pyo3::intern!(py, "_eof"))?.is_truthy()? {
         return reader.call_method1(feed_data, (data,)).map(drop);
     }
@@ -289,7 +331,7 @@ fn feed_data_body(
     extend(&buffer, data)?;
     // self._wakeup_waiter()
     let wakeup = pyo3::intern!(py, "_wakeup_waiter");
-    if s.runs(reader, wakeup, &s.wakeup_waiter) {
+    if s.runs(reader, wakeup, &s.wakeup_waiter)? {
         let waiter_name = pyo3::intern!(py, "_waiter");
         let waiter = reader.getattr(waiter_name)?;
         if !waiter.is_none() {
@@ -313,15 +355,24 @@ fn feed_data_body(
     }
     let len = reader.getattr(buffer_name)?.len()?;
     let limit = reader.getattr(pyo3::intern!(py, "_limit"))?;
-    let over = match limit.extract::<i64>() {
-        Ok(l) if limit.is_exact_instance_of::<pyo3::types::PyInt>() => len as i128 > 2 * l as i128,
-        _ => len
+    // An exact int compares as a number (its extraction runs no `__index__`); anything
+    // else as Python computes `len(...) > 2 * limit`.
+    let small = if limit.is_exact_instance_of::<pyo3::types::PyInt>() {
+        limit.extract::<i64>().ok()
+    } else {
+        None
+    };
+    let over = match small {
+        Some(l) => len as i128 > 2 * l as i128,
+        None => len
             .into_pyobject(py)?
             .gt(2i64.into_pyobject(py)?.mul(&limit)?)?,
     };
     if !over {
         return Ok(());
     }
+    // `self._transport.pause_reading()` reads the attribute again.
+    let transport = reader.getattr(transport_name)?;
     match transport.call_method0(pyo3::intern!(py, "pause_reading")) {
         Ok(_) => reader.setattr(pyo3::intern!(py, "_paused"), true),
         // The transport can't be paused: forget it, as asyncio does.
@@ -348,7 +399,10 @@ fn extend(buffer: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) -> PyResult<()> 
     // the new tail is then written from `bytes`, which cannot overlap it.
     unsafe {
         let old = ffi::PyByteArray_Size(buffer.as_ptr());
-        if ffi::PyByteArray_Resize(buffer.as_ptr(), old + bytes.len() as ffi::Py_ssize_t) < 0 {
+        let Some(new) = old.checked_add(bytes.len() as ffi::Py_ssize_t) else {
+            return Err(pyo3::exceptions::PyMemoryError::new_err(()));
+        };
+        if ffi::PyByteArray_Resize(buffer.as_ptr(), new) < 0 {
             return Err(PyErr::fetch(py));
         }
         let dst = ffi::PyByteArray_AsString(buffer.as_ptr())
