@@ -1079,6 +1079,10 @@ impl LoopCore {
     /// and Task), what calling it does, `tp_new` then `tp_init`, is done here with a
     /// keyword dict the loop keeps: calling the type builds a new dict of the keywords
     /// every time (~260 instructions and a collector-counted object per future or task).
+    // NOTE: leaving `loop=` out when this loop is the running one (the C Future then
+    //       takes the running loop itself) saves the keyword parsing, ~150 instructions,
+    //       but on 3.10 / 3.11 the C running-loop lookup calls getpid(), a system call,
+    //       every time: future_chain fell from 2.1M to 1.1M futures/s (tried, reverted).
     fn new_with_loop<'py>(
         slf: &Bound<'py, Self>,
         cls: &Bound<'py, PyAny>,
@@ -1087,15 +1091,6 @@ impl LoopCore {
         let py = slf.py();
         // Futures run Python code in debug mode (their creation stack), on any thread.
         py::thread_exit::register();
-        // NOTE: asyncio's C Future and Task given no loop take the thread's running loop
-        //       (`_asyncio._get_running_loop()`, the same C lookup). When that is this
-        //       loop, `cls(*args)` is `cls(*args, loop=self)` without the keyword parsing
-        //       (~250 instructions per future or task on 3.11).
-        if Self::is_running_loop_for_c_futures(slf, cls) {
-            // SAFETY: as below, with no keyword dict.
-            return unsafe { Self::new_and_init(cls, args, std::ptr::null_mut()) }
-                .unwrap_or_else(|| cls.call1(args));
-        }
         // The dict is reachable through gc.get_referents(loop): used only while it still
         // is exactly {"loop": self}.
         let key = pyo3::intern!(py, "loop");
@@ -1127,76 +1122,29 @@ impl LoopCore {
                 d
             }
         };
-        // SAFETY: the dict is live, referenced by `kwargs` during the call.
-        unsafe { Self::new_and_init(cls, args, kwargs.as_ptr()) }
-            .unwrap_or_else(|| cls.call(args, Some(&kwargs.copy()?)))
-    }
-
-    /// Whether `cls` is asyncio's C `Future` or `Task` and this loop is the thread's
-    /// running loop as the C code sees it.
-    #[inline]
-    fn is_running_loop_for_c_futures(slf: &Bound<'_, Self>, cls: &Bound<'_, PyAny>) -> bool {
-        let py = slf.py();
-        let c_class = |name| {
-            static FUTURE: pyo3::sync::PyOnceLock<Option<Py<PyAny>>> =
-                pyo3::sync::PyOnceLock::new();
-            static TASK: pyo3::sync::PyOnceLock<Option<Py<PyAny>>> = pyo3::sync::PyOnceLock::new();
-            let cell = if name == "Future" { &FUTURE } else { &TASK };
-            cell.get_or_init(py, || {
-                py.import("_asyncio")
-                    .and_then(|m| m.getattr(name))
-                    .map(Bound::unbind)
-                    .ok()
-            })
-            .as_ref()
-            .is_some_and(|c| c.is(cls))
-        };
-        if !(c_class("Future") || c_class("Task")) {
-            return false;
-        }
-        if !slf.get().is_running(py) {
-            return false;
-        }
-        import_attr!(py, "_asyncio", "_get_running_loop")
-            .and_then(|f| f.call0())
-            .is_ok_and(|running| running.is(slf))
-    }
-
-    /// `cls(*args, **kwargs)` (`kwargs` a dict or NULL) as type_call does it, or `None`
-    /// when `cls`'s metaclass is not `type` (the caller calls it instead).
-    ///
-    /// # Safety
-    /// `kwargs` is NULL or a live dict that stays referenced during the call.
-    unsafe fn new_and_init<'py>(
-        cls: &Bound<'py, PyAny>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: *mut pyo3::ffi::PyObject,
-    ) -> Option<PyResult<Bound<'py, PyAny>>> {
-        let py = cls.py();
         // SAFETY: `cls` is checked to be a class made by `type` itself, so calling it is
         // type_call: tp_new(cls, args, kwargs), and tp_init on the result if it is an
         // instance of `cls`. Both get borrowed, live arguments and return a new
         // reference / 0, or NULL / -1 with an exception set. The dict is not changed by
-        // either (argument parsing only reads it).
+        // either (argument parsing only reads it) and stays referenced during the calls.
         unsafe {
             use pyo3::ffi;
             let tp = cls.as_ptr().cast::<ffi::PyTypeObject>();
             let plain_class =
                 ffi::Py_TYPE(cls.as_ptr()) == std::ptr::addr_of_mut!(ffi::PyType_Type);
-            let new = (*tp).tp_new.filter(|_| plain_class)?;
-            let obj = match Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), kwargs)) {
-                Ok(obj) => obj,
-                Err(e) => return Some(Err(e)),
+            let Some(new) = (*tp).tp_new.filter(|_| plain_class) else {
+                return cls.call(args, Some(&kwargs.copy()?));
             };
+            let obj = Bound::from_owned_ptr_or_err(py, new(tp, args.as_ptr(), kwargs.as_ptr()))?;
             if ffi::PyObject_TypeCheck(obj.as_ptr(), tp) == 0 {
-                return Some(Ok(obj));
+                return Ok(obj);
             }
             if let Some(init) = (*ffi::Py_TYPE(obj.as_ptr())).tp_init
-                && init(obj.as_ptr(), args.as_ptr(), kwargs) < 0
+                && init(obj.as_ptr(), args.as_ptr(), kwargs.as_ptr()) < 0
             {
-                return Some(Err(PyErr::fetch(py)));
+                return Err(PyErr::fetch(py));
             }
-            Some(Ok(obj))
+            Ok(obj)
         }
     }
 
