@@ -198,7 +198,7 @@ class _SubprocessTransport(unix_events._UnixSubprocessTransport):
 class _ChildWatch:
     """One child the loop started and has not reaped yet."""
 
-    __slots__ = ("detached", "pid", "pidfd", "proc", "transport")
+    __slots__ = ("detached", "pid", "pidfd", "proc", "reaped", "transport")
 
     def __init__(self, transport: _SubprocessTransport) -> None:
         self.transport: _SubprocessTransport | None = transport
@@ -209,6 +209,8 @@ class _ChildWatch:
         # Set (on the loop thread) when the loop closed before the child exited: the
         # waiter thread then only reaps.
         self.detached = False
+        # The exit code, once a waiter thread reaped the child (before it hands it over).
+        self.reaped: int | None = None
 
 
 class ProcessMixin:
@@ -448,6 +450,9 @@ class ProcessMixin:
             )
         else:
             returncode = _exitcode(status)
+        # Recorded first: a loop closing from here on finds it (_process_close), one that
+        # closed before is seen as `detached` below.
+        watch.reaped = returncode
         if watch.detached:
             _set_popen_returncode(watch.proc, returncode)
             return
@@ -503,7 +508,11 @@ class ProcessMixin:
             transport, watch.transport = watch.transport, None
             pidfd, watch.pidfd = watch.pidfd, None
             if pidfd is None:
-                continue  # its waiter thread reaps it and sees `detached`
+                # Its waiter thread reaps it and sees `detached`, or it already did and
+                # handed the exit to a callback this loop will never run.
+                if watch.reaped is not None:
+                    _set_popen_returncode(watch.proc, watch.reaped)
+                continue
             try:
                 self.remove_reader(pidfd)
             except (RuntimeError, OSError, ValueError):  # pragma: no cover (defensive)
