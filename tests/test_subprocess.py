@@ -977,10 +977,16 @@ def test_loop_closed_with_running_child(loop, loop_name, no_leaks):
     assert popen.returncode == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("watcher", ["default", "thread"])
+@pytest.mark.parametrize("watcher", ["default", "thread", "pidfd-reaped"])
 def test_loop_closed_after_child_exited_unreported(loop, loop_name, no_leaks, watcher, monkeypatch):
     if loop_name == "asyncio" and PY312:
         pytest.skip("asyncio's PidfdChildWatcher leaks the pidfd when the loop closes first")
+    if watcher == "pidfd-reaped":
+        _ferroloop_only(loop_name)
+        from ferroloop import _process
+
+        if _process._pidfd_open is None or _process._pidfd_unusable:
+            pytest.skip("pidfd_open() is not usable here")
     if watcher == "thread":
         # ferroloop's waiter-thread fallback: the thread may reap the child and hand the
         # exit to a callback just before the loop closes (which never runs it).
@@ -1001,6 +1007,11 @@ def test_loop_closed_after_child_exited_unreported(loop, loop_name, no_leaks, wa
     with contextlib.suppress(ChildProcessError):  # (asyncio 3.11 may have reaped it)
         while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             threading.Event().wait(0.002)
+    if watcher == "pidfd-reaped":
+        # One iteration: the pidfd reports the exit, the child is reaped and its exit
+        # queued for the next iteration, which never comes.
+        loop.call_soon(loop.stop)
+        loop.run_forever()
     loop.close()  # before the loop processed the exit
     wait_reaped_sync(pid)
     transport.close()

@@ -432,11 +432,19 @@ class ProcessMixin:
             if pid == 0:
                 return  # not exited after all: keep watching
             returncode = _exitcode(status)
-        transport = self._unwatch(watch)
-        if transport is not None:
-            # One iteration later, as asyncio's watchers hand the exit over: a pipe whose
-            # end-of-file came in the same poll reports pipe_connection_lost() first there.
-            self.call_soon(transport._process_exited, returncode)
+        # Reaped: the pidfd goes, the watch stays (with the exit code) until the exit is
+        # reported, so a loop that closes first still sets Popen.returncode
+        # (_process_close).
+        watch.reaped = returncode
+        pidfd, watch.pidfd = watch.pidfd, None
+        if pidfd is not None:
+            try:
+                self.remove_reader(pidfd)
+            finally:
+                os.close(pidfd)
+        # One iteration later, as asyncio's watchers hand the exit over: a pipe whose
+        # end-of-file came in the same poll reports pipe_connection_lost() first there.
+        self.call_soon(self._on_child_reaped, watch, returncode)
 
     def _wait_child_in_thread(self, watch: _ChildWatch) -> None:
         """Waiter thread body: block in waitpid() for one child, then hand the result
@@ -508,8 +516,9 @@ class ProcessMixin:
             transport, watch.transport = watch.transport, None
             pidfd, watch.pidfd = watch.pidfd, None
             if pidfd is None:
-                # Its waiter thread reaps it and sees `detached`, or it already did and
-                # handed the exit to a callback this loop will never run.
+                # Its waiter thread reaps it and sees `detached`, or the child was reaped
+                # (by that thread or at its pidfd) and its exit handed to a callback this
+                # loop will never run.
                 if watch.reaped is not None:
                     _set_popen_returncode(watch.proc, watch.reaped)
                 continue
