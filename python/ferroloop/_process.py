@@ -436,12 +436,7 @@ class ProcessMixin:
         # reported, so a loop that closes first still sets Popen.returncode
         # (_process_close).
         watch.reaped = returncode
-        pidfd, watch.pidfd = watch.pidfd, None
-        if pidfd is not None:
-            try:
-                self.remove_reader(pidfd)
-            finally:
-                os.close(pidfd)
+        self._release_pidfd(watch)
         # One iteration later, as asyncio's watchers hand the exit over: a pipe whose
         # end-of-file came in the same poll reports pipe_connection_lost() first there.
         self.call_soon(self._on_child_reaped, watch, returncode)
@@ -483,14 +478,18 @@ class ProcessMixin:
         watches = self._process_watches
         if watches is not None and watches.get(watch.pid) is watch:
             del watches[watch.pid]
+        self._release_pidfd(watch)
+        transport, watch.transport = watch.transport, None
+        return transport
+
+    def _release_pidfd(self, watch: _ChildWatch) -> None:
+        """Stop watching ``watch``'s pidfd, if it has one, and close it."""
         pidfd, watch.pidfd = watch.pidfd, None
         if pidfd is not None:
             try:
                 self.remove_reader(pidfd)
             finally:
                 os.close(pidfd)
-        transport, watch.transport = watch.transport, None
-        return transport
 
     def _process_close(self) -> None:
         """Stop watching children because the loop is closing. Idempotent.
